@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make generate PROMPT="a photo of a yellow star and a blue square"
+#   make test
+# Both create .venv on first use, install the pinned CPU torch wheel and the package, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PROMPT ?= a photo of a yellow star and a blue square
+OUTPUT ?= out.png
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup generate test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull the CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+generate: $(STAMP)
+	$(BIN)/rectiflow generate "$(PROMPT)" -o "$(OUTPUT)"
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from rectiflow.cli.main import main
+
+raise SystemExit(main())
