@@ -9,6 +9,6 @@ from rectiflow.nn.rope import EmbedND, apply_rope, rope_angles
 
 __all__ = [
     "SelfAttention", "attention", "DoubleStreamBlock", "LastLayer", "SingleStreamBlock", "MLPEmbedder",
-    "sincos_2d_embedding", "timestep_embedding", "Modulation", "ModulationOut", "modulate", "QKNorm", "RMSNorm",
-    "EmbedND", "apply_rope", "rope_angles",
+    "sincos_2d_embedding", "timestep_embedding", "Modulation", "ModulationOut", "modulate", "QKNorm",
+    "RMSNorm", "EmbedND", "apply_rope", "rope_angles",
 ]
