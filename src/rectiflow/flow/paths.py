@@ -50,7 +50,7 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
     if c.ndim == 0:
         return c
     if c.ndim != 1 or c.shape[0] != x.shape[0]:
-        raise ConfigError(f"t has shape {tuple(c.shape)} but x has batch {x.shape[0]}; pass t as [B] or scalar")
+        raise ConfigError(f"t has shape {tuple(c.shape)} but x has batch {x.shape[0]}; pass t as [B]")
     return c.view(-1, *([1] * (x.ndim - 1)))  # [B] -> [B, 1, ..., 1]
 
 
