@@ -44,7 +44,8 @@ from rectiflow.models.transformer import TRANSFORMER_PRESETS, Flux, FluxParams, 
 
 __all__ = [
     "FORMATS", "TransformerSource", "build_transformer", "load_transformer", "save_transformer",
-    "inspect_transformer", "infer_params", "diffusers_config", "params_from_diffusers_config",
+    "inspect_transformer", "infer_params", "describe_params", "diffusers_config",
+    "params_from_diffusers_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,14 @@ def infer_params(shapes: dict[str, tuple[int, ...]], layout: str = "bfl") -> Flu
     return FluxParams(**base, axes_dim=FLUX_AXES_DIM, theta=FLUX_THETA)
 
 
+def describe_params(params: FluxParams) -> str:
+    """The preset name `params` equals, else the published variant it matches, else "custom"."""
+    for name, preset in TRANSFORMER_PRESETS.items():
+        if preset == params:
+            return name
+    return flux_variant(dataclasses.asdict(params))
+
+
 # ----------------------------------------------------------------------------------------------- build / load
 
 
@@ -296,7 +305,7 @@ def load_transformer(path: str | Path, config: str | FluxParams | dict[str, Any]
         model = Flux(params)
     sd = _read_state_dict(src, params, device, dtype)
     model.load_state_dict(sd, strict=True, assign=True)
-    log.info("loaded %s (%s, %s, %d tensors)", src.path, src.format, variant, len(sd))
+    log.info("loaded %s (%s, %s, %d tensors)", src.path, src.format, describe_params(params), len(sd))
     return model
 
 
