@@ -41,7 +41,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if on_error not in ON_ERROR:
             raise ConfigError(f"on_error={on_error!r}; use one of {ON_ERROR}")
         if len(source) == 0:
-            raise FormatError(f"dataset {source.describe()} has no usable samples; run `rectiflow data check`")
+            raise FormatError(f"dataset {source.describe()} has no usable samples; see `rectiflow data "
+                              "check`")
         self.source, self.seed, self.on_error, self.epoch = source, int(seed), on_error, 0
         self.resize = CenterCrop(size) if size is not None else buckets
         self.captions = captions or CaptionPolicy()

@@ -1,0 +1,71 @@
+"""`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Options saying how to read a dataset path (shared with `rectiflow cache`)."""
+    p.add_argument("--kind", choices=["imagefolder", "txt", "webdataset", "classes", "manifest"],
+                   help="dataset layout (default: guessed from the path)")
+    p.add_argument("--caption-column", action="append", dest="caption_columns", metavar="NAME",
+                   help="caption column / json key; repeat for several caption fields")
+    p.add_argument("--template", help='caption template for class folders (default "a photo of a {class}")')
+
+
+def open_source_from_args(args, on_error: str = "skip"):
+    from rectiflow.data.sources import open_source
+
+    return open_source(args.data if hasattr(args, "data") else args.path, kind=args.kind,
+                       caption_columns=args.caption_columns, template=args.template, on_error=on_error)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="dataset tools (check)")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    c = sub.add_parser("check", help="find unreadable images, missing captions, small images, long captions, "
+                                     "near-duplicates; write a manifest of the rest")
+    c.add_argument("path", help="dataset folder, .tar shard(s) folder, or manifest .jsonl")
+    add_source_arguments(c)
+    c.add_argument("--size", type=int, help="training size: report images whose shorter side is smaller")
+    limit = c.add_mutually_exclusive_group()
+    limit.add_argument("--max-tokens", type=int,
+                       help="caption limit in tokens, counted approximately as 4/3 x whitespace words")
+    limit.add_argument("--text-encoder", metavar="NAME",
+                       help="count tokens with this text encoder's tokenizer against its limit (e.g. minilm)")
+    c.add_argument("--dedup", action="store_true", help="find near-duplicates by perceptual hash")
+    c.add_argument("--hamming", type=int, default=None, help="pHash Hamming threshold for --dedup (default 4)")
+    c.add_argument("--write-manifest", metavar="OUT", help="write the kept samples to this .jsonl")
+    c.add_argument("--strict", action="store_true", help="exit with status 1 if any problem was found")
+    c.set_defaults(func=run)
+
+
+def token_limit(name: str):
+    """(count_tokens, max_tokens) for a text encoder: its tokenizer without truncation, and its length."""
+    from rectiflow.models.text import load_text_encoder
+
+    encoder = load_text_encoder(name)
+    return encoder.count_tokens, encoder.max_length
+
+
+def run(args) -> int:
+    from rectiflow.data.check import DEFAULT_HAMMING, check_dataset
+
+    source = open_source_from_args(args)
+    count_tokens, max_tokens = None, args.max_tokens
+    if args.text_encoder:
+        count_tokens, max_tokens = token_limit(args.text_encoder)
+    report = check_dataset(source, size=args.size, max_tokens=max_tokens, count_tokens=count_tokens,
+                           dedup=args.dedup, hamming_threshold=args.hamming or DEFAULT_HAMMING)
+    print(report.table())
+    if max_tokens is not None and count_tokens is None:
+        print(f"(caption length approximated as 4/3 x words against {max_tokens}; "
+              "pass --text-encoder to count real tokens)")
+    if args.write_manifest:
+        path = report.write_manifest(args.write_manifest)
+        print(f"wrote {len(report.kept)} samples to {path}")
+    return 1 if args.strict and not report.ok else 0
