@@ -1,0 +1,495 @@
+"""The shapes world: a procedural text-to-image world (grammar, held-out rules, scenes, rendering, datasets).
+
+Normative spec: /work/shared/specs/shapes-world.md. Constants below carry the spec's numbers. The scorer
+(detector + clause rules) is in rectiflow.eval.shapes; the geometry of the six shapes in
+rectiflow.data.shapes_geometry.
+
+Choices where the spec leaves room (all deterministic):
+- Randomness: every function takes a numpy Generator; dataset item i uses default_rng([seed, i]), so any
+  position of a dataset can be regenerated alone (exact resume).
+- Captions for training are drawn uniformly among the template prompts of the task that contain no held-out
+  combination (`prompts_for(task, "seen")`); the task itself from `task_weights` (uniform by default).
+- Sizes are drawn first (i.i.d. uniform in [0.22 S, 0.34 S]), then colours (uniform among those allowed),
+  then centres: uniform over the canvas range that keeps the 0.03 S margin, by rejection in batches of
+  candidate layouts (the first valid one is taken), i.e. uniform conditional on all constraints.
+- "Bounding boxes at least 0.04 S apart" is read as: the gap along x or the gap along y is >= 0.04 S (the
+  boxes grown by 0.02 S on every side do not intersect). This implies the Euclidean reading too.
+- Position images (and position captions of any two-object scene) satisfy their relation with the dominant
+  component of d >= 0.15 S (spec) and, in addition, |d_dominant| - |d_other| >= 0.06 S so that the relation
+  survives the detector's pixel-level centre estimates (a star's tight box is not its layout box).
+- Held-out spatial configurations are avoided in training images with the same 0.06 S slack: a circle may
+  not be above a square even "almost" (|d.y| >= |d.x| - 0.06 S with the circle higher), likewise a triangle
+  left of a star. Held-out colour-shape pairs are simply never drawn in training images.
+- `parse_prompt` accepts either article ("a"/"an"), any case, extra spaces and a final period; `.text` is
+  the canonical form with correct articles.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from rectiflow.data.shapes_geometry import coverage
+from rectiflow.errors import ConfigError, RectiflowError
+
+logger = logging.getLogger(__name__)
+
+# spec "Colours": fill RGB values.
+COLORS: Mapping[str, tuple[int, int, int]] = MappingProxyType({
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (235, 210, 20),
+    "green": (30, 160, 60),
+    "blue": (30, 80, 220),
+    "purple": (130, 50, 180),
+    "pink": (240, 110, 190),
+    "black": (20, 20, 20),
+})
+# spec "Shapes": name -> plural.
+SHAPES: Mapping[str, str] = MappingProxyType({
+    "circle": "circles", "square": "squares", "triangle": "triangles",
+    "diamond": "diamonds", "star": "stars", "cross": "crosses",
+})
+# spec "Captions": the six tasks (GenEval's names) and their vocabularies.
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+COUNT_WORDS: Mapping[int, str] = MappingProxyType({2: "two", 3: "three", 4: "four"})
+# spec "Held-out combinations": (colour, shape) pairs, and spatial configurations in both phrasings.
+HELD_OUT_COLOR_SHAPES = frozenset({
+    ("red", "triangle"), ("blue", "circle"), ("green", "star"),
+    ("yellow", "square"), ("purple", "cross"), ("pink", "diamond"),
+})
+HELD_OUT_POSITIONS = frozenset({
+    ("circle", "above", "square"), ("square", "below", "circle"),
+    ("triangle", "left of", "star"), ("star", "right of", "triangle"),
+})
+BACKGROUND = (255, 255, 255)  # spec "Canvas": pure white
+SIZE_RANGE = (0.22, 0.34)  # spec "Objects and placement": s ~ U[0.22 S, 0.34 S]
+MARGIN = 0.03  # spec: at least 0.03 S from every canvas edge
+SPACING = 0.04  # spec: bounding boxes at least 0.04 S apart
+POSITION_M = 0.1  # spec (GenEval): m = 0.1 (s1 + s2)
+POSITION_MIN = 0.15  # spec: rendered position images have |d| >= 0.15 S along the dominant axis
+POSITION_SLACK = 0.06  # ours (module docstring): dominance margin of rendered relations, x S
+MIN_SIZE = 16  # ours: smallest canvas we render (the detector is validated at 64 and 128)
+
+_BATCH = 256  # candidate layouts per rejection round
+_ROUNDS = 400
+
+
+def article(word: str) -> str:
+    """English indefinite article for the word that follows it ("an orange", "a red")."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class Prompt:
+    """A structured template prompt. Fields unused by a task stay None."""
+
+    task: str
+    shape1: str
+    shape2: str | None = None
+    color1: str | None = None
+    color2: str | None = None
+    count: int | None = None
+    relation: str | None = None
+
+    def __post_init__(self):
+        need = {
+            "single_object": {"shape1"}, "colors": {"shape1", "color1"}, "two_object": {"shape1", "shape2"},
+            "counting": {"shape1", "count"}, "position": {"shape1", "shape2", "relation"},
+            "color_attr": {"shape1", "shape2", "color1", "color2"},
+        }
+        if self.task not in need:
+            raise ConfigError(f"unknown shapes task {self.task!r}; use one of {', '.join(TASKS)}")
+        fields = ("shape1", "shape2", "color1", "color2", "count", "relation")
+        given = {f for f in fields if getattr(self, f) is not None}
+        if given != need[self.task]:
+            raise ConfigError(
+                f"a {self.task} prompt takes exactly {sorted(need[self.task])}, got {sorted(given)}")
+        for f in ("shape1", "shape2"):
+            if getattr(self, f) not in (None, *SHAPES):
+                raise ConfigError(f"unknown shape {getattr(self, f)!r}; use one of {', '.join(SHAPES)}")
+        for f in ("color1", "color2"):
+            if getattr(self, f) not in (None, *COLORS):
+                raise ConfigError(f"unknown colour {getattr(self, f)!r}; use one of {', '.join(COLORS)}")
+        if self.count is not None and self.count not in COUNT_WORDS:
+            raise ConfigError(f"count must be 2, 3 or 4 (got {self.count!r})")
+        if self.relation is not None and self.relation not in RELATIONS:
+            raise ConfigError(f"unknown relation {self.relation!r}; use one of {', '.join(RELATIONS)}")
+        if self.shape2 is not None and self.shape2 == self.shape1:
+            raise ConfigError(f"a {self.task} prompt needs two different shapes (got {self.shape1} twice)")
+        if self.color2 is not None and self.color2 == self.color1:
+            raise ConfigError(f"a color_attr prompt needs two different colours (got {self.color1} twice)")
+
+    @property
+    def text(self) -> str:
+        s1, s2, c1, c2 = self.shape1, self.shape2, self.color1, self.color2
+        body = {
+            "single_object": lambda: f"{article(s1)} {s1}",
+            "colors": lambda: f"{article(c1)} {c1} {s1}",
+            "two_object": lambda: f"{article(s1)} {s1} and {article(s2)} {s2}",
+            "counting": lambda: f"{COUNT_WORDS[self.count]} {SHAPES[s1]}",
+            "position": lambda: f"{article(s1)} {s1} {self.relation} {article(s2)} {s2}",
+            "color_attr": lambda: f"{article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}",
+        }[self.task]()
+        return f"a photo of {body}"
+
+    @property
+    def held_out(self) -> bool:
+        """Does the prompt's clause use a held-out combination?"""
+        pairs = {(self.color1, self.shape1), (self.color2, self.shape2)}
+        if self.task in ("colors", "color_attr"):
+            return bool(pairs & HELD_OUT_COLOR_SHAPES)
+        if self.task == "position":
+            return (self.shape1, self.relation, self.shape2) in HELD_OUT_POSITIONS
+        return False
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_PLURALS = {p: s for s, p in SHAPES.items()}
+_WORDS = {w: n for n, w in COUNT_WORDS.items()}
+_A = r"an?"
+_RULES = (  # (task, pattern over the text after "a photo of ")
+    ("counting", re.compile(r"(\w+) (\w+)")),
+    ("position", re.compile(rf"{_A} (\w+) (left of|right of|above|below) {_A} (\w+)")),
+    ("color_attr", re.compile(rf"{_A} (\w+) (\w+) and {_A} (\w+) (\w+)")),
+    ("two_object", re.compile(rf"{_A} (\w+) and {_A} (\w+)")),
+    ("colors", re.compile(rf"{_A} (\w+) (\w+)")),
+    ("single_object", re.compile(rf"{_A} (\w+)")),
+)
+
+
+def parse_prompt(text: str) -> Prompt:
+    """Parse any of the six template captions into a Prompt (raises RectiflowError otherwise)."""
+    norm = " ".join(str(text).lower().strip().rstrip(".").split())
+    hint = "use one of the six templates, e.g. 'a photo of an orange circle' or 'a photo of two stars'"
+    if not norm.startswith("a photo of "):
+        raise RectiflowError(f"not a shapes-world prompt: {text!r}; {hint}")
+    rest = norm[len("a photo of "):]
+    for task, pattern in _RULES:
+        m = pattern.fullmatch(rest)
+        if m is None or (task == "counting" and m.group(1) not in _WORDS):
+            continue
+        kw = _fields(task, m.groups())
+        try:
+            return Prompt(task, **kw)
+        except ConfigError as e:
+            raise RectiflowError(f"bad shapes-world prompt {text!r}: {e}") from None
+    raise RectiflowError(f"not a shapes-world prompt: {text!r}; {hint}")
+
+
+def _fields(task: str, g: tuple[str, ...]) -> dict:
+    """Prompt fields from a template's regex groups."""
+    if task == "counting":
+        return dict(shape1=_PLURALS.get(g[1], g[1]), count=_WORDS[g[0]])
+    if task == "position":
+        return dict(shape1=g[0], relation=g[1], shape2=g[2])
+    if task == "color_attr":
+        return dict(color1=g[0], shape1=g[1], color2=g[2], shape2=g[3])
+    if task == "two_object":
+        return dict(shape1=g[0], shape2=g[1])
+    if task == "colors":
+        return dict(color1=g[0], shape1=g[1])
+    return dict(shape1=g[0])
+
+
+@functools.cache
+def _all_prompts(task: str) -> tuple[Prompt, ...]:
+    S, C = tuple(SHAPES), tuple(COLORS)
+    pairs = [(a, b) for a in S for b in S if a != b]
+    if task == "single_object":
+        return tuple(Prompt(task, s) for s in S)
+    if task == "colors":
+        return tuple(Prompt(task, s, color1=c) for c in C for s in S)
+    if task == "two_object":
+        return tuple(Prompt(task, a, b) for a, b in pairs)
+    if task == "counting":
+        return tuple(Prompt(task, s, count=n) for n in COUNT_WORDS for s in S)
+    if task == "position":
+        return tuple(Prompt(task, a, b, relation=r) for a, b in pairs for r in RELATIONS)
+    if task == "color_attr":
+        return tuple(Prompt(task, a, b, color1=c1, color2=c2)
+                     for a, b in pairs for c1 in C for c2 in C if c1 != c2)
+    raise ConfigError(f"unknown shapes task {task!r}; use one of {', '.join(TASKS)}")
+
+
+def prompts_for(task: str, split: str = "all") -> tuple[Prompt, ...]:
+    """Every template prompt of a task in canonical order: split "all", "seen" (no held-out combination)
+    or "held_out" (the clause uses one; empty for tasks without colour or position clauses)."""
+    if split not in ("all", "seen", "held_out"):
+        raise ConfigError(f"unknown split {split!r}; use 'seen', 'held_out' or 'all'")
+    prompts = _all_prompts(task)
+    if split == "all":
+        return prompts
+    return tuple(p for p in prompts if p.held_out == (split == "held_out"))
+
+
+def sample_prompt(task: str, rng: np.random.Generator, *, train: bool = True) -> Prompt:
+    """A uniformly drawn prompt of the task (free of held-out combinations when train=True)."""
+    prompts = prompts_for(task, "seen" if train else "all")
+    return prompts[int(rng.integers(len(prompts)))]
+
+
+# ---------------------------------------------------------------------------------------- the position rule
+def relation_score(relation: str, dx: float, dy: float) -> tuple[float, float]:
+    """(along, across): d = c1 - c2 projected on the relation's direction, and |d| on the other axis."""
+    along = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[relation]
+    across = abs(dy) if relation in ("left of", "right of") else abs(dx)
+    return along, across
+
+
+def relation_holds(relation: str, c1: tuple[float, float], s1: float,
+                   c2: tuple[float, float], s2: float) -> bool:
+    """GenEval's rule: "A rel B" holds when d = c1 - c2 exceeds m = 0.1 (s1 + s2) along the relation's
+    direction and that axis dominates (|d_along| >= |d_other|; ties hold both ways)."""
+    along, across = relation_score(relation, c1[0] - c2[0], c1[1] - c2[1])
+    return along > POSITION_M * (s1 + s2) and along >= across
+
+
+def _relation_clear(relation: str, a: Obj, b: Obj, size: int) -> bool:
+    """Holds with the margins of rendered position images (spec 0.15 S; our 0.06 S dominance slack)."""
+    along, across = relation_score(relation, a.cx - b.cx, a.cy - b.cy)
+    ok = along >= POSITION_MIN * size and along - across >= POSITION_SLACK * size
+    return ok and relation_holds(relation, (a.cx, a.cy), a.s, (b.cx, b.cy), b.s)
+
+
+# ------------------------------------------------------------------------------------------------- scenes
+@dataclass(frozen=True)
+class Obj:
+    """One object: its square layout box of side s centred at (cx, cy), in pixels of the scene canvas."""
+
+    shape: str
+    color: str
+    cx: float
+    cy: float
+    s: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    size: int
+    prompt: Prompt
+
+    @property
+    def caption(self) -> str:
+        return self.prompt.text
+
+    @property
+    def task(self) -> str:
+        return self.prompt.task
+
+
+def held_out_present(objects, size: int | None = None, slack: float = 0.0) -> list[str]:
+    """Held-out combinations present among objects (anything with shape, color, cx, cy and s or side).
+
+    slack (x size) widens the spatial rule to near misses: a pair counts when d points the held-out way
+    and |d_along| >= |d_other| - slack * size. slack=0 is the spec's exact rule."""
+    found = []
+    for o in objects:
+        if (o.color, o.shape) in HELD_OUT_COLOR_SHAPES:
+            found.append(f"{o.color} {o.shape}")
+    for a, b in itertools.permutations(objects, 2):
+        for s1, rel, s2 in HELD_OUT_POSITIONS:
+            if (a.shape, b.shape) != (s1, s2):
+                continue
+            sa, sb = getattr(a, "s", None) or a.side, getattr(b, "s", None) or b.side
+            if slack > 0:
+                along, across = relation_score(rel, a.cx - b.cx, a.cy - b.cy)
+                hit = along > 0 and along - across >= -slack * size
+            else:
+                hit = relation_holds(rel, (a.cx, a.cy), sa, (b.cx, b.cy), sb)
+            if hit:
+                found.append(f"{s1} {rel} {s2}")
+    return found
+
+
+def _spaced(cx: np.ndarray, cy: np.ndarray, s: np.ndarray, size: int) -> np.ndarray:
+    """[B] bool: every pair of boxes (centres [B, n], sides [n]) has an x- or y-gap >= 0.04 S."""
+    ok = np.ones(cx.shape[0], dtype=bool)
+    for i, j in itertools.combinations(range(cx.shape[1]), 2):
+        gx = np.abs(cx[:, i] - cx[:, j]) - (s[i] + s[j]) / 2
+        gy = np.abs(cy[:, i] - cy[:, j]) - (s[i] + s[j]) / 2
+        ok &= np.maximum(gx, gy) >= SPACING * size
+    return ok
+
+
+def _layout(rng, shapes, colors, size: int, accept) -> tuple[Obj, ...]:
+    """Draw sizes, then centres by batched rejection; accept(objs) -> bool is checked on spaced layouts."""
+    n = len(shapes)
+    s = rng.uniform(SIZE_RANGE[0] * size, SIZE_RANGE[1] * size, n)
+    lo, hi = MARGIN * size + s / 2, size - MARGIN * size - s / 2  # [n] centre ranges keeping the margin
+    for _ in range(_ROUNDS):
+        cx = rng.uniform(lo, hi, (_BATCH, n))  # [B, n]
+        cy = rng.uniform(lo, hi, (_BATCH, n))
+        for k in np.flatnonzero(_spaced(cx, cy, s, size)):
+            objs = tuple(Obj(shapes[i], colors[i], float(cx[k, i]), float(cy[k, i]), float(s[i]))
+                         for i in range(n))
+            if accept(objs):
+                return objs
+    raise RuntimeError(f"no valid layout found for {shapes} on a {size}px canvas")  # not reachable
+
+
+def _color_for(shape: str, rng: np.random.Generator, train: bool) -> str:
+    allowed = [c for c in COLORS if not (train and (c, shape) in HELD_OUT_COLOR_SHAPES)]
+    return allowed[int(rng.integers(len(allowed)))]
+
+
+def scene_for_prompt(prompt: Prompt | str, rng: np.random.Generator, size: int = 64, *,
+                     train: bool = False) -> Scene:
+    """A ground-truth scene realising the prompt; attributes it leaves open are random. With train=True
+    the scene contains no held-out combination anywhere (the prompt itself must then be seen)."""
+    p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    _check_size(size)
+    if train and p.held_out:
+        raise ConfigError(f"{p.text!r} uses a held-out combination; it cannot be a training scene")
+    if p.task == "counting":
+        shapes = [p.shape1] * p.count
+    else:
+        shapes = [p.shape1] + ([p.shape2] if p.shape2 else [])
+    given = [p.color1, p.color2] if p.task in ("colors", "color_attr") else [None, None]
+    given = (given + [None] * len(shapes))[: len(shapes)]
+    colors = [c if c is not None else _color_for(sh, rng, train) for sh, c in zip(shapes, given)]
+
+    def accept(objs: tuple[Obj, ...]) -> bool:
+        if p.task == "position" and not _relation_clear(p.relation, objs[0], objs[1], size):
+            return False
+        return not (train and held_out_present(objs, size, slack=POSITION_SLACK))
+
+    return Scene(_layout(rng, shapes, colors, size, accept), size, p)
+
+
+def sample_scene(task: str, rng: np.random.Generator, size: int = 64, *, train: bool = True) -> Scene:
+    """A random scene of the task with its caption (train=True: no held-out combination anywhere)."""
+    return scene_for_prompt(sample_prompt(task, rng, train=train), rng, size, train=train)
+
+
+def true_captions(scene: Scene) -> list[str]:
+    """Every template caption true of the scene that names exactly its objects; the scene's caption first.
+
+    Position captions are included only when the relation holds with the margins of rendered position
+    images (see module docstring), so that no caption is a near-tie."""
+    objs = scene.objects
+    caps: list[Prompt] = [scene.prompt]
+    if len(objs) == 1:
+        o = objs[0]
+        caps += [Prompt("single_object", o.shape), Prompt("colors", o.shape, color1=o.color)]
+    elif len({o.shape for o in objs}) == 1 and len(objs) in COUNT_WORDS:
+        caps.append(Prompt("counting", objs[0].shape, count=len(objs)))
+    elif len(objs) == 2:
+        for a, b in (objs, objs[::-1]):
+            caps.append(Prompt("two_object", a.shape, b.shape))
+            if a.color != b.color:
+                caps.append(Prompt("color_attr", a.shape, b.shape, color1=a.color, color2=b.color))
+            caps += [Prompt("position", a.shape, b.shape, relation=r) for r in RELATIONS
+                     if _relation_clear(r, a, b, scene.size)]
+    return list(dict.fromkeys(c.text for c in caps))
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def _check_size(size) -> None:
+    if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
+        raise ConfigError(f"shapes-world canvas size must be an integer >= {MIN_SIZE} (got {size!r})")
+
+
+def render(scene: Scene, size: int | None = None) -> np.ndarray:
+    """Render the scene anti-aliased (4x4 supersampling = 4x drawing box-downsampled): uint8 [S, S, 3].
+    size rescales the scene's geometry to another canvas side."""
+    size = scene.size if size is None else size
+    _check_size(size)
+    k = size / scene.size
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.float64)  # [S, S, 3]
+    for o in scene.objects:
+        r0, c0, alpha = coverage(o.shape, o.cx * k, o.cy * k, o.s * k, size)  # alpha [h, w]
+        h, w = alpha.shape
+        a = alpha[..., None]  # [h, w, 1]
+        patch = img[r0: r0 + h, c0: c0 + w]
+        img[r0: r0 + h, c0: c0 + w] = patch * (1 - a) + np.asarray(COLORS[o.color], np.float64) * a
+    return np.rint(img).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+class ShapesItem(NamedTuple):
+    image: np.ndarray  # uint8 [S, S, 3]
+    captions: list[str]  # all true captions, primary first
+    caption: str  # the primary caption (the one the scene was drawn for)
+    task: str
+
+
+class ShapesWorld:
+    """Deterministic, index-addressable source of training images: item i depends only on (seed, i)."""
+
+    def __init__(self, size: int = 64, seed: int = 0, task_weights: Mapping[str, float] | None = None):
+        _check_size(size)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"shapes-world seed must be a non-negative integer (got {seed!r})")
+        weights = dict.fromkeys(TASKS, 1.0) if task_weights is None else dict(task_weights)
+        unknown = set(weights) - set(TASKS)
+        if unknown:
+            raise ConfigError(
+                f"unknown shapes task(s) {sorted(unknown)} in task_weights; use {', '.join(TASKS)}")
+        w = np.array([float(weights.get(t, 0.0)) for t in TASKS])
+        if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"task_weights must be finite, >= 0 and not all zero (got {weights})")
+        self.size, self.seed, self.probs = int(size), int(seed), w / w.sum()
+
+    def scene(self, i: int) -> Scene:
+        if not isinstance(i, (int, np.integer)) or i < 0:
+            raise IndexError(f"shapes-world index must be a non-negative integer (got {i!r})")
+        rng = np.random.default_rng([self.seed, int(i)])
+        task = TASKS[int(rng.choice(len(TASKS), p=self.probs))]
+        return sample_scene(task, rng, self.size, train=True)
+
+    def __getitem__(self, i: int) -> ShapesItem:
+        scene = self.scene(i)
+        return ShapesItem(render(scene), true_captions(scene), scene.caption, scene.task)
+
+    def iter_from(self, start: int = 0) -> Iterator[ShapesItem]:
+        """Endless iteration from item `start` (resume a data position exactly)."""
+        return (self[i] for i in itertools.count(start))
+
+    def __iter__(self) -> Iterator[ShapesItem]:
+        return self.iter_from(0)
+
+
+def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
+                      task_weights: Mapping[str, float] | None = None, overwrite: bool = False,
+                      progress: bool = True) -> Path:
+    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights) as PNGs plus metadata.jsonl
+    (file_name, text = primary caption, captions = all true captions, task). Returns the directory."""
+    if not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ConfigError(f"number of images must be a positive integer (got {n!r})")
+    world = ShapesWorld(size, seed, task_weights)
+    out = Path(out_dir)
+    meta = out / "metadata.jsonl"
+    if meta.exists() and not overwrite:
+        raise RectiflowError(f"{out} already holds a metadata.jsonl; choose a new directory or overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    tmp = out / "metadata.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in tqdm(range(n), desc="shapes world", unit="img", disable=not progress):
+            item = world[i]
+            name = f"{i:06d}.png"
+            Image.fromarray(item.image).save(out / name)
+            rec = {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, meta)
+    logger.info("wrote %d shapes-world images (%dpx, seed %d) to %s", n, size, seed, out)
+    return out
