@@ -79,7 +79,7 @@ def test_duplicate_clusters_equal_brute_force():
         keys = sorted(hashes)
         parent = {k: k for k in keys}
 
-        def find(k):
+        def find(k, parent=parent):
             while parent[k] != k:
                 k = parent[k]
             return k
@@ -124,8 +124,9 @@ def test_token_counting():
     from rectiflow.data.sources import ArraySource
 
     src = ArraySource(1, lambda i: (np.zeros((16, 16, 3), np.uint8), source_caps, "x"))
-    assert not check_dataset(src, max_tokens=4, count_tokens=lambda s: len(s.split()), progress=False).problems
-    assert check_dataset(src, max_tokens=3, count_tokens=lambda s: len(s.split()), progress=False).problems
+    words = lambda s: len(s.split())  # noqa: E731
+    assert not check_dataset(src, max_tokens=4, count_tokens=words, progress=False).problems
+    assert check_dataset(src, max_tokens=3, count_tokens=words, progress=False).problems
     with pytest.raises(ConfigError, match="max_tokens"):
         check_dataset(src, max_tokens=0)
 

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     limit.add_argument("--text-encoder", metavar="NAME",
                        help="count tokens with this text encoder's tokenizer against its limit (e.g. minilm)")
     c.add_argument("--dedup", action="store_true", help="find near-duplicates by perceptual hash")
-    c.add_argument("--hamming", type=int, default=None, help="pHash Hamming threshold for --dedup (default 4)")
+    c.add_argument("--hamming", type=int, default=None,
+                   help="pHash Hamming threshold for --dedup (default 4 of 64 bits)")
     c.add_argument("--write-manifest", metavar="OUT", help="write the kept samples to this .jsonl")
     c.add_argument("--strict", action="store_true", help="exit with status 1 if any problem was found")
     c.set_defaults(func=run)
