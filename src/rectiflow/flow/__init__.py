@@ -1,1 +1,77 @@
-"""rectiflow.flow"""
+"""rectiflow.flow: all flow math of the project, as pure vectorised functions (no state, no device probing).
+
+Convention (DESIGN.md section 1): t in [0, 1], t = 0 data, t = 1 noise; x_t = (1 - t) x0 + t eps for rectified
+flow, whose network predicts v = eps - x0; sampling integrates t: 1 -> 0 with x <- x + (t_next - t) v.
+
+Paths (rectiflow.flow.paths): frozen dataclasses, `get_path(name, **params)`, names "rectified_flow",
+"eps_linear", "v_cosine", "edm" (SD3 section 3.1 formulations). t is a tensor [B] (broadcast over x [B, ...]),
+a 0-d tensor or a float; coefficient math runs in float64 and is cast to x's dtype.
+    path.interpolate(x0, eps, t) -> x_t            path.target(x0, eps, t) -> training target
+    path.model_input(x_t, t) -> network input       (identity except EDM's c_in)
+    path.to_velocity(out, x_t, t) -> dx/dt          path.to_x0(out, x_t, t), path.to_eps(out, x_t, t)
+    path.log_snr(t), path.eps_weight(t)             SD3's lambda_t and w_t (float64)
+    training_pair(path, x0, eps, t) -> (x_t, target)
+    velocity_fn_from_model(path, model_fn) -> velocity_fn(x, t) for the solvers (model_fn(net_in, t) -> out)
+    equivalent_rf_weight(path, t) -> per-sample RF-loss weight reproducing `path`'s objective
+  Training step:  x_t, tgt = training_pair(path, x0, eps, t); out = model(path.model_input(x_t, t), t);
+                  loss = ((out - tgt) ** 2 * loss_weight(...)[:, None, None]).mean()
+
+Timestep samplers (rectiflow.flow.timesteps): `sample_timesteps(name, n, generator, device=None,
+dtype=torch.float32, **params) -> t [n]`; names "uniform", "logit_normal" (m=0, s=1), "mode" (s=1.29),
+"cosmap"; each also as a function `uniform(n, *, generator, device=None, dtype=...)` etc. and its density
+`*_pdf(t, ...)`. `loss_weight(name, t, **params)` for "none", "logit_normal", "mode", "cosmap", "sigma_sqrt".
+The generator must be a CPU torch.Generator.
+
+Inference grids (rectiflow.flow.schedules): `timestep_grid(steps, *, shift=None | "flux" | alpha,
+seq_len=None, t_last=None, dtype=torch.float64) -> [steps + 1]` (t[0] = 1, t[-1] = 0, decreasing);
+`linear_grid`, `flux_mu(seq_len, 256, 4096, 0.5, 1.15)`, `time_shift(mu, sigma, t)`, `sd3_shift(t, alpha)`.
+
+Solvers (rectiflow.flow.solvers): `solve(velocity_fn, x, timesteps, method="euler"|"midpoint"|"heun"|"rk4",
+*, callback=None, progress=False) -> x`; `solve_adaptive(velocity_fn, x, t0=1.0, t1=0.0, rtol=1e-5,
+atol=1e-5, max_steps=10000) -> (x, nfe)`; `solver_nfe(method, timesteps)`. velocity_fn(x, t) gets t as a 0-d
+tensor on x's device (float64 for float64 x, else float32); broadcast it to [B] in the model wrapper.
+NFE: euler N, midpoint 2N, heun 2N - 1 when the grid ends at 0 (last step Euler, Karras 2022), rk4 4N.
+
+Guidance (rectiflow.flow.guidance): `cfg(v_cond, v_uncond, scale)`; `cfg_velocity_fn(model_fn, scale)` where
+model_fn(cat([x, x]), t) returns [uncond; cond] halves; `guidance_vector(value, batch, device, dtype) -> [B]`
+(FLUX-dev's raw guidance scale, the x1000 lives in the embedder).
+"""
+
+from rectiflow.flow.guidance import cfg, cfg_velocity_fn, guidance_vector
+from rectiflow.flow.paths import (
+    EDM,
+    PATHS,
+    EpsLinear,
+    Path,
+    RectifiedFlow,
+    VCosine,
+    equivalent_rf_weight,
+    get_path,
+    t_from_log_snr,
+    training_pair,
+    velocity_fn_from_model,
+)
+from rectiflow.flow.schedules import flux_mu, linear_grid, sd3_shift, time_shift, timestep_grid
+from rectiflow.flow.solvers import METHODS, solve, solve_adaptive, solver_nfe
+from rectiflow.flow.timesteps import (
+    LOSS_WEIGHTS,
+    SAMPLERS,
+    cosmap,
+    cosmap_pdf,
+    logit_normal,
+    logit_normal_pdf,
+    loss_weight,
+    mode,
+    mode_pdf,
+    sample_timesteps,
+    uniform,
+    uniform_pdf,
+)
+
+__all__ = [
+    "EDM", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow", "VCosine",
+    "cfg", "cfg_velocity_fn", "cosmap", "cosmap_pdf", "equivalent_rf_weight", "flux_mu", "get_path",
+    "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
+    "sample_timesteps", "sd3_shift", "solve", "solve_adaptive", "solver_nfe", "t_from_log_snr", "time_shift",
+    "timestep_grid", "training_pair", "uniform", "uniform_pdf", "velocity_fn_from_model",
+]

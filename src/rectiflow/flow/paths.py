@@ -25,6 +25,7 @@ also for EDM, where t is a monotone reparameterisation of Karras' c_noise = ln(s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -365,3 +366,17 @@ def equivalent_rf_weight(path: Path, t: Tensor | float) -> Tensor:
     rf = RectifiedFlow()
     lam = rf.log_snr(t)
     return path.eps_weight(t_from_log_snr(path, lam)) / rf.eps_weight(t)
+
+
+def training_pair(path: Path, x0: Tensor, eps: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, target) for one training step; the loss is ||model(path.model_input(x_t, t), t) - target||^2."""
+    return path.interpolate(x0, eps, t), path.target(x0, eps, t)
+
+
+def velocity_fn_from_model(path: Path, model_fn: Callable[[Tensor, Tensor], Tensor]):
+    """Wrap model_fn(net_input, t) -> network output into a solver velocity_fn(x, t) -> dx/dt for `path`."""
+
+    def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
+        return path.to_velocity(model_fn(path.model_input(x, t), t), x, t)
+
+    return velocity_fn
