@@ -297,10 +297,10 @@ def load_transformer(path: str | Path, config: str | FluxParams | dict[str, Any]
     mismatch = state_dict_mismatch(expected, src.shapes())
     if mismatch:
         raise _mismatch_error(src, params, config, mismatch.summary())
-    variant = flux_variant(dataclasses.asdict(params))
-    if variant in ("flux-dev-fill", "flux-dev-canny/depth"):
-        log.warning("%s is %s: its image input has %d channels (latent + conditioning), so sampling must "
-                    "supply the conditioning channels", src.path, variant, params.in_channels)
+    if params.in_channels != params.out_channels:  # FLUX Fill (384) / Canny, Depth (128): img_in only
+        log.warning("%s (%s) takes %d input channels for %d output channels: the extra ones are conditioning "
+                    "(masked image / control latents) that sampling must supply", src.path,
+                    describe_params(params), params.in_channels, params.out_channels)
     with torch.device("meta"):
         model = Flux(params)
     sd = _read_state_dict(src, params, device, dtype)
