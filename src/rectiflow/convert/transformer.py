@@ -268,16 +268,18 @@ def _meta_state_dict(params: FluxParams, layout: str) -> dict[str, torch.Tensor]
 
 
 def _mismatch_error(src: TransformerSource, params: FluxParams, config: Any, summary: str) -> FormatError:
-    variant = flux_variant(dataclasses.asdict(params))
-    what = f"config {config!r}" if isinstance(config, str) else f"{variant} config"
+    what = f"config {config!r}" if isinstance(config, str) else f"{describe_params(params)} config"
     msg = f"{src.path} does not match the {what}: {summary}"
     guess = guess_checkpoint(src.tensors)
     if guess:
         return FormatError(f"{msg}; this looks like {guess}")
-    dims = flux_dims(src.shapes(), src.layout)
-    variant = flux_variant(dims)
-    if config is not None and variant != "custom":
-        msg += f"; the file looks like {variant}: drop the config to infer it"
+    if config is not None:  # say what the file itself implies
+        try:
+            found = describe_params(infer_params(src.shapes(), src.layout))
+        except (FormatError, ConfigError):
+            found = flux_variant(flux_dims(src.shapes(), src.layout))
+        if found != "custom":
+            msg += f"; the file looks like {found}: drop the config to infer it"
     return FormatError(msg)
 
 
