@@ -309,3 +309,14 @@ def test_samplers_resume_exactly():
     b2 = BucketBatchSampler(ids, 2, seed=5)
     b2.load_state_dict({"epoch": 0, "position": 2})
     assert epochs[0][:2] + list(b2) == epochs[0] and list(b2) == epochs[1]
+
+
+def test_package_exports_are_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, rectiflow.data as d; assert 'torch' not in sys.modules; "
+            "from rectiflow.data import open_source, LatentCache, ImageCaptionDataset; "
+            "print(LatentCache.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "LatentCache" in r.stdout, r.stderr

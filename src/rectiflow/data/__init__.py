@@ -1,1 +1,28 @@
-"""rectiflow.data"""
+"""rectiflow.data: image + caption sources, datasets and samplers, `data check`, latent/text caches.
+
+Names are imported lazily (importing a submodule such as rectiflow.data.shapes does not pull torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Sample": "sources", "Problem": "sources", "Source": "sources", "open_source": "sources",
+    "ImageFolderSource": "sources", "TextCaptionSource": "sources", "WebDatasetSource": "sources",
+    "ClassFolderSource": "sources", "ManifestSource": "sources", "ArraySource": "sources",
+    "shapes_source": "sources",
+    "CaptionPolicy": "captions", "class_caption": "captions",
+    "CenterCrop": "transforms", "Buckets": "transforms", "make_buckets": "transforms",
+    "ImageCaptionDataset": "datasets", "ResumableSampler": "datasets", "BucketBatchSampler": "datasets",
+    "check_dataset": "check", "CheckReport": "check", "phash": "check",
+    "build_cache": "cache", "LatentCache": "latent_cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"rectiflow.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'rectiflow.data' has no attribute {name!r}")
