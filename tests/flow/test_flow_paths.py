@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.func import jvp
+from torch.autograd.functional import jvp  # double-backward jvp (torch.func.jvp warns inside torch)
 
 from rectiflow.errors import ConfigError
 from rectiflow.flow import (
