@@ -1,0 +1,146 @@
+"""`rectiflow generate PROMPT`: text to PNG images carrying their settings (user docs: docs/generate.md).
+
+Output naming (-o OUT, default out.png): OUT ending in .png is the file for a single image; with several
+images (-n, several prompts) they are OUT with -0, -1, ... before the suffix. Any other OUT is a directory
+(created) holding image-0.png, image-1.png, ... . Images are in call order: prompt by prompt, -n per
+prompt; image i uses seed S + i.
+
+Without --model the bundled default model (rectiflow/assets/default/, or $RECTIFLOW_DEFAULT_MODEL) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("euler", "heun", "midpoint", "rk4")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+NO_DEFAULT_MODEL = (
+    "no bundled default model yet: it comes with issue 5 (the shapes-world model, "
+    "in rectiflow/assets/default/); "
+    "pass --model PATH, a directory with model.json (rectiflow), flux1-*.safetensors + ae.safetensors (BFL) "
+    "or model_index.json (diffusers)"
+)
+
+
+def _shift(text: str):
+    if text.lower() in ("none", "linear"):
+        return "none"
+    if text.lower() == "flux":
+        return "flux"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, flux or a number > 0, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"the shift must be > 0, got {v}")
+    return v
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate images from a text prompt",
+        description="Generate PNG images from text prompts with a FLUX-style rectified-flow model. Unset "
+                    "options take the model's defaults (model.json / published FLUX settings).",
+    )
+    p.add_argument("prompt", nargs="+", help="the prompt (several: one batch of -n images each)")
+    p.add_argument("--model", help="bundle directory (rectiflow model.json, BFL or diffusers layout); "
+                                   "default: the bundled default model")
+    p.add_argument("--steps", type=int, help="number of solver steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (0)")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 16")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16")
+    p.add_argument("--guidance", type=float, help="guidance-embedding value (guidance-distilled models: dev)")
+    p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--negative-prompt", help="negative prompt (needs --cfg above 1)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
+    p.add_argument("--shift", type=_shift,
+                   help="time shift: none, flux (sequence-length shift) or a number (SD3 alpha)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (1)")
+    p.add_argument("--batch-size", type=int, help="images per model call (default: all at once)")
+    p.add_argument("-o", "--output", default="out.png", help="output .png file or directory (out.png)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="fp32 | bf16 | fp16 (auto: bf16 on "
+                                                                  "CUDA, fp32 on CPU)")
+    p.add_argument("--int8", action="store_true", help="int8 weight quantisation of the transformer (CPU)")
+    p.add_argument("--offload", action="store_true", help="stream transformer blocks to the GPU one at a "
+                                                          "time (small GPUs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _model_path(arg: str | None) -> Path:
+    from rectiflow.convert.bundle import CARD_FILE, DEFAULT_MODEL_ENV, default_bundle_path
+    from rectiflow.errors import RectiflowError
+
+    if arg is not None:
+        return Path(arg)
+    import os
+
+    path = default_bundle_path()
+    if not (path / CARD_FILE).is_file():
+        if os.environ.get(DEFAULT_MODEL_ENV):
+            raise RectiflowError(f"${DEFAULT_MODEL_ENV} points to {path}, which holds no {CARD_FILE}; "
+                                 "fix the variable or pass --model PATH")
+        raise RectiflowError(NO_DEFAULT_MODEL)
+    return path
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    """Where the n images go (see the module docstring)."""
+    out = Path(output)
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        if n == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    return [out / f"image-{i}.png" for i in range(n)]
+
+
+def run(args) -> int:
+    import torch
+
+    from rectiflow import __version__
+    from rectiflow.errors import RectiflowError
+    from rectiflow.sample import DEFAULT, Pipeline, save_png
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise RectiflowError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RectiflowError("--device cuda but no CUDA device is available; use --device cpu")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    if args.num_images < 1:
+        raise RectiflowError(f"-n must be >= 1, got {args.num_images}")
+    if args.offload and device.type == "cpu":
+        raise RectiflowError("--offload streams weights to a GPU; it needs --device cuda")
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_bundle(_model_path(args.model), device=device, dtype=dtype, int8=args.int8,
+                                offload=args.offload)
+    t1 = time.perf_counter()
+    result = pipe(
+        args.prompt, steps=args.steps, width=args.width, height=args.height, seed=args.seed,
+        sampler=args.sampler,
+        shift=DEFAULT if args.shift is None else (None if args.shift == "none" else args.shift),
+        guidance=DEFAULT if args.guidance is None else args.guidance, cfg_scale=args.cfg_scale,
+        negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    t2 = time.perf_counter()
+    paths = output_paths(args.output, len(result.images))
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for image, settings, path in zip(result.images, result.settings, paths):
+        save_png(image, path, dict(settings, rectiflow_version=__version__))
+        print(path)
+    log.info("%d image(s) in %.1f s (model load %.1f s) with %s on %s", len(paths), t2 - t1, t1 - t0,
+             pipe.name, device)
+    return 0

@@ -1,0 +1,377 @@
+"""Model bundles: a directory with everything needed to generate (transformer, autoencoder, text encoder,
+sampling defaults), in one of three layouts.
+
+- "rectiflow" (ours): `model.json`, a small model card, next to the weight files:
+      {"format": "rectiflow-bundle", "format_version": 1, "name": "...",
+       "transformer": "transformer.safetensors", "autoencoder": "ae.safetensors",
+       "text_encoder": {<the encoder's spec()>},
+       "text_encoder_weights": "text_encoder.safetensors" (only for encoders with trained weights),
+       "defaults": {"steps": 4, "sampler": "euler", "shift": null, "guidance": null, "cfg_scale": 1.0,
+                    "width": 256, "height": 256},
+       ... any extra card fields (description, training data, license) ...}
+  Weight files are our safetensors files (config in their metadata). Relative paths inside the
+  text-encoder spec are relative to the bundle directory.
+- "bfl" (BFL's release repos): `flux1-*.safetensors` (transformer), `ae.safetensors`, and the text encoders as
+  in the official repos: `text_encoder/` (CLIP-L) + `tokenizer/`, `text_encoder_2/` (T5-XXL) + `tokenizer_2/`.
+- "diffusers": `model_index.json` (a FluxPipeline), `transformer/`, `vae/`, `text_encoder/`,
+  `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, optionally `scheduler/scheduler_config.json` (read for
+  the default shift).
+
+When a directory has several, model.json wins, then BFL files, then model_index.json (BFL's own repos
+carry both BFL files and diffusers folders). Sampling defaults for BFL / diffusers bundles follow the
+published models: schnell (no guidance embedding) 4 steps, unshifted; dev 28 steps (diffusers FluxPipeline
+default), guidance 3.5 (BFL cli.py / diffusers default), FLUX sequence-length shift; both 1024x1024.
+
+The model identity is the bundle name plus `weights_hash` of its weight files.
+
+The bundled default model lives in the package at rectiflow/assets/default/ (a "rectiflow" bundle, made by
+issue 5). `default_bundle_path()` finds it; the environment variable RECTIFLOW_DEFAULT_MODEL, read when the
+function is called (never at import), overrides the location (tests and experiments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rectiflow.convert.autoencoder import load_autoencoder, save_autoencoder
+from rectiflow.convert.safetensors_io import atomic_dir, load_tensors, save_safetensors
+from rectiflow.convert.transformer import load_transformer, save_transformer
+from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.models.text import load_text_encoder
+
+__all__ = [
+    "CARD_FILE", "Bundle", "SamplingDefaults", "bundle_layout", "default_bundle_path", "defaults_for_model",
+    "load_bundle", "save_bundle", "weights_hash", "SAMPLERS", "LAYOUTS",
+]
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "model.json"
+CARD_FORMAT = "rectiflow-bundle"
+CARD_VERSION = 1
+LAYOUTS = ("rectiflow", "bfl", "diffusers")
+DEFAULT_MODEL_ENV = "RECTIFLOW_DEFAULT_MODEL"
+# The solvers of rectiflow.flow.solve (kept in sync by a test; convert sits below flow's users only).
+SAMPLERS = ("euler", "midpoint", "heun", "rk4")
+# Published FLUX.1 sampling settings: BFL flux/cli.py (schnell num_steps 4, dev guidance 3.5), diffusers
+# FluxPipeline.__call__ (num_inference_steps=28, guidance_scale=3.5, default size 1024 = 128 * vae scale 8).
+FLUX_SCHNELL_STEPS = 4
+FLUX_DEV_STEPS = 28
+FLUX_DEV_GUIDANCE = 3.5
+FLUX_SIZE = 1024
+# T5 token length of the published models (BFL flux/util.py load_t5: 256 for schnell, 512 for dev).
+FLUX_SCHNELL_T5_LEN = 256
+FLUX_DEV_T5_LEN = 512
+# Weight files above this size are hashed from samples (see weights_hash) instead of in full.
+FULL_HASH_LIMIT = 256 * 2**20
+_HASH_SAMPLE = 2**20
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A model's sampling settings. shift: None (linear grid), "flux" (sequence-length shift) or a float
+    alpha (SD3 static shift); guidance: the guidance-embedding value (guidance-distilled models only)."""
+
+    steps: int = FLUX_SCHNELL_STEPS
+    sampler: str = "euler"
+    shift: str | float | None = None
+    guidance: float | None = None
+    cfg_scale: float = 1.0
+    width: int = FLUX_SIZE
+    height: int = FLUX_SIZE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if isinstance(self.shift, str) and self.shift != "flux":
+            raise ConfigError(f"shift must be null, \"flux\" or a number > 0, got {self.shift!r}")
+        if isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool) and self.shift <= 0:
+            raise ConfigError(f"shift must be > 0, got {self.shift}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v % 16:
+                raise ConfigError(f"{name} must be a positive multiple of 16, got {v!r}")
+        if self.cfg_scale < 0:
+            raise ConfigError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "defaults") -> SamplingDefaults:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown sampling default(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def defaults_for_model(guidance_embed: bool, scheduler: dict[str, Any] | None = None) -> SamplingDefaults:
+    """Published defaults: schnell-like (no guidance embedding) or dev-like; a diffusers scheduler config
+    (use_dynamic_shifting / shift) overrides the shift."""
+    if guidance_embed:
+        d = SamplingDefaults(steps=FLUX_DEV_STEPS, shift="flux", guidance=FLUX_DEV_GUIDANCE)
+    else:
+        d = SamplingDefaults(steps=FLUX_SCHNELL_STEPS, shift=None)
+    if scheduler:
+        if scheduler.get("use_dynamic_shifting"):
+            shift: str | float | None = "flux"
+        else:
+            alpha = float(scheduler.get("shift", 1.0))
+            shift = None if alpha == 1.0 else alpha
+        d = dataclasses.replace(d, shift=shift)
+    return d
+
+
+@dataclass
+class Bundle:
+    """The loaded components of a bundle and its identity."""
+
+    transformer: torch.nn.Module
+    autoencoder: torch.nn.Module
+    text_encoder: Any
+    defaults: SamplingDefaults
+    name: str
+    model_hash: str
+    layout: str
+    path: Path
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def weights_hash(files: list[Path]) -> str:
+    """12 hex digits of SHA-256 over the weight files (sorted by name): name, size and content. Files above
+    FULL_HASH_LIMIT bytes contribute their safetensors header and 1 MiB samples at 16 evenly spaced offsets
+    instead of every byte (hashing a 24 GB FLUX file in full would take minutes on each load)."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= FULL_HASH_LIMIT:
+                for chunk in iter(lambda: fh.read(2**22), b""):
+                    h.update(chunk)
+            else:
+                for i in range(16):
+                    fh.seek(i * (size - _HASH_SAMPLE) // 15)
+                    h.update(fh.read(_HASH_SAMPLE))
+    return h.hexdigest()[:12]
+
+
+def _weight_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*.safetensors") if p.is_file()]
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def default_bundle_path() -> Path:
+    """The bundled default model: $RECTIFLOW_DEFAULT_MODEL if set, else rectiflow/assets/default/."""
+    override = os.environ.get(DEFAULT_MODEL_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1] / "assets" / "default"
+
+
+def _bfl_transformer_file(root: Path) -> Path | None:
+    files = sorted(root.glob("flux1-*.safetensors"))
+    if len(files) > 1:
+        raise FormatError(
+            f"{root} holds several BFL transformer files ({', '.join(f.name for f in files)}); keep one"
+        )
+    return files[0] if files else None
+
+
+def bundle_layout(path: str | os.PathLike) -> str:
+    """"rectiflow", "bfl" or "diffusers" for a bundle directory; FormatError naming what was expected."""
+    root = Path(path)
+    expected = (f"{CARD_FILE} (rectiflow bundle), flux1-*.safetensors + ae.safetensors (BFL layout) or "
+                "model_index.json (diffusers layout)")
+    if not root.exists():
+        raise FormatError(f"model path {root} does not exist; pass a directory holding {expected}")
+    if not root.is_dir():
+        raise FormatError(f"model path {root} is a file; pass a directory holding {expected}")
+    if (root / CARD_FILE).is_file():
+        return "rectiflow"
+    if _bfl_transformer_file(root) is not None and (root / "ae.safetensors").is_file():
+        return "bfl"
+    if (root / "model_index.json").is_file():
+        return "diffusers"
+    raise FormatError(f"{root} is not a model bundle: expected {expected}")
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"cannot read {p}: {e}".splitlines()[0]) from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{p} must hold a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Bundle:
+    """Load every component of a bundle directory (any layout) onto `device` in `dtype`."""
+    root = Path(path)
+    layout = bundle_layout(root)
+    loader = {"rectiflow": _load_ours, "bfl": _load_bfl, "diffusers": _load_diffusers}[layout]
+    bundle = loader(root, torch.device(device), dtype)
+    for m in (bundle.transformer, bundle.autoencoder):
+        m.eval().requires_grad_(False)
+    log.info("model %s (%s layout, hash %s)", bundle.name, layout, bundle.model_hash)
+    return bundle
+
+
+def _resolve_spec_paths(spec: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = dict(spec)
+    for k, v in spec.items():
+        if k.endswith("path") and isinstance(v, str) and v and not Path(v).is_absolute():
+            out[k] = str(root / v)
+    return out
+
+
+def _load_ours(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
+    card = _read_json(root / CARD_FILE)
+    where = str(root / CARD_FILE)
+    if card.get("format") != CARD_FORMAT:
+        raise FormatError(f"{where} is not a rectiflow bundle card (format should be {CARD_FORMAT!r})")
+    if card.get("format_version") != CARD_VERSION:
+        raise FormatError(f"{where} has format_version {card.get('format_version')!r}; this rectiflow reads "
+                          f"{CARD_VERSION}: upgrade rectiflow")
+    for key in ("transformer", "autoencoder", "text_encoder"):
+        if key not in card:
+            raise FormatError(f"{where} lacks the {key!r} entry")
+    files = {}
+    for key in ("transformer", "autoencoder", "text_encoder_weights"):
+        if card.get(key):
+            p = root / card[key]
+            if not p.is_file():
+                raise FormatError(f"{where} names {key} file {card[key]!r}, which is missing from {root}")
+            files[key] = p
+    transformer = load_transformer(files["transformer"], device=device, dtype=dtype)
+    autoencoder = load_autoencoder(files["autoencoder"], device=device, dtype=dtype)
+    spec = _resolve_spec_paths(card["text_encoder"], root)
+    text_encoder = load_text_encoder(spec, device=device, dtype=dtype)
+    if "text_encoder_weights" in files:
+        text_encoder.load_state_dict(load_tensors(files["text_encoder_weights"], device, dtype), strict=True)
+    if hasattr(text_encoder, "eval"):
+        text_encoder.eval()
+    defaults = SamplingDefaults.from_dict(card.get("defaults", {}), where=f"{where} defaults")
+    return Bundle(transformer, autoencoder, text_encoder, defaults, str(card.get("name") or root.name),
+                  weights_hash(list(files.values())), "rectiflow", root, card)
+
+
+def _flux_text_encoder(root: Path, max_length: int, device: torch.device, dtype: torch.dtype):
+    folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    missing = [f for f in folders if not (root / f).is_dir()]
+    if missing:
+        raise FormatError(
+            f"{root} lacks the text-encoder folder(s) {', '.join(missing)}: a FLUX bundle needs "
+            "text_encoder/ (CLIP) + tokenizer/ and text_encoder_2/ (T5) + tokenizer_2/ as the official repos"
+        )
+    spec = {"kind": "flux", "t5_path": str(root / "text_encoder_2"), "clip_path": str(root / "text_encoder"),
+            "t5_tokenizer_path": str(root / "tokenizer_2"), "clip_tokenizer_path": str(root / "tokenizer"),
+            "max_length": max_length}
+    return load_text_encoder(spec, device=device, dtype=dtype)
+
+
+def _load_bfl(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
+    tfile = _bfl_transformer_file(root)
+    transformer = load_transformer(tfile, device=device, dtype=dtype)
+    autoencoder = load_autoencoder(root / "ae.safetensors", device=device, dtype=dtype)
+    dev = transformer.params.guidance_embed
+    text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype)
+    return Bundle(transformer, autoencoder, text_encoder, defaults_for_model(dev), tfile.stem,
+                  weights_hash([tfile, root / "ae.safetensors"]), "bfl", root)
+
+
+def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
+    index = _read_json(root / "model_index.json")
+    cls = index.get("_class_name")
+    if cls is not None and "Flux" not in str(cls):
+        raise FormatError(f"{root} is a diffusers {cls}, not a FLUX pipeline; rectiflow generates with FLUX "
+                          "models (FluxPipeline)")
+    for sub in ("transformer", "vae"):
+        if not (root / sub).is_dir():
+            raise FormatError(f"{root} lacks the {sub}/ folder of a diffusers FluxPipeline")
+    transformer = load_transformer(root / "transformer", device=device, dtype=dtype)
+    autoencoder = load_autoencoder(root / "vae", device=device, dtype=dtype)
+    dev = transformer.params.guidance_embed
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(sched_file) if sched_file.is_file() else None
+    text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype)
+    files = _weight_files(root / "transformer") + _weight_files(root / "vae")
+    return Bundle(transformer, autoencoder, text_encoder, defaults_for_model(dev, scheduler), root.name,
+                  weights_hash(files), "diffusers", root)
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def save_bundle(path: str | os.PathLike, transformer: torch.nn.Module, autoencoder: torch.nn.Module,
+                text_encoder_spec: Any, defaults: SamplingDefaults | dict[str, Any] | None = None,
+                card_extra: dict[str, Any] | None = None, name: str | None = None) -> Path:
+    """Write a "rectiflow" bundle directory (atomically: built beside `path`, then renamed into place).
+
+    `text_encoder_spec` is a text encoder's spec() dict, or the encoder itself: its spec() is recorded and,
+    when it has trainable weights (an nn.Module with parameters, e.g. TrainableTextEncoder), its state dict
+    is saved as text_encoder.safetensors.
+    """
+    root = Path(path)
+    if root.exists() and not (root / CARD_FILE).is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise FormatError(f"{root} exists and is not a rectiflow bundle; save to a new or empty directory")
+    if isinstance(defaults, dict):
+        defaults = SamplingDefaults.from_dict(defaults)
+    defaults = defaults or defaults_for_model(bool(getattr(transformer.params, "guidance_embed", False)))
+    encoder = None if isinstance(text_encoder_spec, dict) else text_encoder_spec
+    spec = text_encoder_spec if encoder is None else encoder.spec()
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise ConfigError("save_bundle: text_encoder_spec must be an encoder or its spec() dict "
+                          "(with 'kind')")
+    json.dumps(spec)  # fail early if the spec is not JSON-able
+    card: dict[str, Any] = {
+        "format": CARD_FORMAT, "format_version": CARD_VERSION, "name": name or root.name,
+        "transformer": "transformer.safetensors", "autoencoder": "ae.safetensors", "text_encoder": spec,
+    }
+    extra = dict(card_extra or {})
+    clash = sorted(set(extra) & (set(card) | {"defaults", "text_encoder_weights"}))
+    if clash:
+        raise ConfigError(f"save_bundle: card_extra may not override {clash}")
+    with atomic_dir(root) as tmp:
+        tmp = Path(tmp)
+        save_transformer(transformer, tmp / card["transformer"], format="rectiflow")
+        save_autoencoder(autoencoder, tmp / card["autoencoder"], format="rectiflow")
+        if isinstance(encoder, torch.nn.Module) and any(True for _ in encoder.parameters()):
+            sd = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+            save_safetensors(sd, tmp / "text_encoder.safetensors", {"rectiflow.model": "text-encoder"})
+            card["text_encoder_weights"] = "text_encoder.safetensors"
+        card["defaults"] = defaults.to_dict()
+        card.update(extra)
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    log.info("saved bundle %s", root)
+    return root
+
+
+def read_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The model.json card of a "rectiflow" bundle (no weights loaded)."""
+    root = Path(path)
+    if bundle_layout(root) != "rectiflow":
+        raise RectiflowError(f"{root} is not a rectiflow bundle (no {CARD_FILE})")
+    return _read_json(root / CARD_FILE)

@@ -1,0 +1,308 @@
+"""Text-to-image generation: prompts -> text features -> seeded noise -> ODE solve (t: 1 -> 0) -> decode.
+
+    pipe = Pipeline.from_bundle("path/to/model", device="cpu", dtype=torch.float32)
+    result = pipe("a red circle above a blue square", steps=4, width=256, height=256, seed=0)
+    result.images[0].save("out.png")
+
+All flow math comes from rectiflow.flow (timestep_grid, solve, cfg_velocity_fn, guidance_vector). The steps
+are FLUX's (BFL flux/sampling.py get_noise / prepare / get_schedule / denoise / unpack), with the solver and
+guidance pluggable:
+
+- Noise: image i of a call (images ordered prompt by prompt, `num_images_per_prompt` each) is drawn from its
+  own CPU torch.Generator seeded with `seed + i`, in float32, then moved to the device and dtype: the same
+  seed gives the same image on any device, whatever the batch size. Passing `generator=` instead draws all
+  noise from that one generator, in order (then no per-image seeds are recorded).
+- Grid: `timestep_grid(steps, shift=...)`; shift None = linear (FLUX schnell), "flux" = FLUX's
+  sequence-length shift (dev), a float = SD3's static shift. Default: the model's `SamplingDefaults`.
+- Guidance: `guidance` is the guidance-embedding input of guidance-distilled models (FLUX dev; ignored with
+  a warning on other models). `cfg_scale != 1` runs true classifier-free guidance: the unconditional
+  (negative prompt, or "") and conditional inputs go through the model as one doubled batch.
+- fp16: every velocity evaluation is checked for non-finite values, which raises a one-line error
+  recommending bf16 (fp16's range, 65504, is too small for some FLUX activations); any dtype: non-finite
+  final latents or images raise too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rectiflow.convert.bundle import SamplingDefaults, load_bundle
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.flow import METHODS, cfg_velocity_fn, guidance_vector, solve, timestep_grid
+from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
+
+__all__ = ["DEFAULT", "GenerationResult", "Pipeline", "initial_noise"]
+
+log = logging.getLogger(__name__)
+
+# Guidance-embedding value used for a guidance-distilled model whose defaults give none (BFL cli.py: 3.5).
+FALLBACK_GUIDANCE = 3.5
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()  # "use the model's default" for arguments where None means something
+
+
+@dataclass
+class GenerationResult:
+    """images: PIL images in call order (prompt by prompt); latents: the final latents [N, C, H/8, W/8]
+    (float32, CPU, normalised as the autoencoder's decode() expects); settings: per-image dicts of every
+    setting (what the PNG metadata records)."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    settings: list[dict[str, Any]] = field(default_factory=list)
+
+
+def initial_noise(seeds: Sequence[int] | None, n: int, channels: int, height: int, width: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise [n, channels, height, width] (latent size) in float32 on the CPU: one generator per image
+    seeded with seeds[i], or `generator` for all (BFL get_noise draws bfloat16 on the device; drawing float32
+    on the CPU makes images device-independent)."""
+    shape = (channels, height, width)
+    if generator is not None:
+        return torch.randn((n, *shape), generator=generator, dtype=torch.float32)
+    assert seeds is not None and len(seeds) == n
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
+        for s in seeds
+    ])  # n x [C, h, w] -> [n, C, h, w]
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] -> PIL RGB, as diffusers' VaeImageProcessor (denormalize: (x / 2 + 0.5)
+    .clamp(0, 1); numpy_to_pil: * 255, round)."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    arr = x.permute(0, 2, 3, 1).cpu().numpy()  # [N, 3, H, W] -> [N, H, W, 3]
+    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
+
+
+class Pipeline:
+    """transformer (Flux) + autoencoder + text encoder + sampling defaults; `pipe(prompts, ...)` generates."""
+
+    def __init__(self, transformer: torch.nn.Module, autoencoder: torch.nn.Module, text_encoder: Any,
+                 defaults: SamplingDefaults | None = None, *, name: str = "custom", model_hash: str = "",
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 int8: bool = False):
+        self.transformer = transformer
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.defaults = defaults or SamplingDefaults()
+        self.name, self.model_hash, self.int8 = name, model_hash, int8
+        ref = next(autoencoder.parameters())
+        self.device = torch.device(device) if device is not None else ref.device
+        self.dtype = dtype or ref.dtype
+        self._check_components()
+
+    def _check_components(self) -> None:
+        p = self.transformer.params
+        z = self.autoencoder.params.z_channels
+        if p.in_channels != 4 * z:
+            raise ConfigError(f"the transformer takes {p.in_channels} input features but the autoencoder's "
+                              f"{z} latent channels pack into {4 * z}; use matching components")
+        txt_dim = getattr(self.text_encoder, "txt_dim", p.context_in_dim)
+        vec_dim = getattr(self.text_encoder, "vec_dim", p.vec_in_dim)
+        if (txt_dim, vec_dim) != (p.context_in_dim, p.vec_in_dim):
+            raise ConfigError(f"the text encoder gives features ({txt_dim}, pooled {vec_dim}) but the "
+                              f"transformer expects ({p.context_in_dim}, pooled {p.vec_in_dim}); "
+                              "use the model's own text encoder")
+
+    @classmethod
+    def from_bundle(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                    int8: bool = False, offload: bool = False) -> Pipeline:
+        """Load a bundle directory (see rectiflow.convert.bundle). int8: quantise the transformer's linears
+        (CPU, float32 only); offload: keep transformer blocks on the CPU and stream them to `device`."""
+        device = torch.device(device)
+        if int8 and (device.type != "cpu" or dtype != torch.float32):
+            raise RectiflowError("--int8 is a CPU float32 option; drop --dtype/--device or drop --int8")
+        b = load_bundle(path, device="cpu" if offload else device, dtype=dtype)
+        if int8:
+            from rectiflow.models.quantize import quantize_int8
+
+            b.transformer = quantize_int8(b.transformer, inplace=True)
+        if offload:
+            from rectiflow.models.offload import enable_offload
+
+            enable_offload(b.transformer, device)
+            b.autoencoder.to(device)
+            if hasattr(b.text_encoder, "to"):
+                b.text_encoder.to(device)
+        return cls(b.transformer, b.autoencoder, b.text_encoder, b.defaults, name=b.name,
+                   model_hash=b.model_hash, device=device, dtype=dtype, int8=int8)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell (8 for FLUX's autoencoder: 2 ** (len(ch_mult) - 1))."""
+        return 2 ** (len(self.autoencoder.params.ch_mult) - 1)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(txt [B, L, D], vec [B, D_vec]) on the pipeline's device and dtype."""
+        enc = getattr(self.text_encoder, "encode", self.text_encoder)
+        with torch.inference_mode():
+            txt, vec = enc(list(prompts))
+        return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
+
+    def _check_size(self, width: int, height: int) -> None:
+        m = 2 * self.downsample  # latents are packed in 2x2 patches
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or v < m or v % m:
+                near = max(m, round(v / m) * m) if isinstance(v, (int, float)) else m
+                raise RectiflowError(f"{name} {v} is not a positive multiple of {m}; use e.g. {near}")
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def __call__(self, prompts: str | Sequence[str], **kwargs) -> GenerationResult:
+        return self.generate(prompts, **kwargs)
+
+    def generate(self, prompts: str | Sequence[str], *, steps: int | None = None, width: int | None = None,
+                 height: int | None = None, seed: int = 0, sampler: str | None = None, shift: Any = DEFAULT,
+                 guidance: Any = DEFAULT, cfg_scale: float | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, batch_size: int | None = None,
+                 progress: bool = True) -> GenerationResult:
+        """Generate `num_images_per_prompt` images per prompt; unset arguments take the model's defaults.
+
+        Image i (in call order) uses seed `seed + i` unless `generator` is given. `batch_size` caps how
+        many images run through the model at once (default: all); results do not depend on it.
+        """
+        d = self.defaults
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RectiflowError("prompts must be a non-empty string or list of strings")
+        steps = d.steps if steps is None else steps
+        width, height = width or d.width, height or d.height
+        sampler = sampler or d.sampler
+        cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
+        shift = d.shift if shift is DEFAULT else shift
+        if not isinstance(steps, int) or steps < 1:
+            raise RectiflowError(f"steps must be an integer >= 1, got {steps!r}")
+        if sampler not in METHODS:
+            raise RectiflowError(f"unknown sampler {sampler!r}; choose one of {', '.join(METHODS)}")
+        if num_images_per_prompt < 1:
+            raise RectiflowError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if cfg_scale < 0:
+            raise RectiflowError(f"cfg scale must be >= 0, got {cfg_scale}")
+        self._check_size(width, height)
+        guidance = self._resolve_guidance(guidance)
+        use_cfg = cfg_scale != 1.0
+        if negative_prompt is not None and not use_cfg:
+            log.warning("negative prompt ignored: it needs classifier-free guidance (set --cfg above 1)")
+            negative_prompt = None
+        negatives = self._negatives(negative_prompt, len(prompts)) if use_cfg else None
+
+        # prompt index of each image, prompt by prompt
+        flat = [i for i in range(len(prompts)) for _ in range(num_images_per_prompt)]
+        n = len(flat)
+        lh, lw = height // self.downsample, width // self.downsample
+        seeds = None if generator is not None else [seed + i for i in range(n)]
+        noise = initial_noise(seeds, n, self.autoencoder.params.z_channels, lh, lw, generator)
+        ts = timestep_grid(steps, shift=shift, seq_len=(lh // 2) * (lw // 2))
+        txt, vec = self.encode_prompts(prompts)
+        neg = self.encode_prompts(negatives) if negatives is not None else None
+
+        bs = batch_size or n
+        latents = []
+        for s in range(0, n, bs):
+            idx = torch.tensor(flat[s:s + bs])
+            cond = (txt[idx], vec[idx])
+            uncond = (neg[0][idx], neg[1][idx]) if neg is not None else None
+            latents.append(self._denoise(noise[s:s + bs], cond, uncond, ts, sampler, guidance, cfg_scale,
+                                         progress, lh, lw))
+        z = torch.cat(latents)  # [N, C, lh, lw]
+        images = self._decode(z)
+        base = dict(steps=steps, sampler=sampler, shift=shift, guidance=guidance, cfg_scale=cfg_scale,
+                    width=width, height=height, model=self.name, model_hash=self.model_hash,
+                    dtype=str(self.dtype).replace("torch.", ""), int8=self.int8)
+        settings = [dict(base, prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
+                         seed=seeds[i] if seeds else None) for i, p in enumerate(flat)]
+        return GenerationResult(images, z.float().cpu(), settings)
+
+    def _resolve_guidance(self, guidance: Any) -> float | None:
+        distilled = self.transformer.params.guidance_embed
+        if not distilled:
+            if guidance is not DEFAULT and guidance is not None:
+                log.warning("guidance %s ignored: the model has no guidance embedding (use --cfg for "
+                            "classifier-free guidance)", guidance)
+            return None
+        if guidance is DEFAULT or guidance is None:
+            guidance = self.defaults.guidance if self.defaults.guidance is not None else FALLBACK_GUIDANCE
+        return float(guidance)
+
+    @staticmethod
+    def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * n  # the unconditional embedding is the encoding of the empty prompt
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * n
+        negs = list(negative_prompt)
+        if len(negs) != n:
+            raise RectiflowError(f"got {len(negs)} negative prompts for {n} prompts; give one or one each")
+        return negs
+
+    def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw):
+        x = pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> [B, L_img, 4C]
+        b = x.shape[0]
+        txt, vec = cond
+        if uncond is not None:  # [B, ...] x 2 -> [2B, ...]
+            txt, vec = torch.cat([uncond[0], txt]), torch.cat([uncond[1], vec])
+        nb = txt.shape[0]  # B, or 2B with CFG ([uncond; cond], the order cfg_velocity_fn expects)
+        img_ids = image_ids(1, lh, lw, device=self.device)  # [1, L_img, 3], shared over the batch
+        txt_ids = text_ids(1, txt.shape[1], device=self.device)  # [1, L_txt, 3]
+        g = guidance_vector(guidance, nb, self.device, self.dtype) if guidance is not None else None
+        check = self.dtype == torch.float16
+
+        def model_fn(xb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tt = t.to(self.dtype).expand(xb.shape[0])  # 0-d -> [B] (BFL denoise: full((B,), t, img.dtype))
+            v = self.transformer(img=xb, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=tt, y=vec,
+                                 guidance=g)
+            if check and not torch.isfinite(v).all():
+                raise RectiflowError("float16 overflow: the transformer produced inf/NaN; use --dtype bf16 "
+                                     "(same memory, float32 range) or fp32")
+            return v
+
+        velocity = cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
+        with torch.inference_mode():
+            x = solve(velocity, x, ts, method=sampler, progress=progress)
+        if not torch.isfinite(x).all():
+            raise self._nonfinite("latents")
+        assert x.shape[0] == b
+        return unpack(x, lh, lw)  # [B, L_img, 4C] -> [B, C, lh, lw]
+
+    def _nonfinite(self, what: str) -> RectiflowError:
+        if self.dtype == torch.float16:
+            return RectiflowError(f"float16 overflow: the {what} contain inf/NaN; use --dtype bf16 or fp32")
+        return RectiflowError(f"the {what} contain inf/NaN: the model weights are broken or do not match")
+
+    def _decode(self, z: torch.Tensor) -> list[Image.Image]:
+        images = []
+        with torch.inference_mode():
+            for i in range(z.shape[0]):  # one at a time: decoder activations dominate memory at 1024 px
+                x = self.autoencoder.decode(z[i:i + 1].to(self.device, self.dtype))  # [1, 3, H, W]
+                if not torch.isfinite(x).all():
+                    raise self._nonfinite("decoded images")
+                images += _to_pil(x)
+        return images
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move every component to `device` / `dtype` (an int8 pipeline stays on the CPU in float32)."""
+        if self.int8 and (dtype not in (None, torch.float32) or torch.device(device or "cpu").type != "cpu"):
+            raise RectiflowError("an int8 pipeline stays on the CPU in float32; load it again without --int8")
+        for m in (self.transformer, self.autoencoder, self.text_encoder):
+            if hasattr(m, "to") and not (self.int8 and m is self.transformer):
+                m.to(device=device, dtype=dtype)
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        return self
