@@ -64,7 +64,8 @@ def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     if sigma <= 0:
         raise ConfigError(f"time_shift needs sigma > 0, got {sigma}")
     inner = t.clamp_min(torch.finfo(t.dtype).tiny)  # 1/t finite; t = 0 is restored below
-    out = math.exp(mu) / (math.exp(mu) + (1.0 / inner - 1.0) ** sigma)
+    out = 1.0 / (1.0 + math.exp(-mu) * (1.0 / inner - 1.0) ** sigma)  # = e^mu / (e^mu + (1/t - 1)^sigma)
+    out = torch.where(t >= 1, torch.ones_like(out), out)
     return torch.where(t <= 0, torch.zeros_like(out), out)
 
 
