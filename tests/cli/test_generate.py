@@ -115,3 +115,16 @@ def test_default_model_override_and_subprocess(model, tmp_path, cli_env):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
     assert json.loads(_chunks(out)["rectiflow"])["model"] == "tiny-random"
+
+
+@pytest.mark.parametrize("value, recorded", [("none", None), ("flux", "flux"), ("3", 3.0)])
+def test_shift_option(model, tmp_path, value, recorded):
+    out = tmp_path / "s.png"
+    assert main(["generate", "x", "--model", str(model), "--shift", value, *FAST, "-o", str(out)]) == 0
+    assert json.loads(_chunks(out)["rectiflow"])["shift"] == recorded
+
+
+def test_bad_shift_is_refused_by_the_parser(model, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--model", str(model), "--shift", "-2"])
+    assert "the shift must be > 0" in capsys.readouterr().err

@@ -136,3 +136,90 @@ def test_weights_hash_sampled_for_large_files(tmp_path, monkeypatch):
     data[0] ^= 1
     f.write_bytes(bytes(data))
     assert weights_hash([f]) != sampled  # the first sample starts at offset 0
+
+
+# --------------------------------------------------------------------------------- diffusers and BFL layouts
+
+WORDS = ["<pad>", "<unk>", "</s>", "<s>", "a", "red", "circle", "blue", "square", "photo", "of"]
+
+
+def _save_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                            bos_token="<s>").save_pretrained(folder)
+
+
+def _save_text_encoders(root):
+    """Tiny random CLIP (text_encoder/) and T5 (text_encoder_2/) with locally built tokenizers."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    _save_tokenizer(root / "tokenizer")
+    _save_tokenizer(root / "tokenizer_2")
+    clip = CLIPTextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, eos_token_id=2, bos_token_id=3,
+                          pad_token_id=0)
+    CLIPTextModel(clip).save_pretrained(root / "text_encoder")
+    T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                            pad_token_id=0, eos_token_id=2)).save_pretrained(root / "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory):
+    """A FluxPipeline folder written by diffusers / transformers themselves (tiny random components)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    root = tmp_path_factory.mktemp("diffusers") / "tiny-flux"
+    torch.manual_seed(0)
+    _save_text_encoders(root)
+    # head dim 128 with FLUX's RoPE axes (16, 56, 56): a BFL file of it needs no config to load
+    FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                           attention_head_dim=128, num_attention_heads=1, joint_attention_dim=32,
+                           pooled_projection_dim=32, guidance_embeds=False,
+                           axes_dims_rope=(16, 56, 56)).save_pretrained(root / "transformer")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32),
+                  layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                  use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+                  ).save_pretrained(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 3.0,
+                                                                          "use_dynamic_shifting": False}))
+    return root
+
+
+def test_diffusers_layout_loads_and_generates(diffusers_dir):
+    from rectiflow.sample import Pipeline
+
+    b = load_bundle(diffusers_dir)
+    assert b.layout == "diffusers" and b.name == "tiny-flux" and b.defaults.shift == 3.0
+    assert b.defaults.steps == 4 and b.defaults.guidance is None  # schnell-like: no guidance embedding
+    pipe = Pipeline.from_bundle(diffusers_dir)
+    res = pipe("a red circle", steps=2, width=32, height=32, progress=False)
+    assert res.images[0].size == (32, 32) and res.settings[0]["model_hash"] == b.model_hash
+
+
+def test_bfl_layout_loads_and_generates_like_diffusers(diffusers_dir, tmp_path):
+    import shutil
+
+    from rectiflow.convert.autoencoder import load_autoencoder
+    from rectiflow.convert.transformer import load_transformer
+    from rectiflow.sample import Pipeline
+
+    bfl = tmp_path / "bfl"
+    bfl.mkdir()
+    save_transformer(load_transformer(diffusers_dir / "transformer"), bfl / "flux1-schnell.safetensors",
+                     format="bfl")
+    save_autoencoder(load_autoencoder(diffusers_dir / "vae"), bfl / "ae.safetensors", format="bfl")
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.copytree(diffusers_dir / sub, bfl / sub)
+    b = load_bundle(bfl)
+    assert b.layout == "bfl" and b.name == "flux1-schnell" and b.defaults.shift is None
+    kw = dict(steps=2, width=32, height=32, seed=4, shift=None, progress=False)
+    a = Pipeline.from_bundle(bfl)("a blue square", **kw)
+    d = Pipeline.from_bundle(diffusers_dir)("a blue square", **kw)
+    torch.testing.assert_close(a.latents, d.latents, rtol=1e-5, atol=1e-5)  # same weights, both layouts
