@@ -1,0 +1,42 @@
+"""Classifier-free guidance and the FLUX-dev guidance input."""
+
+import pytest
+import torch
+
+from rectiflow.errors import ConfigError
+from rectiflow.flow import cfg, cfg_velocity_fn, guidance_vector, linear_grid, solve
+
+
+def test_cfg_formula():
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    assert torch.allclose(cfg(c, u, 1.0), c) and torch.allclose(cfg(c, u, 0.0), u)
+    assert torch.allclose(cfg(c, u, 4.0), u + 4.0 * (c - u))
+
+
+def test_cfg_velocity_fn_batches_uncond_first():
+    calls = []
+
+    def model_fn(x2, t):  # uncond half returns -1, cond half +1 (times x)
+        calls.append(x2.shape[0])
+        sign = torch.cat([-torch.ones(x2.shape[0] // 2), torch.ones(x2.shape[0] // 2)]).view(-1, 1)
+        return sign * x2
+
+    x = torch.arange(6.0).view(3, 2)
+    v = cfg_velocity_fn(model_fn, 3.0)(x, torch.tensor(1.0))
+    assert calls == [6]
+    assert torch.allclose(v, -x + 3.0 * (x - -x))  # uncond + s (cond - uncond)
+    out = solve(cfg_velocity_fn(model_fn, 1.0), x, linear_grid(3))  # scale 1 = the conditional model
+    assert out.shape == x.shape
+
+
+def test_cfg_velocity_fn_rejects_wrong_batch():
+    with pytest.raises(ConfigError, match="doubled batch"):
+        cfg_velocity_fn(lambda x2, t: x2[:1], 2.0)(torch.ones(2, 3), torch.tensor(0.5))
+
+
+def test_guidance_vector():
+    g = guidance_vector(3.5, 4, "cpu", torch.bfloat16)
+    assert g.shape == (4,) and g.dtype == torch.bfloat16 and (g == 3.5).all()  # raw scale, no x1000
+    with pytest.raises(ConfigError, match="batch"):
+        guidance_vector(3.5, 0, "cpu", torch.float32)
