@@ -25,8 +25,9 @@ def test_int8_output_close_to_fp32_and_original_untouched():
     q = quantize_int8(model)
     assert is_quantized(q) and not is_quantized(model)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    n_q = sum(type(m).__name__ == "Linear" and ".quantized.dynamic." in type(m).__module__
-              for m in q.modules())
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    n_q = sum(isinstance(m, DynamicQuantizedLinear) for m in q.modules())
     assert n_q == n_linear > 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     x = _inputs()
@@ -51,3 +52,18 @@ def test_int8_refuses_non_fp32_and_non_cpu():
         quantize_int8(build_transformer("micro", device="meta"))
     with pytest.raises(RectiflowError, match="no parameters"):
         quantize_int8(torch.nn.ReLU())
+
+
+def test_int8_linear_exposes_float_weight_for_direct_readers():
+    """A forward that reads `linear.weight` instead of calling the module still gets a usable float weight."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = quantize_int8(torch.nn.Sequential(lin))[0]
+    assert q.weight.dtype == torch.float32 and q.weight.shape == (32, 64)
+    assert (q.weight - lin.weight).abs().max() < 0.01 * lin.weight.abs().max()
+    assert torch.equal(q.bias, lin.bias)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        direct = torch.addmm(q.bias, x, q.weight.t())
+        torch.testing.assert_close(q(x), direct, rtol=0.02, atol=0.02)
+    assert "qint8" in repr(q)

@@ -31,13 +31,34 @@ def _quantize_dynamic_fn():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:  # pragma: no cover - depends on the torch build
         raise RectiflowError(
             f"int8 quantisation needs torch.ao.quantization, which this torch {torch.__version__} lacks; "
             "run without --int8 (or use a torch version that ships it)"
         ) from e
-    return quantize_dynamic, per_channel_dynamic_qconfig
+
+    class Int8Linear(DynamicQuantizedLinear):
+        """PyTorch's dynamic int8 linear, plus `.weight` / `.bias` as float tensors (like nn.Linear's).
+
+        Calling the module runs the int8 kernel. Code that reads `linear.weight` directly instead of calling
+        the module (a fused fast path in a block's forward) gets the dequantised float32 weight, so it
+        stays correct, at fp32 speed for that layer.
+        """
+
+        @property
+        def weight(self) -> torch.Tensor:  # type: ignore[override]
+            return self._weight_bias()[0].dequantize()
+
+        @property
+        def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+            return self._weight_bias()[1]
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, dtype=qint8"
+
+    return quantize_dynamic, per_channel_dynamic_qconfig, Int8Linear
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -70,11 +91,12 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         )
     if is_quantized(model):
         raise RectiflowError("quantize_int8: the model is already quantised")
-    quantize_dynamic, qconfig = _quantize_dynamic_fn()
+    quantize_dynamic, qconfig, int8_linear = _quantize_dynamic_fn()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=inplace)
+        q = quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8,
+                             mapping={nn.Linear: int8_linear}, inplace=inplace)
     log.debug("quantised %d linear layers to int8 (dynamic, per-channel)", n_linear)
     return q
