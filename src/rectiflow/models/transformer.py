@@ -109,12 +109,12 @@ def _flux_12b(guidance_embed: bool) -> FluxParams:
     )
 
 
-def _cpu_preset(hidden: int, heads: int, depth: int, single: int) -> FluxParams:
+def _cpu_preset(hidden: int, heads: int, depth: int, single: int, axes=(8, 28, 28)) -> FluxParams:
     # CPU presets: 16-channel latents (64 packed), 384-d text features and pooled vector (the offline default
     # text encoder all-MiniLM-L6-v2 has width 384), head dim 64 split (8, 28, 28) in FLUX's proportions.
     return FluxParams(
         in_channels=64, out_channels=64, vec_in_dim=384, context_in_dim=384, hidden_size=hidden,
-        mlp_ratio=4.0, num_heads=heads, depth=depth, depth_single_blocks=single, axes_dim=(8, 28, 28),
+        mlp_ratio=4.0, num_heads=heads, depth=depth, depth_single_blocks=single, axes_dim=axes,
         theta=10_000, qkv_bias=True, guidance_embed=False,
     )
 
@@ -124,7 +124,7 @@ TRANSFORMER_PRESETS: dict[str, FluxParams] = {
     "flux-dev": _flux_12b(guidance_embed=True),  # 11.9B parameters
     "micro": _cpu_preset(hidden=64, heads=1, depth=1, single=1),  # ~0.2M, unit tests
     "tiny": _cpu_preset(hidden=256, heads=4, depth=2, single=4),  # ~9.3M
-    "small": _cpu_preset(hidden=768, heads=12, depth=4, single=8),  # ~157M
+    "small": _cpu_preset(hidden=768, heads=6, depth=4, single=8, axes=(16, 56, 56)),  # ~159M
 }
 
 
@@ -203,7 +203,7 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)  # [B, L_txt, hidden]
         if self.params.pos_embed == "rope":
-            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (cos, sin), each [B, L, 1, D/2]
+            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # RoPE tables for [txt; img]
         else:  # SD3-style absolute position of the image tokens (row, col), no RoPE
             img = img + sincos_2d_embedding(img_ids[..., 1], img_ids[..., 2], self.hidden_size).to(img.dtype)
             pe = None

@@ -1,19 +1,21 @@
 """FLUX transformer blocks (BFL flux/modules/layers.py DoubleStreamBlock, SingleStreamBlock, LastLayer).
 
-Parameter names equal BFL checkpoint keys. Computation order follows BFL so that fp32 results agree with BFL
-and diffusers to rounding; the fused forms used here (torch.addcmul for "x + gate * f" and
-"shift + (1 + scale) * norm", one cat of the two streams' q/k/v) do not change the arithmetic.
+Parameter names equal BFL checkpoint keys and the computation is BFL's; fp32 results agree with BFL /
+diffusers to rounding. Differences of form, all for speed on CPU: QK norm and RoPE fused
+(rectiflow.nn.attention.qk_norm_rope), "x + gate * f" as one torch.addcmul, the single block's output
+projection applied as two accumulating matmuls over [attn | mlp] instead of concatenating them first.
+Every in-place update touches only a fresh intermediate that autograd has not saved, so the blocks train.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rectiflow.nn.attention import Pe, SelfAttention, attention, split_qkv
+from rectiflow.nn.attention import SelfAttention, attention, qk_norm_rope
 from rectiflow.nn.modulation import Modulation, ModulationOut, modulate
-from rectiflow.nn.norms import LAYERNORM_EPS, QKNorm, rms_norm
+from rectiflow.nn.norms import QKNorm
+from rectiflow.nn.rope import RopeTable
 
 __all__ = ["DoubleStreamBlock", "SingleStreamBlock", "LastLayer"]
 
@@ -49,29 +51,31 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim)
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: Pe
+        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: RopeTable | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [B, L_img, hidden], txt [B, L_txt, hidden], vec [B, hidden] -> (img, txt), same shapes."""
+        """img [B, L_img, hidden], txt [B, L_txt, hidden], vec [B, hidden] -> (img, txt), same shapes;
+        pe covers the joint sequence [txt; img]."""
+        l_txt = txt.shape[1]
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_normed(modulate(img, img_mod1))  # each [B, L_img, H, D]
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_normed(modulate(txt, txt_mod1))  # each [B, L_txt, H, D]
-        q = torch.cat((txt_q, img_q), dim=1)  # [B, L, H, D], L = L_txt + L_img
-        k = torch.cat((txt_k, img_k), dim=1)
-        v = torch.cat((txt_v, img_v), dim=1)
-        attn = attention(q, k, v, pe)  # [B, L, hidden]
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        pe_txt, pe_img = (None, None) if pe is None else (pe.tokens(0, l_txt), pe.tokens(l_txt))
+        img_qk, img_v = self.img_attn.qk_v(modulate(img, img_mod1.shift, img_mod1.scale), pe_img)
+        txt_qk, txt_v = self.txt_attn.qk_v(modulate(txt, txt_mod1.shift, txt_mod1.scale), pe_txt)
+        qk = torch.cat((txt_qk, img_qk), dim=1)  # [B, L, 2, H, D], L = L_txt + L_img
+        v = torch.cat((txt_v, img_v), dim=1)  # [B, L, H, D]
+        attn = attention(qk[:, :, 0], qk[:, :, 1], v)  # [B, L, hidden]
+        txt_attn, img_attn = attn[:, :l_txt], attn[:, l_txt:]
 
         img = _gated(img, img_mod1, self.img_attn.proj(img_attn))
-        img = _gated(img, img_mod2, self.img_mlp(modulate(img, img_mod2)))
+        img = _gated(img, img_mod2, self.img_mlp(modulate(img, img_mod2.shift, img_mod2.scale)))
         txt = _gated(txt, txt_mod1, self.txt_attn.proj(txt_attn))
-        txt = _gated(txt, txt_mod2, self.txt_mlp(modulate(txt, txt_mod2)))
+        txt = _gated(txt, txt_mod2, self.txt_mlp(modulate(txt, txt_mod2.shift, txt_mod2.scale)))
         return img, txt
 
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP on the joint sequence (ViT-22B style): one fused input projection `linear1`
-    (q, k, v, mlp) and one output projection `linear2` over [attn, gelu(mlp)]."""
+    (q, k, v, mlp-in) and one output projection `linear2` over [attn, gelu(mlp)]."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -84,17 +88,18 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: Pe) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: RopeTable | None) -> torch.Tensor:
         """x [B, L, hidden], vec [B, hidden] -> [B, L, hidden]."""
+        h = self.hidden_size
         mod, _ = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(x, mod)).split(
-            [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )  # [B, L, 3 * hidden], [B, L, mlp_hidden]
-        q, k, v = split_qkv(qkv, self.num_heads)  # each [B, L, H, D]
-        q = rms_norm(q, self.norm.query_norm.scale).to(v)
-        k = rms_norm(k, self.norm.key_norm.scale).to(v)
-        attn = attention(q, k, v, pe)  # [B, L, hidden]
-        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # [B, L, hidden]
+        qkv, mlp = self.linear1(modulate(x, mod.shift, mod.scale)).split([3 * h, self.mlp_hidden_dim], dim=-1)
+        qkv = qkv.unflatten(-1, (3, self.num_heads, -1))  # "B L (K H D) -> B L K H D"
+        qk = qk_norm_rope(qkv[:, :, :2], self.norm.scales(), pe)  # [B, L, 2, H, D]
+        attn = attention(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2])  # [B, L, hidden]
+        # linear2([attn, gelu(mlp)]) = attn @ W[:, :h]^T + gelu(mlp) @ W[:, h:]^T + b, without the concat
+        w, b = self.linear2.weight, self.linear2.bias
+        out = torch.addmm(b, attn.flatten(0, 1), w[:, :h].t())  # [B * L, hidden]
+        out = out.addmm_(self.mlp_act(mlp).flatten(0, 1), w[:, h:].t()).view_as(x)  # [B, L, hidden]
         return _gated(x, mod, out)
 
 
@@ -109,5 +114,4 @@ class LastLayer(nn.Module):
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         """x [B, L, hidden], vec [B, hidden] -> [B, L, out_channels]."""
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift, scale
-        xn = F.layer_norm(x, x.shape[-1:], eps=LAYERNORM_EPS)
-        return self.linear(torch.addcmul(shift, xn, 1 + scale))
+        return self.linear(modulate(x, shift, scale))

@@ -36,7 +36,14 @@ class Modulation(nn.Module):
         return ModulationOut(*out[:3]), (ModulationOut(*out[3:]) if self.is_double else None)
 
 
-def modulate(x: torch.Tensor, mod: ModulationOut) -> torch.Tensor:
-    """(1 + scale) * LayerNorm(x) + shift, LayerNorm without affine, eps 1e-6 (BFL img_norm1/pre_norm)."""
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(x) + shift; LayerNorm without affine, eps 1e-6 (BFL img_norm1 / pre_norm /
+    norm_final). x [B, L, hidden], shift and scale [B, 1, hidden].
+
+    For a batch of one the modulation is an ordinary affine LayerNorm (weight 1 + scale, bias shift): one
+    fused kernel and one output tensor instead of two (same arithmetic: normalise, multiply, add).
+    """
+    if x.shape[0] == 1:
+        return F.layer_norm(x, x.shape[-1:], (1 + scale).flatten(), shift.flatten(), eps=LAYERNORM_EPS)
     xn = F.layer_norm(x, x.shape[-1:], eps=LAYERNORM_EPS)
-    return torch.addcmul(mod.shift, xn, 1 + mod.scale)
+    return torch.addcmul(shift, xn, 1 + scale)

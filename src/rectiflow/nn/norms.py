@@ -46,3 +46,7 @@ class QKNorm(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+    def scales(self) -> torch.Tensor:
+        """[2, D]: query then key scale (used by the fused rectiflow.nn.attention.qk_norm_rope)."""
+        return torch.stack((self.query_norm.scale, self.key_norm.scale))

@@ -2,26 +2,45 @@
 
 FLUX (BFL flux/math.py `rope`, layers.py `EmbedND`) splits each attention head's `D` features into groups,
 one per position axis (`axes_dim`, e.g. (16, 56, 56) for (index, row, col) with D = 128). Within an axis of
-`d` features, feature pair i (features 2i, 2i+1) is rotated by the angle pos * theta^(-2i/d).
+`d` features, the feature pair (2i, 2i+1) is rotated by the angle pos * theta^(-2i/d):
 
-Instead of BFL's 2x2 rotation matrices (or diffusers' interleaved cos/sin of full width D), we keep one
-`cos` and one `sin` table of width D/2 (one entry per rotated pair) and rotate the pairs in place of the
-(even, odd) feature views. The angles are computed in float64, as in BFL and diffusers, then cast to float32.
+    out[2i]   = x[2i] cos - x[2i+1] sin
+    out[2i+1] = x[2i] sin + x[2i+1] cos
+
+Instead of BFL's 2x2 rotation matrices or complex numbers, the tables are kept as real cos / sin tensors,
+built once per forward: `cos` at full width D (cos_i repeated for both features of pair i) so that
+`x * cos` is one contiguous multiply, and `sin` at half width D/2, applied to the even / odd feature views
+with two in-place fused multiply-adds. Angles are computed in float64 (as BFL and diffusers do), the tables
+are float32.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-__all__ = ["EmbedND", "rope_angles", "apply_rope"]
+__all__ = ["RopeTable", "EmbedND", "rope_angles", "apply_rope", "rotate"]
+
+
+class RopeTable(NamedTuple):
+    """cos [B, L, 1, 1, D] (interleaved: cos_i at features 2i and 2i+1) and sin [B, L, 1, 1, D/2], float32.
+
+    The two singleton dimensions broadcast over (q/k, heads) in the [B, L, 2, H, D] layout of
+    rectiflow.nn.attention; B may be 1 (ids shared by the batch).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def tokens(self, start: int, end: int | None = None) -> RopeTable:
+        """The table restricted to token positions [start, end)."""
+        return RopeTable(self.cos[:, start:end], self.sin[:, start:end])
 
 
 def rope_angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
-    """Angles pos * theta^(-2i/dim) for one axis, float64.
-
-    pos [B, L] (any real dtype) -> [B, L, dim/2].
-    """
+    """Angles pos * theta^(-2i/dim) for one axis, float64. pos [B, L] (any real dtype) -> [B, L, dim/2]."""
     if dim % 2:
         raise ValueError(f"a RoPE axis needs an even number of features, got {dim}")
     # theta^(-2i/d), i = 0 .. d/2-1  (BFL math.py rope(): omega = 1 / theta**(arange(0, d, 2) / d))
@@ -31,11 +50,7 @@ def rope_angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
 
 
 class EmbedND(nn.Module):
-    """RoPE tables for ids [B, L, n_axes]: returns (cos, sin), each float32 [B, L, 1, D/2].
-
-    The singleton dimension broadcasts over heads in the [B, L, H, D/2] layout used by `apply_rope`.
-    Built once per forward and shared by all blocks. Has no parameters.
-    """
+    """RoPE tables for ids [B, L, n_axes] -> RopeTable. Built once per forward, shared by all blocks."""
 
     def __init__(self, dim: int, theta: float, axes_dim: tuple[int, ...]):
         super().__init__()
@@ -45,25 +60,37 @@ class EmbedND(nn.Module):
         self.theta = theta
         self.axes_dim = tuple(axes_dim)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor) -> RopeTable:
         if ids.shape[-1] != len(self.axes_dim):
             raise ValueError(f"ids have {ids.shape[-1]} axes, RoPE expects {len(self.axes_dim)}")
         angles = torch.cat(
             [rope_angles(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-1
         )  # [B, L, D/2], float64
-        angles = angles.unsqueeze(2)  # [B, L, 1, D/2]
-        return angles.cos().float(), angles.sin().float()
+        angles = angles[:, :, None, None, :]  # [B, L, 1, 1, D/2]
+        cos = angles.cos().float().repeat_interleave(2, dim=-1)  # [B, L, 1, 1, D]: (c0, c0, c1, c1, ...)
+        return RopeTable(cos, angles.sin().float())
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate feature pairs (2i, 2i+1) of x [..., D] by the angles whose cos/sin are [..., D/2].
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_odd: torch.Tensor, sin_even: torch.Tensor) -> torch.Tensor:
+    """Pairwise rotation with per-feature factors already folded into the tables (float32 math):
 
-    out[2i]   = x[2i] cos - x[2i+1] sin
-    out[2i+1] = x[2i] sin + x[2i+1] cos
-    (BFL math.py apply_rope; diffusers apply_rotary_emb with use_real_unbind_dim=-1 computes the same.)
-    Computed in float32 and cast back to x's dtype. cos/sin must broadcast against x[..., D/2].
+        out[2i]   = x[2i] cos[2i]     - x[2i+1] sin_odd[i]
+        out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin_even[i]
+
+    x [..., D]; cos [..., D] and sin_* [..., D/2] broadcast against it. With cos = RopeTable.cos and
+    sin_odd = sin_even = RopeTable.sin this is plain RoPE; rectiflow.nn.attention folds the QK-norm scales
+    into the tables. Autograd-safe: the in-place updates touch only the fresh product `out`.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # [..., D] -> [..., D/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]  # each [..., D/2] (strided views)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [..., D/2, 2]
-    return out.flatten(-2).to(x.dtype)  # [..., D]
+    out = x * cos  # [..., D]
+    out[..., 0::2].addcmul_(x[..., 1::2], sin_odd, value=-1.0)  # even features
+    out[..., 1::2].addcmul_(x[..., 0::2], sin_even)  # odd features
+    return out
+
+
+def apply_rope(x: torch.Tensor, pe: RopeTable) -> torch.Tensor:
+    """RoPE of x [B, L, ..., D] (BFL math.py apply_rope; diffusers apply_rotary_emb, use_real_unbind_dim=-1).
+
+    pe broadcasts against x (for x [B, L, H, D] pass RopeTable(cos[:, :, 0], sin[:, :, 0])). Computed in
+    float32 and cast back to x's dtype.
+    """
+    return rotate(x.float(), pe.cos, pe.sin, pe.sin).to(x.dtype)
