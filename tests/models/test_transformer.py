@@ -118,6 +118,20 @@ def test_gradients_reach_every_parameter():
     assert dead == []
 
 
+def test_every_linear_is_called_as_a_module():
+    """LoRA and int8 are applied by swapping / wrapping nn.Linear modules (DESIGN.md section 3): a forward
+    that read a linear's weight directly would silently bypass them."""
+    p = dataclasses.replace(MICRO, guidance_embed=True)
+    model = Flux(p)
+    called = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda m, i, o, name=name: called.add(name))
+    model(**_inputs(p), guidance=torch.ones(2))
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and called == linears
+
+
 def test_positions_and_time_change_the_output():
     torch.manual_seed(0)
     model = Flux(MICRO).eval()
