@@ -171,12 +171,14 @@ class Pipeline:
                  height: int | None = None, seed: int = 0, sampler: str | None = None, shift: Any = DEFAULT,
                  guidance: Any = DEFAULT, cfg_scale: float | None = None,
                  negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
-                 generator: torch.Generator | None = None, batch_size: int | None = None,
-                 progress: bool = True) -> GenerationResult:
+                 generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
+                 batch_size: int | None = None, progress: bool = True) -> GenerationResult:
         """Generate `num_images_per_prompt` images per prompt; unset arguments take the model's defaults.
 
-        Image i (in call order) uses seed `seed + i` unless `generator` is given. `batch_size` caps how
-        many images run through the model at once (default: all); results do not depend on it.
+        Image i (in call order) uses seed `seed + i` unless `generator` is given, or `seeds[i]` when an
+        explicit list (one seed per image) is given (e.g. GenEval's seeds 0..3 for every prompt).
+        `batch_size` caps how many images run through the model at once (default: all); results do not
+        depend on it.
         """
         d = self.defaults
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -207,7 +209,12 @@ class Pipeline:
         flat = [i for i in range(len(prompts)) for _ in range(num_images_per_prompt)]
         n = len(flat)
         lh, lw = height // self.downsample, width // self.downsample
-        seeds = None if generator is not None else [seed + i for i in range(n)]
+        if seeds is not None:
+            if generator is not None or len(seeds) != n:
+                raise RectiflowError(f"seeds must list one seed per image ({n}) and excludes generator=")
+            seeds = [int(x) for x in seeds]
+        elif generator is None:
+            seeds = [seed + i for i in range(n)]
         noise = initial_noise(seeds, n, self.autoencoder.params.z_channels, lh, lw, generator)
         ts = timestep_grid(steps, shift=shift, seq_len=(lh // 2) * (lw // 2))
         txt, vec = self.encode_prompts(prompts)
