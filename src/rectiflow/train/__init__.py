@@ -1,1 +1,53 @@
-"""rectiflow.train"""
+"""rectiflow.train: training FLUX-style transformers on precomputed latents (`rectiflow train CONFIG`).
+
+    from rectiflow.train import load_config, Trainer
+    cfg = load_config("configs/tiny.toml", ["train.steps=100"])
+    trainer = Trainer(cfg)          # builds data stream, model, optimizer, EMA from the config
+    trainer.resume()                # optional: newest complete checkpoint of cfg.train.out_dir
+    trainer.fit()                   # -> {"step", "loss", "interrupted", "checkpoint", "exports"}
+
+Modules: config (RunConfig dataclasses, TOML + dotted overrides), trainer (Trainer, the step), checkpoint
+(atomic full-state checkpoints, safetensors + JSON), data (held-out split, resumable global batches),
+model_fns (activation checkpointing / regional compile applied to a built model), validation (bucketed
+validation loss, sample grid), metrics (JSONL + TensorBoard), export.
+
+Seams for distributed training (rectiflow.train.distributed, written separately):
+  Trainer(cfg, dist=..., parallelize=..., state_io=...)
+  - dist: an object with .device, .rank, .world_size, .local_rank, .is_main, .barrier(),
+    .all_reduce_mean(tensor) -> tensor, .broadcast_object(obj) -> obj  (LocalContext is the 1-process one).
+    The trainer uses dist.device for the model and data, only the main rank writes checkpoints/logs/exports.
+  - parallelize(model, cfg.distributed) -> model: applied to the built fp32 model after activation
+    checkpointing / compile and BEFORE the optimizer and EMA are created (DDP wrap or FSDP2 fully_shard per
+    block of `model_fns.transformer_blocks(model)`, then the root). EMA tensors are taken from
+    unwrap(model).named_parameters() (DTensors under FSDP2; updated with torch._foreach_lerp_).
+  - state_io: PlainStateIO interface: model_state(model) -> full CPU state dict, load_model_state(model, sd),
+    optim_state(model, optim) -> full optimizer state_dict, load_optim_state(model, optim, sd),
+    full_tensor(t) -> full CPU tensor (DTensor.full_tensor()). All ranks call them (may be collectives).
+  - Data: every rank draws the same GLOBAL batch (data.batch_size) and the same t / noise from the trainer's
+    generator, then takes its slice `data.local_slice(B, micro, accumulation, rank, world_size)`; so N ranks
+    train on exactly what one process with the same global batch does (gradients averaged by DDP/FSDP,
+    loss averaged with dist.all_reduce_mean).
+  - Checkpoint utilities for other trainers (e.g. train-ae): checkpoint.save_checkpoint / load_checkpoint /
+    find_latest / prune / capture_rng / restore_rng (model, ema, optimizer state as safetensors).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "RunConfig": "config", "load_config": "config", "config_from_dict": "config", "config_to_dict": "config",
+    "dump_toml": "config",
+    "Trainer": "trainer", "LocalContext": "trainer", "PlainStateIO": "trainer", "lr_factor": "trainer",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "find_latest": "checkpoint",
+    "apply_activation_checkpointing": "model_fns", "apply_regional_compile": "model_fns",
+    "MetricsLogger": "metrics", "read_metrics": "metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"rectiflow.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'rectiflow.train' has no attribute {name!r}")

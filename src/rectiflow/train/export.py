@@ -1,0 +1,65 @@
+"""Exports at the end of training: the final weights in our / BFL / diffusers layouts, and a bundle.
+
+    out_dir/export/transformer.safetensors          format "rectiflow" (config in the metadata)
+    out_dir/export/transformer-bfl.safetensors      BFL key layout (flux1-dev.safetensors style)
+    out_dir/export/transformer-diffusers/           diffusers FluxTransformer2DModel folder
+    out_dir/export/bundle/                          model.json + transformer + autoencoder (`rectiflow
+                                                    generate --model` loads it), when model.autoencoder is set
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from rectiflow.convert.transformer import save_transformer
+from rectiflow.models.transformer import Flux, FluxParams
+from rectiflow.train.checkpoint import META_TRAIN_CONFIG
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export_weights", "EXPORT_NAMES"]
+
+EXPORT_NAMES = {"rectiflow": "transformer.safetensors", "bfl": "transformer-bfl.safetensors",
+                "diffusers": "transformer-diffusers"}
+
+
+def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out: str | Path, cfg,
+                   cache=None) -> list[Path]:
+    """Write `state_dict` (a Flux state dict) in each of cfg.export.formats under `out`, plus a bundle when
+    cfg.export.bundle and cfg.model.autoencoder are set (text encoder: the one recorded in the cache)."""
+    from rectiflow.train.config import config_to_dict
+
+    out = Path(out)
+    with torch.device("meta"):
+        model = Flux(params)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    meta = {META_TRAIN_CONFIG: json.dumps(config_to_dict(cfg), sort_keys=True)}
+    paths = []
+    for fmt in cfg.export.formats:
+        paths.append(save_transformer(model, out / EXPORT_NAMES[fmt], format=fmt,
+                                      metadata=meta if fmt != "diffusers" else None))
+        log.info("exported %s weights to %s", fmt, paths[-1])
+    if cfg.export.bundle:
+        if not cfg.model.autoencoder:
+            log.info("no bundle exported: set model.autoencoder to include an autoencoder")
+        elif cache is None:
+            log.info("no bundle exported: the text encoder is unknown without a cache")
+        else:
+            paths.append(_bundle(model, out / "bundle", cfg, cache))
+    return paths
+
+
+def _bundle(model: Flux, path: Path, cfg, cache) -> Path:
+    from rectiflow.convert.autoencoder import load_autoencoder
+    from rectiflow.convert.bundle import save_bundle
+
+    ae = load_autoencoder(cfg.model.autoencoder)
+    spec = cache.manifest["text_encoder"]["spec"]
+    p = save_bundle(path, model, ae, spec, card_extra={"training": {"steps": cfg.train.steps,
+                                                                    "cache": str(cfg.data.cache)}})
+    log.info("exported bundle %s", p)
+    return p

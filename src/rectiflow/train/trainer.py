@@ -1,0 +1,393 @@
+"""The training loop: `Trainer(cfg).fit()` trains a FLUX transformer on a latent cache.
+
+One step (DESIGN.md section 1 conventions, all flow math from rectiflow.flow):
+    global batch of cache indices -> t ~ timestep sampler [B] and eps ~ N(0, I) [B, C, h, w] from the
+    trainer's CPU generator -> per accumulation micro-batch and rank: pack latents and noise into tokens,
+    (x_t, target) = training_pair(path, x0, eps, t), out = model(x_t, ids, txt, vec, t), loss = mean over the
+    batch of loss_weight(t) * mean((out - target)^2) -> backward -> all-reduce -> clip -> AdamW step -> EMA.
+A step whose loss or gradient norm is not finite is skipped (no update), logged with the sample ids, and
+counted; too many stop the run with a RectiflowError.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rectiflow.convert.transformer import build_transformer, load_transformer
+from rectiflow.data.captions import CaptionPolicy
+from rectiflow.data.latent_cache import LatentCache
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
+from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
+from rectiflow.train import checkpoint as ckpt
+from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
+from rectiflow.train.data import BatchStream, local_slice, split_holdout
+from rectiflow.train.metrics import MetricsLogger
+from rectiflow.train.model_fns import apply_activation_checkpointing, apply_regional_compile, unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "LocalContext", "PlainStateIO", "StepResult", "lr_factor"]
+
+
+@dataclass
+class LocalContext:
+    """The single-process `dist_ctx` (rectiflow.train.distributed.DistContext has the same interface)."""
+
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+class PlainStateIO:
+    """Full state dicts of an unsharded (or DDP-wrapped) model and its optimizer. FSDP2 swaps in one that
+    gathers full state on save and scatters it on load; every rank calls these (they may be collectives)."""
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+    def load_model_state(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        unwrap(model).load_state_dict(sd, strict=True)
+
+    def optim_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optim_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+        optimizer.load_state_dict(sd)
+
+    def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().to("cpu", copy=True)
+
+
+@dataclass
+class StepResult:
+    step: int  # the step number after this step
+    loss: float
+    grad_norm: float
+    lr: float
+    applied: bool
+    ids: list[str]
+    samples: int
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of optim.lr for the update made at 0-based `step`: linear warmup over `warmup` steps, then
+    constant, or cosine / linear decay to `min_ratio` at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - (1 - min_ratio) * progress
+
+
+class Trainer:
+    """Builds everything from a RunConfig; `fit()` trains to cfg.train.steps. Seams for distribution:
+    `dist` (LocalContext interface), `parallelize(model, cfg.distributed) -> model` (applied after activation
+    checkpointing / compile, before the optimizer is built), `state_io` (PlainStateIO interface)."""
+
+    def __init__(self, cfg: RunConfig, *, dist=None, parallelize=None, state_io=None):
+        self.cfg = cfg
+        self.dist = dist or LocalContext(device=torch.device(cfg.train.device))
+        self.state_io = state_io or PlainStateIO()
+        self.device = torch.device(self.dist.device)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.path = get_path(cfg.flow.path)
+        loss_weight(cfg.flow.loss_weight, torch.full((1,), 0.5), **cfg.flow.loss_weight_params)  # validate
+        self._setup_data()
+        self._setup_model(parallelize)
+        self.generator = torch.Generator("cpu").manual_seed(cfg.train.seed)  # t and eps of every step
+        self.step = 0
+        self.bad_consecutive = self.bad_total = 0
+        self._stop_signal: int | None = None
+        self.metrics: MetricsLogger | None = None
+        self.validator = None
+        if cfg.validation.every and cfg.validation.holdout:
+            from rectiflow.train.validation import Validator
+
+            self.validator = Validator(self, self.holdout)
+
+    # ---- setup -------------------------------------------------------------------------------------------
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.cache:
+            raise ConfigError("data.cache is empty; set it to a cache directory made with `rectiflow cache`")
+        policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
+        self.cache = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
+        local_slice(cfg.data.batch_size, 0, cfg.optim.accumulation, 0, self.dist.world_size)  # divisibility
+        train_idx, self.holdout = split_holdout(len(self.cache), cfg.validation.holdout, cfg.train.seed)
+        self.stream = BatchStream(self.cache.bucket_ids(), train_idx, cfg.data.batch_size, cfg.train.seed)
+
+    def _setup_model(self, parallelize) -> None:
+        cfg = self.cfg
+        params = transformer_params(cfg.model.preset)
+        if cfg.model.params:
+            params = transformer_params({**params.to_dict(), **cfg.model.params})
+        torch.manual_seed(cfg.train.seed)  # the random init is a function of the seed
+        if cfg.model.init:
+            model = load_transformer(cfg.model.init, config=params, device=self.device, dtype=torch.float32)
+        else:
+            model = build_transformer(params, device=self.device, dtype=torch.float32)
+        self.params = model.params
+        self._check_cache_fits()
+        model.train()
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            apply_regional_compile(model)
+        self.model = parallelize(model, cfg.distributed) if parallelize is not None else model
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
+                                           betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.ema: dict[str, torch.Tensor] | None = None
+        if cfg.ema.enabled:
+            self.ema = {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()}
+
+    def _check_cache_fits(self) -> None:
+        item = self.cache[0]
+        p = self.params
+        got = (item["latents"].shape[0] * 4, item["txt"].shape[-1], item["vec"].shape[-1])
+        want = (p.in_channels, p.context_in_dim, p.vec_in_dim)
+        if got != want:
+            raise ConfigError(f"cache {self.cfg.data.cache} does not fit the model: packed latent / text / "
+                              f"pooled widths {got}, model expects {want}; pick a matching preset or cache")
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def load_batch(self, indices: list[int]) -> dict:
+        """Cache items stacked: latents [b, C, h, w], txt [b, L, D], vec [b, Dv], id (list). (A test seam.)"""
+        return self.cache.get_batch(indices)
+
+    def forward_loss(self, batch: dict, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Weighted flow-matching loss of one micro-batch (mean over it); t [b], eps [b, C, h, w]."""
+        dev = self.device
+        lat = batch["latents"].to(dev, torch.float32)
+        b, _, h, w = lat.shape
+        x0, noise = pack(lat), pack(eps.to(dev))  # [b, (h/2)(w/2), 4C]
+        t = t.to(dev)
+        x_t, target = training_pair(self.path, x0, noise, t)
+        txt, vec = batch["txt"].to(dev, torch.float32), batch["vec"].to(dev, torch.float32)
+        guidance = None
+        if self.params.guidance_embed:
+            guidance = torch.full((b,), self.cfg.model.guidance, device=dev)  # [b]
+        with self._autocast():
+            out = self.model(self.path.model_input(x_t, t), image_ids(b, h, w, dev), txt,
+                             text_ids(b, txt.shape[1], dev), t, vec, guidance)
+        per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2))  # [b]
+        weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
+        return (weight * per_sample).mean()
+
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def train_step(self) -> StepResult:
+        cfg, dist = self.cfg, self.dist
+        epoch, indices = self.stream.next()
+        self.cache.set_epoch(epoch)
+        n = len(indices)
+        t = sample_timesteps(cfg.flow.timesteps, n, self.generator, **cfg.flow.timestep_params)  # [B]
+        shape = self.cache.latents(indices[0]).shape
+        eps = torch.randn((n, *shape), generator=self.generator)  # [B, C, h, w]
+        losses, ids = [], []
+        for m in range(cfg.optim.accumulation):
+            sl = local_slice(n, m, cfg.optim.accumulation, dist.rank, dist.world_size)
+            batch = self.load_batch(indices[sl])
+            ids += batch["id"]
+            loss = self.forward_loss(batch, t[sl], eps[sl])
+            (loss / cfg.optim.accumulation).backward()
+            losses.append(loss.detach())
+        loss = dist.all_reduce_mean(torch.stack(losses).mean())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_v, norm_v = float(loss), float(grad_norm)
+        applied = math.isfinite(loss_v) and math.isfinite(norm_v)
+        lr = cfg.optim.lr * lr_factor(self.step, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule,
+                                      cfg.optim.min_lr_ratio)
+        if applied:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+            self._update_ema()
+            self.bad_consecutive = 0
+        else:
+            self._bad_step(loss_v, norm_v, ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepResult(self.step, loss_v, norm_v, lr, applied, ids, n)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        model_params = [p.detach() for _, p in unwrap(self.model).named_parameters()]
+        ema = list(self.ema.values())
+        if self.step < self.cfg.ema.start:
+            torch._foreach_copy_(ema, model_params)
+        else:  # ema <- decay * ema + (1 - decay) * p
+            torch._foreach_lerp_(ema, model_params, 1.0 - self.cfg.ema.decay)
+
+    def _bad_step(self, loss: float, norm: float, ids: list[str]) -> None:
+        self.bad_consecutive += 1
+        self.bad_total += 1
+        log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (not applied); samples: %s",
+                    self.step, loss, norm, ", ".join(ids))
+        if self.metrics:
+            self.metrics.log("skipped", self.step, {"loss": loss, "grad_norm": norm, "ids": ids})
+        c = self.cfg.train
+        if (c.max_bad_consecutive and self.bad_consecutive >= c.max_bad_consecutive) or \
+                (c.max_bad_total and self.bad_total >= c.max_bad_total):
+            raise RectiflowError(
+                f"training stopped at step {self.step}: {self.bad_consecutive} consecutive / "
+                f"{self.bad_total} total non-finite steps (limits train.max_bad_consecutive="
+                f"{c.max_bad_consecutive}, max_bad_total={c.max_bad_total}); lower optim.lr or check the "
+                "data (ids in the log), then resume from the last checkpoint")
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """Every rank gathers; the main rank writes `<out_dir>/checkpoints/step-N` and prunes old ones."""
+        io = self.state_io
+        model_sd = io.model_state(self.model)
+        ema = {k: io.full_tensor(v) for k, v in self.ema.items()} if self.ema is not None else None
+        optim_sd = io.optim_state(self.model, self.optimizer)
+        path = None
+        if self.dist.is_main:
+            state = {"data": self.stream.state_dict(), "bad_total": self.bad_total,
+                     "bad_consecutive": self.bad_consecutive, "world_size": self.dist.world_size}
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, model=model_sd, ema=ema, optimizer=optim_sd,
+                rng=ckpt.capture_rng({"noise": self.generator}), state=state, config=config_to_dict(self.cfg),
+                config_toml=dump_toml(self.cfg), model_params=self.params.to_dict())
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
+        self.dist.barrier()
+        return path
+
+    def resume(self, path: str | Path | None = None) -> Path:
+        """Restore the full state from `path` or, when None, the newest complete checkpoint of out_dir."""
+        path = Path(path) if path else ckpt.find_latest(self.ckpt_dir)
+        if path is None:
+            raise RectiflowError(f"no complete checkpoint in {self.ckpt_dir} to resume from; start without "
+                                 "--resume")
+        c = ckpt.load_checkpoint(path)
+        if c.config.get("model") is not None and c.model.keys() != unwrap(self.model).state_dict().keys():
+            raise RectiflowError(f"checkpoint {path} holds a different model than the config; resume with "
+                                 f"the config saved beside it ({path / 'config.toml'})")
+        for section, key in (("data", "batch_size"), ("data", "cache"), ("train", "seed")):
+            if c.config[section][key] != getattr(getattr(self.cfg, section), key):
+                log.warning("resuming with %s.%s=%r (checkpoint: %r): the run will differ from an "
+                            "uninterrupted one",
+                            section, key, getattr(getattr(self.cfg, section), key), c.config[section][key])
+        self.state_io.load_model_state(self.model, c.model)
+        self.state_io.load_optim_state(self.model, self.optimizer, c.optimizer)
+        if self.ema is not None:
+            src = c.ema if c.ema is not None else c.model
+            with torch.no_grad():
+                for k, v in self.ema.items():
+                    v.copy_(src[k])
+        ckpt.restore_rng(c.rng_tensors, c.rng_json, {"noise": self.generator})
+        self.stream.load_state_dict(c.state["data"])
+        self.bad_total = int(c.state.get("bad_total", 0))
+        self.bad_consecutive = int(c.state.get("bad_consecutive", 0))
+        self.step = c.step
+        log.info("resumed from %s (step %d)", path, self.step)
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("interrupt: finishing step %d, then writing a checkpoint (Ctrl-C again to abort)",
+                    self.step)
+
+    def fit(self) -> dict:
+        """Train until cfg.train.steps (or an interrupt); checkpoint, validate, log; export at the end.
+        Returns {"step", "loss", "interrupted", "checkpoint", "exports"}."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.metrics = MetricsLogger(self.out_dir, cfg.logging.tensorboard, enabled=self.dist.is_main)
+        handlers = self._install_signal_handlers()
+        bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", desc="training",
+                   disable=not (self.dist.is_main and cfg.train.progress))
+        last, saved, t0, samples = None, None, time.perf_counter(), 0
+        try:
+            while self.step < cfg.train.steps and self._stop_signal is None:
+                last = self.train_step()
+                samples += last.samples
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{last.loss:.4f}", samples_s=f"{rate:.1f}")
+                    self.metrics.log("train", self.step, {"loss": last.loss, "grad_norm": last.grad_norm,
+                                                          "lr": last.lr, "samples_per_s": rate})
+                    t0, samples = time.perf_counter(), 0
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    saved = self.save_checkpoint()
+                if self.validator is not None and self.step % cfg.validation.every == 0:
+                    self.validator.run(self.step)
+            if saved is None or saved.name != ckpt.checkpoint_name(self.step):
+                saved = self.save_checkpoint()
+            interrupted = self._stop_signal is not None
+            exports = [] if interrupted else self.export()
+        finally:
+            bar.close()
+            self.metrics.close()
+            self._restore_signal_handlers(handlers)
+        return {"step": self.step, "loss": last.loss if last else None, "interrupted": interrupted,
+                "checkpoint": saved, "exports": exports}
+
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, self._on_signal)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    def export(self) -> list[Path]:
+        """Final weights (EMA by default) in cfg.export.formats, and a bundle; main rank writes."""
+        from rectiflow.train.export import export_weights
+
+        io = self.state_io
+        use_ema = self.cfg.export.ema and self.ema is not None
+        sd = {k: io.full_tensor(v) for k, v in self.ema.items()} if use_ema else io.model_state(self.model)
+        if not self.dist.is_main:
+            return []
+        return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache)
