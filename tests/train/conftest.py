@@ -109,3 +109,50 @@ def train_env():
 
 
 PYTHON = sys.executable
+
+
+# Overrides every test run uses on top of configs/tiny.toml: the 24-sample cache, no validation, fast logs.
+TEST_OVERRIDES = [
+    "data.batch_size=4", "validation.every=0", "validation.holdout=0", "optim.warmup_steps=5",
+    "optim.lr=1e-3", "ema.start=0", "ema.decay=0.9", "train.log_every=1", "train.progress=false",
+    "logging.tensorboard=false", "checkpoint.keep=0", 'export.formats=["rectiflow"]',
+]
+TINY_TOML = ROOT / "configs" / "tiny.toml"
+RESUME_ARGS = ("model.preset=micro", "train.steps=20", "checkpoint.every=5")
+
+
+def overrides(cache: Path, out: Path, *extra: str) -> list[str]:
+    return [*TEST_OVERRIDES, f'data.cache="{cache}"', f'train.out_dir="{out}"', *extra]
+
+
+def cli_train(args: list[str], env: dict, **kw):
+    import subprocess
+
+    return subprocess.run([PYTHON, "-m", "rectiflow", "train", str(TINY_TOML), *args], env=env,
+                          capture_output=True, text=True, timeout=240, **kw)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_cache, tmp_path_factory):
+    """An uninterrupted 20-step run (subprocess, 1 thread), checkpoints every 5 steps. The `micro` model
+    (0.2M parameters) keeps the many full-state checkpoint writes cheap; exactness does not depend on size."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = cli_train(overrides(tiny_cache, out, *RESUME_ARGS), env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Model, EMA, optimizer tensors and the RNG state identical (torch.equal)."""
+    from safetensors.torch import load_file
+
+    for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys(), f
+        bad = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not bad, f"{f}: {len(bad)} tensors differ, e.g. {bad[:3]}"

@@ -38,7 +38,8 @@ import importlib
 _EXPORTS = {
     "RunConfig": "config", "load_config": "config", "config_from_dict": "config", "config_to_dict": "config",
     "dump_toml": "config",
-    "Trainer": "trainer", "LocalContext": "trainer", "PlainStateIO": "trainer", "lr_factor": "trainer",
+    "Trainer": "trainer", "run_training": "trainer", "LocalContext": "trainer",
+    "PlainStateIO": "trainer", "lr_factor": "trainer",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "find_latest": "checkpoint",
     "apply_activation_checkpointing": "model_fns", "apply_regional_compile": "model_fns",
     "MetricsLogger": "metrics", "read_metrics": "metrics",

@@ -15,8 +15,9 @@ the directory, then it is renamed into place and the parent fsynced. A crash at 
 checkpoints intact; `find_latest` only considers complete `step-N` directories whose state.json lists files
 that all exist. Tensors are checked to be finite before anything is written.
 
-Fault injection for tests (documented, off unless set): RECTIFLOW_CHECKPOINT_FAULT=exit-midway makes the
-process `os._exit(17)` after model.safetensors is written into the temporary directory.
+Fault injection for tests (off unless set): RECTIFLOW_CHECKPOINT_FAULT=exit-midway[:STEP] makes the process
+`os._exit(17)` after model.safetensors is written into the temporary directory (of STEP's checkpoint only,
+when given), simulating a crash or kill in the middle of a save.
 """
 
 from __future__ import annotations
@@ -158,6 +159,12 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
+def _fault_now(step: int) -> bool:
+    """RECTIFLOW_CHECKPOINT_FAULT=exit-midway[:STEP]: die inside the save (of STEP only, if given)."""
+    kind, _, at = os.environ.get(FAULT_ENV, "").partition(":")
+    return kind == "exit-midway" and (not at or int(at) == step)
+
+
 def _model_metadata(model_params: dict | None, config_json: str) -> dict[str, str]:
     meta = {META_TRAIN_CONFIG: config_json}
     if model_params is not None:  # makes model.safetensors / ema.safetensors readable by load_transformer
@@ -191,7 +198,7 @@ def save_checkpoint(root: str | Path, step: int, *, model: dict[str, torch.Tenso
     try:
         files = ["model.safetensors"]
         save_safetensors(model, tmp / "model.safetensors", meta)
-        if os.environ.get(FAULT_ENV) == "exit-midway":
+        if _fault_now(step):
             log.error("%s=exit-midway: exiting in the middle of writing %s", FAULT_ENV, final)
             os._exit(17)
         if ema is not None:

@@ -34,7 +34,7 @@ from rectiflow.train.model_fns import apply_activation_checkpointing, apply_regi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "LocalContext", "PlainStateIO", "StepResult", "lr_factor"]
+__all__ = ["Trainer", "LocalContext", "PlainStateIO", "StepResult", "lr_factor", "run_training"]
 
 
 @dataclass
@@ -391,3 +391,21 @@ class Trainer:
         if not self.dist.is_main:
             return []
         return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache)
+
+
+def run_training(cfg: RunConfig, resume: str | Path | None = None, allow_existing: bool = False) -> dict:
+    """Everything `rectiflow train` does: set up (distributed when cfg.distributed.mode != "none", via
+    rectiflow.train.distributed.trainer_kwargs(cfg) -> {"dist", "parallelize", "state_io"}), resume
+    ("latest" = the newest complete checkpoint of out_dir, or a checkpoint path), train, export."""
+    kwargs = {}
+    if cfg.distributed.mode != "none":
+        from rectiflow.train import distributed
+
+        kwargs = distributed.trainer_kwargs(cfg)
+    trainer = Trainer(cfg, **kwargs)
+    if resume:
+        trainer.resume(None if resume == "latest" else resume)
+    elif ckpt.find_latest(trainer.ckpt_dir) is not None and not allow_existing:
+        raise RectiflowError(f"{trainer.ckpt_dir} already has checkpoints; pass --resume to continue that "
+                             "run or set train.out_dir to a new directory")
+    return trainer.fit()
