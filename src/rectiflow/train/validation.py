@@ -1,0 +1,188 @@
+"""Validation during training: bucketed validation loss (SD3 protocol) and a sample grid.
+
+Validation loss (Esser et al. 2024, SD3, sec. 5.1 and app. B.2: the loss on held-out data, with fixed
+noise, evaluated at fixed timesteps, which tracks sample quality): the `validation.holdout` cache samples
+that training never sees, each with one fixed caption (no dropout) and one fixed noise draw (seeded by
+validation.seed), are evaluated at t_k = (k + 0.5) / K for K = validation.buckets. Reported per bucket
+("loss_t0.062", ...) and their mean ("loss"), unweighted MSE against the path's target.
+
+Sample grid: every prompt x seed, sampled from t = 1 to 0 with a rectiflow.flow solver (true CFG with the
+cached "" embedding when cfg_scale > 1), decoded with model.autoencoder, saved as
+out_dir/samples/step-N.png (rows: prompts, columns: seeds). Needs the text encoder recorded in the cache
+manifest (rectiflow.models.text.text_encoder_from_spec) and an autoencoder; without them it is skipped
+with a log line. `Validator.text_encoder` / `Validator.decode` can also be set directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rectiflow.data.captions import CaptionPolicy
+from rectiflow.data.latent_cache import LatentCache
+from rectiflow.flow import cfg as cfg_combine
+from rectiflow.flow import solve, timestep_grid, training_pair
+from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
+from rectiflow.train.model_fns import unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Validator", "bucket_times"]
+
+
+def bucket_times(k: int) -> list[float]:
+    """Bucket centres (i + 0.5) / k."""
+    return [(i + 0.5) / k for i in range(k)]
+
+
+class Validator:
+    def __init__(self, trainer, holdout: list[int]):
+        self.trainer = trainer
+        self.cfg = trainer.cfg.validation
+        policy = CaptionPolicy(mix=trainer.cfg.data.caption_mix)  # no dropout: the conditional loss
+        cache = LatentCache(trainer.cfg.data.cache, captions=policy, seed=trainer.cfg.train.seed)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        by_shape: dict[tuple, list[dict]] = {}
+        for i in holdout:
+            item = cache[i]
+            item["eps"] = torch.randn(item["latents"].shape, generator=g)  # fixed noise [C, h, w]
+            by_shape.setdefault(tuple(item["latents"].shape), []).append(item)
+        self.groups = [{k: torch.stack([it[k] for it in items]) for k in ("latents", "txt", "vec", "eps")}
+                       for items in by_shape.values()]
+        self.cache = cache
+        self.text_encoder = None
+        self.decode = None
+        self._loaded_decoders = False
+
+    def run(self, step: int) -> dict[str, float]:
+        """Validation loss (and the sample grid when prompts are set); logs and returns the numbers."""
+        tr = self.trainer
+        model = tr.model
+        backup = None
+        if self.cfg.use_ema and tr.ema is not None:
+            backup = {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
+            self._copy_params(unwrap(model), tr.ema)
+        was_training = model.training
+        model.eval()
+        try:
+            values = self.loss(model)
+            if self.cfg.prompts:
+                self.sample_grid(model, step)
+        finally:
+            model.train(was_training)
+            if backup is not None:
+                self._copy_params(unwrap(model), backup)
+        log.info("step %d: validation loss %.5f", step, values["loss"])
+        if tr.metrics:
+            tr.metrics.log("val", step, values)
+        return values
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_params(model, src: dict[str, torch.Tensor]) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(src[n])
+
+    @torch.no_grad()
+    def loss(self, model) -> dict[str, float]:
+        tr = self.trainer
+        dev = tr.device
+        out: dict[str, float] = {}
+        for t_k in bucket_times(self.cfg.buckets):
+            total, count = 0.0, 0
+            for g in self.groups:
+                lat = g["latents"].to(dev, torch.float32)
+                b, _, h, w = lat.shape
+                t = torch.full((b,), t_k, device=dev)
+                x_t, target = training_pair(tr.path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
+                pred = self._forward(model, tr.path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
+                total += float((pred.float() - target).pow(2).mean(dim=(1, 2)).sum())
+                count += b
+            out[f"loss_t{t_k:.3f}"] = total / count
+        out["loss"] = sum(out.values()) / len(out)
+        return out
+
+    def _forward(self, model, x, h: int, w: int, txt, vec, t):
+        tr = self.trainer
+        dev, b = tr.device, x.shape[0]
+        txt, vec = txt.to(dev, torch.float32), vec.to(dev, torch.float32)
+        guidance = None
+        if tr.params.guidance_embed:
+            guidance = torch.full((b,), tr.cfg.model.guidance, device=dev)  # [b]
+        with tr._autocast():
+            return model(x, image_ids(b, h, w, dev), txt, text_ids(b, txt.shape[1], dev), t, vec, guidance)
+
+    # ---- sample grid -------------------------------------------------------------------------------------
+
+    def _load_decoders(self) -> None:
+        if self._loaded_decoders:
+            return
+        self._loaded_decoders = True
+        tr = self.trainer
+        if self.text_encoder is None:
+            try:
+                from rectiflow.models.text import text_encoder_from_spec
+
+                self.text_encoder = text_encoder_from_spec(self.cache.manifest["text_encoder"]["spec"])
+            except Exception as e:  # noqa: BLE001 - any failure only disables the optional grid
+                log.warning("no sample grid: cannot build the cache's text encoder (%s)", e)
+        if self.decode is None and tr.cfg.model.autoencoder:
+            from rectiflow.convert.autoencoder import load_autoencoder
+
+            ae = load_autoencoder(tr.cfg.model.autoencoder, device=tr.device)
+            self.decode = ae.decode
+        elif self.decode is None:
+            log.warning("no sample grid: set model.autoencoder to decode samples")
+
+    @torch.no_grad()
+    def sample(self, model, prompts: list[str], seeds: list[int], h: int, w: int) -> torch.Tensor:
+        """Latents [len(prompts) * len(seeds), C, h, w] (prompt-major), noise from CPU generators per seed."""
+        tr, c = self.trainer, self.cfg
+        dev = tr.device
+        txt, vec = self.text_encoder.encode(prompts)  # [P, L, D], [P, Dv]
+        txt = txt.repeat_interleave(len(seeds), 0).to(dev)  # [P*S, L, D]
+        vec = vec.repeat_interleave(len(seeds), 0).to(dev)  # [P*S, Dv]
+        chans = tr.params.latent_channels
+        noise = torch.cat([torch.randn(1, chans, h, w, generator=torch.Generator().manual_seed(s))
+                           for _ in prompts for s in seeds])  # [P*S, C, h, w]
+        x = pack(noise.to(dev))  # [P*S, L_img, 4C]
+        n = x.shape[0]
+        if c.cfg_scale > 1:
+            t_u, v_u = self.cache.text(self.cache.empty_caption_index)
+            txt = torch.cat([t_u.expand(n, -1, -1).to(dev, txt.dtype), txt])  # [uncond; cond]
+            vec = torch.cat([v_u.expand(n, -1).to(dev, vec.dtype), vec])
+
+        def velocity(x_, t_):
+            xx = torch.cat([x_, x_]) if c.cfg_scale > 1 else x_
+            tb = t_.to(dev, torch.float32).expand(xx.shape[0])  # [B]
+            out = self._forward(model, tr.path.model_input(xx, tb), h, w, txt, vec, tb).float()
+            v = tr.path.to_velocity(out, xx, tb)
+            return cfg_combine(v[n:], v[:n], c.cfg_scale) if c.cfg_scale > 1 else v
+
+        shift = None if not c.shift else ("flux" if c.shift == "flux" else float(c.shift))
+        grid = timestep_grid(c.sample_steps, shift=shift, seq_len=x.shape[1])
+        return unpack(solve(velocity, x, grid, method=c.sampler), h, w)  # [P*S, C, h, w]
+
+    def sample_grid(self, model, step: int) -> Path | None:
+        self._load_decoders()
+        if self.text_encoder is None or self.decode is None:
+            return None
+        from PIL import Image
+
+        size = self.cfg.sample_size
+        lh, lw = (size // 8, size // 8) if size else tuple(self.groups[0]["latents"].shape[-2:])
+        z = self.sample(model, self.cfg.prompts, self.cfg.seeds, lh, lw)
+        with torch.no_grad():
+            imgs = self.decode(z).float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+        p, s = len(self.cfg.prompts), len(self.cfg.seeds)
+        _, ch, hh, ww = imgs.shape
+        grid = imgs.view(p, s, ch, hh, ww).permute(0, 3, 1, 4, 2).reshape(p * hh, s * ww, ch)  # (p h) (s w) c
+        out = self.trainer.out_dir / "samples" / f"step-{step:09d}.png"
+        if self.trainer.dist.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(grid.numpy())).save(out)
+            log.info("saved sample grid %s", out)
+        return out
