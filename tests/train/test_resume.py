@@ -59,3 +59,24 @@ def test_crash_inside_checkpoint_write_keeps_previous(tiny_cache, reference_run,
     assert "resumed from" in r.stderr and "step-000000005" in r.stderr
     assert_same_checkpoint(ckpts / "step-000000020", reference_run / "checkpoints" / "step-000000020")
     assert not list(ckpts.glob(".step-*"))  # stale temporary directories are cleaned up
+
+
+def test_ctrl_c_writes_checkpoint_and_resume_is_exact(tiny_cache, reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(tiny_cache, out, *RESUME_ARGS)
+    proc = subprocess.Popen([PYTHON, "-m", "rectiflow", "train", str(TINY_TOML), *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "step-000000005" / "state.json"
+    deadline = time.time() + 180
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted at step" in stdout
+    step = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert 5 <= step < 20 and find_latest(out / "checkpoints").name == f"step-{step:09d}"
+    r = cli_train([*args, "--resume"], _env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = "step-000000020"
+    assert_same_checkpoint(out / "checkpoints" / final, reference_run / "checkpoints" / final)
