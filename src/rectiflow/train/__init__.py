@@ -13,6 +13,9 @@ validation loss, sample grid), metrics (JSONL + TensorBoard), export.
 
 Seams for distributed training (rectiflow.train.distributed, written separately):
   Trainer(cfg, dist=..., parallelize=..., state_io=...)
+  `run_training(cfg)` (what `rectiflow train` calls) does, when cfg.distributed.mode != "none":
+      from rectiflow.train import distributed; Trainer(cfg, **distributed.trainer_kwargs(cfg))
+  so distributed.py should provide trainer_kwargs(cfg) -> {"dist": ..., "parallelize": ..., "state_io": ...}.
   - dist: an object with .device, .rank, .world_size, .local_rank, .is_main, .barrier(),
     .all_reduce_mean(tensor) -> tensor, .broadcast_object(obj) -> obj  (LocalContext is the 1-process one).
     The trainer uses dist.device for the model and data, only the main rank writes checkpoints/logs/exports.
