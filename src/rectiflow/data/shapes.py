@@ -82,6 +82,7 @@ SPACING = 0.04  # spec: bounding boxes at least 0.04 S apart
 POSITION_M = 0.1  # spec (GenEval): m = 0.1 (s1 + s2)
 POSITION_MIN = 0.15  # spec: rendered position images have |d| >= 0.15 S along the dominant axis
 POSITION_SLACK = 0.06  # ours (module docstring): dominance margin of rendered relations, x S
+HALO_CLEARANCE = 75.0  # ours: soft edges stay > 75 (the scorer's radius 60 + 15) from every palette colour
 MIN_SIZE = 16  # ours: smallest canvas we render (the detector is validated at 64 and 128)
 
 _BATCH = 256  # candidate layouts per rejection round
@@ -407,15 +408,35 @@ def _check_size(size) -> None:
         raise ConfigError(f"shapes-world canvas size must be an integer >= {MIN_SIZE} (got {size!r})")
 
 
+@functools.cache
+def halo_limit(color: str) -> float:
+    """Largest alpha (on a 1/64 grid) up to which every blend of `color` over white, rounded to uint8, is
+    farther than HALO_CLEARANCE from every palette colour (its own included): such pixels read as background."""
+    fill, palette = np.asarray(COLORS[color], np.float64), np.array(list(COLORS.values()), np.float64)
+    limit = 0.0
+    for a in np.arange(65) / 64:
+        blend = np.rint(255.0 + a * (fill - 255.0))
+        if np.sqrt(((palette - blend) ** 2).sum(-1)).min() <= HALO_CLEARANCE:
+            break
+        limit = float(a)
+    return limit
+
+
 def render(scene: Scene, size: int | None = None) -> np.ndarray:
-    """Render the scene anti-aliased (4x4 supersampling = 4x drawing box-downsampled): uint8 [S, S, 3].
-    size rescales the scene's geometry to another canvas side."""
+    """Render the scene: uint8 [S, S, 3]; size rescales the scene's geometry to another canvas side.
+
+    Anti-aliasing that the detector cannot misread: coverage is measured by 4x4 supersampling (a 4x
+    drawing box-downsampled); a pixel covered at least half takes the pure fill colour (so the detected mask
+    is exactly the half-coverage mask, which is how the scorer's ideal masks are thresholded), and a pixel
+    covered less gets a soft edge of alpha min(coverage, halo_limit(colour)), a blend never within 60 of
+    any palette colour (a half-covered red edge over white would otherwise be read as pink)."""
     size = scene.size if size is None else size
     _check_size(size)
     k = size / scene.size
     img = np.full((size, size, 3), BACKGROUND, dtype=np.float64)  # [S, S, 3]
     for o in scene.objects:
-        r0, c0, alpha = coverage(o.shape, o.cx * k, o.cy * k, o.s * k, size)  # alpha [h, w]
+        r0, c0, cov = coverage(o.shape, o.cx * k, o.cy * k, o.s * k, size)  # cov [h, w]
+        alpha = np.where(cov >= 0.5, 1.0, np.minimum(cov, halo_limit(o.color)))
         h, w = alpha.shape
         a = alpha[..., None]  # [h, w, 1]
         patch = img[r0: r0 + h, c0: c0 + w]

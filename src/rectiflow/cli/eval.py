@@ -1,0 +1,79 @@
+"""`rectiflow eval shapes --model M --steps 1,2,4,8 [--sampler euler] [--cfg X] [--guidance G] [--size S]
+[--split seen,heldout] [--limit N] --out DIR`: the shapes-world benchmark (rectiflow.eval.shapes_eval)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes comma-separated integers, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--steps needs integers >= 1, got {text!r}")
+    return list(dict.fromkeys(steps))
+
+
+def _splits(text: str) -> list[str]:
+    from rectiflow.errors import ConfigError
+    from rectiflow.eval.shapes import SPLITS, normalize_split
+
+    words = [w for w in text.split(",") if w.strip()]
+    if [w.strip().lower() for w in words] in (["both"], ["all"]):
+        return list(SPLITS)
+    try:
+        return list(dict.fromkeys(normalize_split(w) for w in words)) or list(SPLITS)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (shapes-world compositional benchmark)")
+    bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    s = bench.add_parser("shapes", help="GenEval-style scores on the shapes world (seen and held-out splits)")
+    s.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
+    s.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
+    s.add_argument("--sampler", default=None, help="euler | heun | midpoint | rk4 (default: the model's)")
+    s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    s.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
+    s.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
+    s.add_argument("--split", type=_splits, default=["seen", "held_out"],
+                   help="comma-separated splits: seen, heldout (default: both)")
+    s.add_argument("--limit", type=_positive, default=None, help="at most N prompts per task (quick look)")
+    s.add_argument("--batch-prompts", type=_positive, default=16, help="prompts per model batch")
+    s.add_argument("--int8", action="store_true", help="int8 transformer (CPU)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--out", required=True, help="output directory for reports, grids and images")
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.eval.shapes_eval import evaluate_shapes
+    from rectiflow.sample.pipeline import DEFAULT, Pipeline
+
+    pipe = Pipeline.from_bundle(args.model or default_bundle_path(), int8=args.int8)
+    report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
+                             guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
+                             splits=args.split, out_dir=args.out, limit=args.limit,
+                             batch_prompts=args.batch_prompts, progress=not args.no_progress)
+    for split, by_steps in report["results"].items():
+        for n, summary in by_steps.items():
+            print(f"{split:9s} steps={n:>2s} overall={summary['overall']:.3f} ({summary['n_images']} images)")
+    print(f"report: {args.out}/report.md")
+    return 0

@@ -1,0 +1,161 @@
+"""The shapes-world scorer: prompt sets, the six clause rules, per-task and overall accuracy.
+
+Normative spec: /work/shared/specs/shapes-world.md ("Scoring" 4-5, "Evaluation protocol"). The detector
+(pixel classes, components, shape classification) is rectiflow.eval.shapes_detect; the world itself
+(grammar, held-out combinations, the position rule) is rectiflow.data.shapes.
+
+    result = score_image(parse_prompt("a photo of a red circle above a blue square"), image)
+    bool(result), result.clauses, result.detections
+
+Choices where the spec leaves room (all deterministic):
+- Prompt sets: per task, the template prompts of the split in canonical order (`prompts_for`) form a pool;
+  a set of n prompts is floor(n / len(pool)) full copies of the pool plus a draw without replacement of
+  the remainder, from numpy default_rng([PROMPT_SEED, task index, split index]), in canonical order. Pools
+  smaller than n (single_object has 6 prompts) thus repeat prompts as evenly as possible; such repeats
+  give identical images (same prompt, same seeds), which the runner generates once.
+- Overall accuracy is the unweighted mean of the accuracies of the tasks present (six for the seen split,
+  colors / position / color_attr for the held-out split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rectiflow.data.shapes import TASKS, Prompt, parse_prompt, prompts_for, relation_holds
+from rectiflow.errors import ConfigError
+from rectiflow.eval.shapes_detect import Detection, detect
+
+__all__ = [
+    "EVAL_SEEDS", "HELD_OUT_TASKS", "PROMPTS_PER_TASK", "SPLITS", "Clause", "ImageScore", "clauses",
+    "format_table", "normalize_split", "prompt_set", "score_detections", "score_image", "summarize",
+]
+
+EVAL_SEEDS = (0, 1, 2, 3)  # spec "Evaluation protocol": 4 images per prompt, seeds 0..3 (GenEval)
+SPLITS = ("seen", "held_out")
+HELD_OUT_TASKS = ("colors", "position", "color_attr")  # spec: the tasks whose clause can be held out
+PROMPTS_PER_TASK = {"seen": 48, "held_out": 24}  # spec "Evaluation protocol"
+PROMPT_SEED = 20240605  # ours: the fixed seed of the prompt sets
+
+
+def normalize_split(split: str) -> str:
+    """"seen" or "held_out" from any of seen / held_out / heldout / held-out (ConfigError otherwise)."""
+    s = str(split).strip().lower().replace("-", "_")
+    s = "held_out" if s == "heldout" else s
+    if s not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; use 'seen' or 'heldout'")
+    return s
+
+
+def _task_prompts(task: str, split: str) -> tuple[Prompt, ...]:
+    pool = prompts_for(task, "seen" if split == "seen" else "held_out")
+    n = PROMPTS_PER_TASK[split]
+    copies, rest = divmod(n, len(pool))
+    rng = np.random.default_rng([PROMPT_SEED, TASKS.index(task), SPLITS.index(split)])
+    extra = np.sort(rng.choice(len(pool), size=rest, replace=False))
+    return tuple(pool) * copies + tuple(pool[i] for i in extra)
+
+
+def prompt_set(split: str, task: str | None = None) -> tuple[Prompt, ...]:
+    """The fixed evaluation prompts of a split (all its tasks in TASKS order, or one task): 48 per task
+    for "seen", 24 per held-out task for "held_out"."""
+    split = normalize_split(split)
+    tasks = TASKS if split == "seen" else HELD_OUT_TASKS
+    if task is not None:
+        if task not in tasks:
+            raise ConfigError(f"the {split} split has no task {task!r}; it has {', '.join(tasks)}")
+        tasks = (task,)
+    return tuple(p for t in tasks for p in _task_prompts(t, split))
+
+
+# ------------------------------------------------------------------------------------------- clause rules
+@dataclass(frozen=True)
+class Clause:
+    """One clause of a prompt and whether the detected objects satisfy it."""
+
+    text: str
+    holds: bool
+
+
+def _of(dets: Sequence[Detection], shape: str, color: str | None = None) -> list[Detection]:
+    return [d for d in dets if d.shape == shape and (color is None or d.color == color)]
+
+
+def clauses(prompt: Prompt, detections: Sequence[Detection]) -> list[Clause]:
+    """The prompt's clauses evaluated on detected objects (spec "Scoring" 4)."""
+    p, d = prompt, detections
+    if p.task == "single_object":  # at least one object of the shape
+        return [Clause(f"a {p.shape1}", bool(_of(d, p.shape1)))]
+    if p.task == "two_object":  # at least one of each shape
+        return [Clause(f"a {p.shape1}", bool(_of(d, p.shape1))),
+                Clause(f"a {p.shape2}", bool(_of(d, p.shape2)))]
+    if p.task == "counting":  # exactly n objects of the shape
+        n = len(_of(d, p.shape1))
+        return [Clause(f"exactly {p.count} {p.shape1} (found {n})", n == p.count)]
+    if p.task == "colors":  # at least one object of the shape with the colour
+        return [Clause(f"a {p.color1} {p.shape1}", bool(_of(d, p.shape1, p.color1)))]
+    if p.task == "color_attr":  # an object of shape1 with color1 and one of shape2 with color2
+        return [Clause(f"a {p.color1} {p.shape1}", bool(_of(d, p.shape1, p.color1))),
+                Clause(f"a {p.color2} {p.shape2}", bool(_of(d, p.shape2, p.color2)))]
+    if p.task == "position":  # some object of shape1 and some of shape2 satisfy the relation
+        holds = any(relation_holds(p.relation, (a.cx, a.cy), a.side, (b.cx, b.cy), b.side)
+                    for a in _of(d, p.shape1) for b in _of(d, p.shape2))
+        return [Clause(f"a {p.shape1} {p.relation} a {p.shape2}", holds)]
+    raise ConfigError(f"unknown shapes task {p.task!r}")  # unreachable: Prompt validates its task
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """correct: every clause holds; truthy exactly when correct."""
+
+    prompt: Prompt
+    clauses: tuple[Clause, ...]
+    detections: tuple[Detection, ...] = field(repr=False)
+
+    @property
+    def correct(self) -> bool:
+        return all(c.holds for c in self.clauses)
+
+    def __bool__(self) -> bool:
+        return self.correct
+
+
+def score_detections(prompt: Prompt | str, detections: Sequence[Detection]) -> ImageScore:
+    p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    return ImageScore(p, tuple(clauses(p, detections)), tuple(detections))
+
+
+def score_image(prompt: Prompt | str, image) -> ImageScore:
+    """Detect the objects of an image (uint8 [S, S, 3] array or PIL image) and score the prompt on them."""
+    return score_detections(prompt, detect(image))
+
+
+# ------------------------------------------------------------------------------------------- accuracies
+def summarize(results: Iterable[tuple[str, bool]]) -> dict:
+    """{"per_task": {task: {"accuracy", "correct", "n"}}, "overall", "n_images"} from (task, correct) pairs;
+    overall = unweighted mean of the present tasks' accuracies (spec "Scoring" 5, GenEval)."""
+    counts: dict[str, list[int]] = {}
+    for task, ok in results:
+        if task not in TASKS:
+            raise ConfigError(f"unknown shapes task {task!r}; use one of {', '.join(TASKS)}")
+        c = counts.setdefault(task, [0, 0])
+        c[0] += bool(ok)
+        c[1] += 1
+    per_task = {t: {"accuracy": counts[t][0] / counts[t][1], "correct": counts[t][0], "n": counts[t][1]}
+                for t in TASKS if t in counts}
+    overall = float(np.mean([v["accuracy"] for v in per_task.values()])) if per_task else float("nan")
+    return {"per_task": per_task, "overall": overall, "n_images": sum(v["n"] for v in per_task.values())}
+
+
+def format_table(summaries: Mapping[str, dict]) -> str:
+    """A markdown table: one row per summary (label -> summarize() output), a column per task + overall."""
+    tasks = [t for t in TASKS if any(t in s["per_task"] for s in summaries.values())]
+    head = ["", *tasks, "overall", "images"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, s in summaries.items():
+        cells = [f"{s['per_task'][t]['accuracy']:.3f}" if t in s["per_task"] else "-" for t in tasks]
+        row = [str(label), *cells, f"{s['overall']:.3f}", str(s["n_images"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
