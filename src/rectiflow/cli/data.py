@@ -1,4 +1,6 @@
-"""`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones."""
+"""`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones.
+`rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W]`: write shapes-world training
+images (rectiflow.data.shapes.write_imagefolder)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def open_source_from_args(args, on_error: str = "skip"):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (check)")
+    p = subparsers.add_parser("data", help="dataset tools (check, shapes)")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser("check", help="find unreadable images, missing captions, small images, long captions, "
                                      "near-duplicates; write a manifest of the rest")
@@ -43,6 +45,16 @@ def register(subparsers) -> None:
     c.add_argument("--write-manifest", metavar="OUT", help="write the kept samples to this .jsonl")
     c.add_argument("--strict", action="store_true", help="exit with status 1 if any problem was found")
     c.set_defaults(func=run)
+    s = sub.add_parser("shapes", help="write training images of the shapes world (held-out combinations "
+                                      "excluded) as an imagefolder with all true captions per image")
+    s.add_argument("--out", required=True, help="output folder (PNG files + metadata.jsonl)")
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="world seed: image i depends only on (seed, i)")
+    s.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_shapes)
 
 
 def token_limit(name: str):
@@ -70,3 +82,12 @@ def run(args) -> int:
         path = report.write_manifest(args.write_manifest)
         print(f"wrote {len(report.kept)} samples to {path}")
     return 1 if args.strict and not report.ok else 0
+
+
+def run_shapes(args) -> int:
+    from rectiflow.data.shapes import write_imagefolder
+
+    out = write_imagefolder(args.out, args.n, args.size, args.seed, overwrite=args.overwrite,
+                            progress=not args.no_progress, workers=args.workers)
+    print(f"wrote {args.n} shapes-world images ({args.size}px, seed {args.seed}) to {out}")
+    return 0

@@ -411,7 +411,7 @@ def _check_size(size) -> None:
 @functools.cache
 def halo_limit(color: str) -> float:
     """Largest alpha (on a 1/64 grid) up to which every blend of `color` over white, rounded to uint8, is
-    farther than HALO_CLEARANCE from every palette colour (its own included): such pixels read as background."""
+    farther than HALO_CLEARANCE from every palette colour (its own included): it reads as background."""
     fill, palette = np.asarray(COLORS[color], np.float64), np.array(list(COLORS.values()), np.float64)
     limit = 0.0
     for a in np.arange(65) / 64:
@@ -488,29 +488,55 @@ class ShapesWorld:
         return self.iter_from(0)
 
 
+def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, int]) -> dict:
+    """Render and save item i of a world; returns its metadata row (a process-pool worker)."""
+    from PIL import Image
+
+    out, size, seed, weights, i = job
+    item = ShapesWorld(size, seed, weights)[i]
+    name = f"{i:06d}.png"
+    Image.fromarray(item.image).save(Path(out) / name)
+    return {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
+
+
 def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
                       task_weights: Mapping[str, float] | None = None, overwrite: bool = False,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, workers: int = 1) -> Path:
     """Write items 0..n-1 of ShapesWorld(size, seed, task_weights) as PNGs plus metadata.jsonl
-    (file_name, text = primary caption, captions = all true captions, task). Returns the directory."""
+    (file_name, text = primary caption, captions = all true captions, task). Returns the directory.
+
+    Read it back with `open_source(dir)` (caption column "text") or `caption_columns=["captions"]` (all
+    true captions of each image, primary first). workers > 1 renders in that many processes; the files
+    are the same whatever the number of workers (item i depends only on (seed, i))."""
     if not isinstance(n, (int, np.integer)) or n <= 0:
         raise ConfigError(f"number of images must be a positive integer (got {n!r})")
-    world = ShapesWorld(size, seed, task_weights)
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer (got {workers!r})")
+    ShapesWorld(size, seed, task_weights)  # validate the arguments before touching the disk
     out = Path(out_dir)
     meta = out / "metadata.jsonl"
     if meta.exists() and not overwrite:
         raise RectiflowError(f"{out} already holds a metadata.jsonl; choose a new directory or overwrite it")
     out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
+    weights = None if task_weights is None else dict(task_weights)
+    jobs = ((str(out), int(size), int(seed), weights, i) for i in range(n))
     tmp = out / "metadata.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in tqdm(range(n), desc="shapes world", unit="img", disable=not progress):
-            item = world[i]
-            name = f"{i:06d}.png"
-            Image.fromarray(item.image).save(out / name)
-            rec = {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
-            f.write(json.dumps(rec) + "\n")
+    with open(tmp, "w", encoding="utf-8") as f, \
+            tqdm(total=n, desc="shapes world", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            rows = map(_write_item, jobs)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor(int(workers))
+            rows = pool.map(_write_item, jobs, chunksize=max(1, min(64, n // (4 * workers))))
+        try:
+            for rec in rows:
+                f.write(json.dumps(rec) + "\n")
+                bar.update(1)
+        finally:
+            if workers > 1:
+                pool.shutdown(cancel_futures=True)
     os.replace(tmp, meta)
     logger.info("wrote %d shapes-world images (%dpx, seed %d) to %s", n, size, seed, out)
     return out

@@ -1,0 +1,180 @@
+"""The shapes world against its spec (/work/shared/specs/shapes-world.md): no held-out combination in any
+training image, placement rules, grammar and articles, captions parse back, determinism, imagefolder."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rectiflow.cli.main import main
+from rectiflow.data.shapes import (
+    COLORS,
+    SHAPES,
+    TASKS,
+    Prompt,
+    ShapesWorld,
+    parse_prompt,
+    prompts_for,
+    render,
+    scene_for_prompt,
+    true_captions,
+    write_imagefolder,
+)
+from rectiflow.data.sources import open_source
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.eval.shapes import score_image
+from rectiflow.eval.shapes_detect import detect
+
+# The spec's held-out lists, written out again (not imported from the module under test).
+HELD_PAIRS = {("red", "triangle"), ("blue", "circle"), ("green", "star"), ("yellow", "square"),
+              ("purple", "cross"), ("pink", "diamond")}
+
+
+def _held_out_geometry(objs, side):
+    """Spec: a circle above a square (GenEval rule on (cx, cy, side)), a triangle left of a star."""
+    bad = []
+    for a, b in itertools.permutations(objs, 2):
+        dx, dy = a.cx - b.cx, a.cy - b.cy
+        m = 0.1 * (side(a) + side(b))
+        if (a.shape, b.shape) == ("circle", "square") and dy < -m and abs(dy) >= abs(dx):
+            bad.append("circle above square")
+        if (a.shape, b.shape) == ("triangle", "star") and dx < -m and abs(dx) >= abs(dy):
+            bad.append("triangle left of star")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def world_items():
+    world = ShapesWorld(64, seed=3)
+    return [(world.scene(i), world[i]) for i in range(600)]
+
+
+def test_training_world_never_contains_held_out_combinations(world_items):
+    tasks = set()
+    for scene, item in world_items:
+        tasks.add(scene.task)
+        assert not {(o.color, o.shape) for o in scene.objects} & HELD_PAIRS, scene
+        assert not _held_out_geometry(scene.objects, lambda o: o.s), scene
+        dets = detect(item.image)  # and what the detector sees in the pixels
+        assert not {(d.color, d.shape) for d in dets} & HELD_PAIRS, scene
+        assert not _held_out_geometry(dets, lambda d: d.side), (scene, dets)
+        for cap in item.captions:
+            assert not parse_prompt(cap).held_out, cap
+    assert tasks == set(TASKS)
+
+
+def test_held_out_scenes_are_available_for_evaluation_only():
+    p = parse_prompt("a photo of a circle above a square")
+    assert p.held_out
+    scene = scene_for_prompt(p, np.random.default_rng(0), 64)
+    assert _held_out_geometry(scene.objects, lambda o: o.s) == ["circle above square"]
+    with pytest.raises(ConfigError, match="held-out"):
+        scene_for_prompt(p, np.random.default_rng(0), 64, train=True)
+
+
+def test_placement_rules(world_items):
+    for scene, _ in world_items:
+        size = scene.size
+        for o in scene.objects:
+            assert 0.22 * size <= o.s <= 0.34 * size
+            assert o.cx - o.s / 2 >= 0.03 * size - 1e-9 and o.cx + o.s / 2 <= 0.97 * size + 1e-9
+            assert o.cy - o.s / 2 >= 0.03 * size - 1e-9 and o.cy + o.s / 2 <= 0.97 * size + 1e-9
+        for a, b in itertools.combinations(scene.objects, 2):  # boxes at least 0.04 S apart
+            gap = max(abs(a.cx - b.cx) - (a.s + b.s) / 2, abs(a.cy - b.cy) - (a.s + b.s) / 2)
+            assert gap >= 0.04 * size - 1e-9, scene
+        p = scene.prompt
+        n = {"single_object": 1, "colors": 1, "counting": p.count}.get(p.task, 2)
+        assert len(scene.objects) == n
+        if p.task == "position":  # d at least 0.15 S along the dominant axis
+            a, b = scene.objects
+            d = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}
+            assert d[p.relation] >= 0.15 * size
+
+
+def test_rendered_pixels():
+    scene = scene_for_prompt("a photo of an orange star and a blue square", np.random.default_rng(1), 64)
+    img = render(scene)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert tuple(img[0, 0]) == (255, 255, 255)  # white background (inside the margin)
+    sq = next(o for o in scene.objects if o.shape == "square")
+    assert tuple(img[int(sq.cy), int(sq.cx)]) == COLORS["blue"]  # exact fill colour
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 3  # anti-aliased edges
+    assert bool(score_image(scene.prompt, img))
+    assert render(scene, 128).shape == (128, 128, 3)
+
+
+def test_articles_and_grammar():
+    assert Prompt("colors", "circle", color1="orange").text == "a photo of an orange circle"
+    assert Prompt("color_attr", "square", "star", color1="red", color2="orange").text == \
+        "a photo of a red square and an orange star"
+    assert Prompt("counting", "cross", count=4).text == "a photo of four crosses"
+    assert Prompt("position", "star", "circle", relation="left of").text == \
+        "a photo of a star left of a circle"
+    texts = [p.text for t in TASKS for p in prompts_for(t)]
+    assert not any(" a orange" in t or " an " + c in t for t in texts for c in ("red", "circle", "black"))
+    assert len(texts) == len(set(texts)) == 1902
+    with pytest.raises(ConfigError):
+        Prompt("two_object", "star", "star")
+    with pytest.raises(RectiflowError):
+        parse_prompt("a photo of a dog")
+
+
+def test_every_caption_parses_back():
+    for t in TASKS:
+        for p in prompts_for(t):
+            assert parse_prompt(p.text) == p
+            assert parse_prompt("  " + p.text.upper().replace("AN ", "A ") + ". ") == p
+
+
+def test_true_captions_are_true(world_items):
+    """Every true caption is scored correct on the render (>= 99%, the detector's bar on ground truth)."""
+    n_caps, ok = [], []
+    for scene, item in world_items:
+        assert item.captions == true_captions(scene) and item.captions[0] == scene.caption
+        n_caps.append(len(item.captions))
+        ok += [bool(score_image(parse_prompt(cap), item.image)) for cap in item.captions]
+    print(f"\ntrue captions scored correct: {np.mean(ok):.4f} of {len(ok)}")
+    assert np.mean(ok) >= 0.99
+    assert max(n_caps) > 3  # two-object scenes carry several true captions
+
+
+def test_determinism_by_seed():
+    a, b, c = ShapesWorld(64, seed=5), ShapesWorld(64, seed=5), ShapesWorld(64, seed=6)
+    for i in (0, 7, 31):
+        assert a.scene(i) == b.scene(i) and np.array_equal(a[i].image, b[i].image)
+    assert [a.scene(i) for i in range(8)] != [c.scene(i) for i in range(8)]
+    assert [x.caption for x in itertools.islice(a.iter_from(4), 3)] == [a[i].caption for i in (4, 5, 6)]
+
+
+def test_imagefolder_writer_and_cli(tmp_path):
+    out = write_imagefolder(tmp_path / "w1", 12, 64, seed=2, progress=False)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    world = ShapesWorld(64, seed=2)
+    assert [r["file_name"] for r in rows] == [f"{i:06d}.png" for i in range(12)]
+    for i, r in enumerate(rows):
+        assert r["text"] == world[i].caption and r["captions"] == world[i].captions and r["task"] in TASKS
+        with Image.open(out / r["file_name"]) as im:
+            assert np.array_equal(np.asarray(im), world[i].image)
+    src = open_source(out)  # default caption column "text"; all true captions with "captions"
+    assert len(src) == 12 and src[0].captions == {"text": (rows[0]["text"],)}
+    every = open_source(out, caption_columns=["captions"])
+    assert every[0].captions["captions"] == tuple(rows[0]["captions"])
+    with pytest.raises(RectiflowError, match="already"):
+        write_imagefolder(out, 3, 64, seed=2, progress=False)
+    # the CLI, with two workers, writes the same bytes
+    assert main(["data", "shapes", "--out", str(tmp_path / "w2"), "--n", "12", "--seed", "2",
+                 "--workers", "2", "--no-progress"]) == 0
+    for r in rows:
+        assert (tmp_path / "w2" / r["file_name"]).read_bytes() == (out / r["file_name"]).read_bytes()
+    assert (tmp_path / "w2" / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
+    assert main(["data", "shapes", "--out", str(tmp_path / "w3"), "--n", "0"]) == 2  # one-line error
+
+
+def test_shapes_vocabulary_is_the_spec():
+    assert dict(COLORS) == {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (235, 210, 20),
+                            "green": (30, 160, 60), "blue": (30, 80, 220), "purple": (130, 50, 180),
+                            "pink": (240, 110, 190), "black": (20, 20, 20)}
+    assert dict(SHAPES) == {"circle": "circles", "square": "squares", "triangle": "triangles",
+                            "diamond": "diamonds", "star": "stars", "cross": "crosses"}
