@@ -80,10 +80,13 @@ def _hf_config(model) -> dict:
 
 
 def _tokenizer_identity(tok) -> str:
-    """The whole fast tokenizer (vocab, merges, normaliser, special tokens) as JSON, else its vocab."""
+    """The whole fast tokenizer (vocab, merges, normaliser, special tokens) as JSON, else its vocab. Its
+    truncation / padding state is left out: transformers rewrites it on every call with other settings."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        return backend.to_str()
+        state = json.loads(backend.to_str())
+        state = {k: v for k, v in state.items() if k not in ("truncation", "padding")}
+        return json.dumps(state, sort_keys=True)
     return json.dumps(sorted(tok.get_vocab().items()))
 
 
@@ -401,8 +404,10 @@ class TrainableTextEncoder(nn.Module):
         return {"kind": "trainable", **dataclasses.asdict(self.config)}
 
     def fingerprint(self) -> str:
-        """sha256 over the config and the current weights (recomputed: the weights may have been trained)."""
-        h = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode())
+        """sha256 over the config and the current weights (recomputed: the weights may have been trained).
+        The init seed is left out: once weights are loaded it says nothing about them."""
+        config = {k: v for k, v in self.spec().items() if k != "seed"}
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         _hash_tensors(h, self.state_dict())
         return h.hexdigest()
 
