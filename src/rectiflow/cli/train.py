@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def run(args) -> int:
         print(dump_toml(cfg), end="")
         return 0
     result = run_training(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
+        return 130 if result["interrupted"] else 0
     where = result["checkpoint"]
     if result["interrupted"]:
         print(f"interrupted at step {result['step']}; checkpoint {where}; continue with --resume")

@@ -288,7 +288,8 @@ class Trainer:
                 config_toml=dump_toml(self.cfg), model_params=self.params.to_dict())
             ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
         self.dist.barrier()
-        return path
+        # every rank returns the path, so a final-step checkpoint is not written twice by non-main ranks
+        return path if path is not None else self.ckpt_dir / ckpt.checkpoint_name(self.step)
 
     def resume(self, path: str | Path | None = None) -> Path:
         """Restore the full state from `path` or, when None, the newest complete checkpoint of out_dir."""
