@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--autoencoder", required=True,
                    help="autoencoder weights (.safetensors file or folder) or a preset name (random weights)")
     p.add_argument("--text-encoder", required=True,
-                   help="text encoder name (minilm, flux, ...) or a spec .json")
+                   help="text encoder name (minilm, minilm:N, trainable) or a spec .json (FLUX's T5 + CLIP)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--size", type=int, help="resize + centre-crop to SIZE x SIZE (a multiple of 16)")
     size.add_argument("--buckets", type=int, metavar="SIZE",

@@ -69,7 +69,7 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
     # Published FLUX.1 autoencoder (BFL flux/util.py ae_params: resolution 256, ch 128, ch_mult [1, 2, 4, 4],
     # num_res_blocks 2, z_channels 16, scale_factor 0.3611, shift_factor 0.1159): 84M parameters.
     "flux": AutoEncoderParams(),
-    # CPU sizes with FLUX's latent interface (16 channels, 8x down). "small": ~1.4M parameters.
+    # CPU sizes with FLUX's latent interface (16 channels, 8x down). "small": ~1.27M parameters.
     "small": AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=16),
     # "tiny": ~0.1M parameters, for tests.
     "tiny": AutoEncoderParams(ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4),

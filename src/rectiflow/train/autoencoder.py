@@ -55,6 +55,8 @@ class AETrainConfig:
     out: str
     preset: Any = "small"  # autoencoder preset name, or a dict of AutoEncoderParams fields
     size: int = 64
+    crop: int = 0  # train on random crops of this side (multiple of 8; 0 = whole images): convolutions
+    # make the cost per image scale with the crop area, and the model still encodes whole images
     steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
@@ -78,6 +80,9 @@ class AETrainConfig:
         for name in ("steps", "batch_size", "size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"train-ae: {name} must be >= 1, got {getattr(self, name)}")
+        if self.crop and (self.crop % 8 or not 8 <= self.crop <= self.size):
+            raise ConfigError(f"train-ae: crop {self.crop} must be a multiple of 8 between 8 and size "
+                              f"{self.size}")
 
 
 def load_images(data: str, size: int, max_images: int | None = None, progress: bool = True) -> torch.Tensor:
@@ -152,7 +157,8 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
     if len(train) < 1:
         raise ConfigError(f"train-ae: {len(images)} images are too few")
     torch.manual_seed(cfg.seed)
-    ae = build_autoencoder(cfg.preset)
+    # channels_last: oneDNN's CPU convolutions (forward + backward) ran 1.1-1.2x faster in that layout here
+    ae = build_autoencoder(cfg.preset).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
@@ -172,7 +178,12 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
     try:
         while step < cfg.steps:
             idx = torch.randint(len(train), (cfg.batch_size,), generator=gen)
-            x = _to_float(train[idx])
+            x = train[idx]
+            if cfg.crop and cfg.crop < cfg.size:  # one crop window per batch, on the 8-pixel latent grid
+                cells = (cfg.size - cfg.crop) // 8 + 1
+                oy, ox = (8 * int(v) for v in torch.randint(cells, (2,), generator=gen))
+                x = x[:, :, oy:oy + cfg.crop, ox:ox + cfg.crop]
+            x = _to_float(x).contiguous(memory_format=torch.channels_last)
             if torch.rand((), generator=gen) < 0.5:  # horizontal flips: free augmentation
                 x = x.flip(-1)
             for g in opt.param_groups:
@@ -191,7 +202,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
                 metrics.flush()
                 bar.set_postfix(loss=f"{loss.item():.4f}", l1=f"{parts['l1']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                weights = {k: v.detach().clone() for k, v in ae.state_dict().items()}
+                weights = {k: v.detach().contiguous().clone() for k, v in ae.state_dict().items()}
                 save_checkpoint(ckpt_root, step, model=weights,
                                 ema=None, optimizer=opt.state_dict(), rng=capture_rng({"data": gen}),
                                 state={"kind": "autoencoder"}, config=config, config_toml="",

@@ -139,6 +139,10 @@ class Trainer:
             raise ConfigError("data.cache is empty; set it to a cache directory made with `rectiflow cache`")
         policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
         self.cache = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
+        if cfg.model.autoencoder:  # validation grids and the bundle decode with it: it must be the cache's
+            from rectiflow.convert.autoencoder import load_autoencoder
+
+            self.cache.require_compatible(autoencoder=load_autoencoder(cfg.model.autoencoder))
         local_slice(cfg.data.batch_size, 0, cfg.optim.accumulation, 0, self.dist.world_size)  # divisibility
         train_idx, self.holdout = split_holdout(len(self.cache), cfg.validation.holdout, cfg.train.seed)
         self.stream = BatchStream(self.cache.bucket_ids(), train_idx, cfg.data.batch_size, cfg.train.seed)
@@ -250,7 +254,9 @@ class Trainer:
         model_params = [p.detach() for _, p in unwrap(self.model).named_parameters()]
         ema = list(self.ema.values())
         if self.step < self.cfg.ema.start:
-            torch._foreach_copy_(ema, model_params)
+            # lerp with weight 1 returns `end` exactly (end - diff * 0) and, unlike _foreach_copy_, has a
+            # DTensor sharding strategy (FSDP2)
+            torch._foreach_lerp_(ema, model_params, 1.0)
         else:  # ema <- decay * ema + (1 - decay) * p
             torch._foreach_lerp_(ema, model_params, 1.0 - self.cfg.ema.decay)
 
