@@ -55,11 +55,16 @@ def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out:
 
 def _bundle(model: Flux, path: Path, cfg, cache) -> Path:
     from rectiflow.convert.autoencoder import load_autoencoder
-    from rectiflow.convert.bundle import save_bundle
+    from rectiflow.convert.bundle import SamplingDefaults, save_bundle
 
     ae = load_autoencoder(cfg.model.autoencoder)
     spec = cache.manifest["text_encoder"]["spec"]
-    p = save_bundle(path, model, ae, spec, card_extra={"training": {"steps": cfg.train.steps,
+    # sampling defaults of what was trained: the cache's image size and the validation sampler settings
+    shards = cache.manifest.get("shards") or [{"size": [1024, 1024]}]
+    width, height = (int(v) for v in shards[0]["size"])
+    defaults = SamplingDefaults(steps=cfg.validation.sample_steps, sampler=cfg.validation.sampler,
+                                cfg_scale=cfg.validation.cfg_scale, width=width, height=height)
+    p = save_bundle(path, model, ae, spec, defaults, card_extra={"training": {"steps": cfg.train.steps,
                                                                     "cache": str(cfg.data.cache)}})
     log.info("exported bundle %s", p)
     return p
