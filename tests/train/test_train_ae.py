@@ -66,12 +66,27 @@ def test_bad_config(data, tmp_path):
         _cfg(data, tmp_path, preset="nope")
     with pytest.raises(ConfigError, match="steps"):
         _cfg(data, tmp_path, steps=0)
+    with pytest.raises(ConfigError, match="crop"):
+        _cfg(data, tmp_path, crop=12)
+
+
+def test_crop_resume_is_exact(data, tmp_path):
+    import shutil
+
+    train_autoencoder(_cfg(data, tmp_path / "full", crop=8), progress=False)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000000020",
+                    tmp_path / "part" / "checkpoints" / "step-000000020")
+    train_autoencoder(_cfg(data, tmp_path / "part", crop=8), resume=True, progress=False)
+    a = load_autoencoder(tmp_path / "full" / "ae.safetensors").state_dict()
+    b = load_autoencoder(tmp_path / "part" / "ae.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli(data, tmp_path, cli_env):
     r = subprocess.run([sys.executable, "-m", "rectiflow", "train-ae", "--data", str(data), "--out",
-                        str(tmp_path / "o"), "--preset", json.dumps(TINY), "--size", "16", "--steps", "4",
-                        "--batch-size", "4", "--no-progress"], capture_output=True, text=True, env=cli_env,
+                        str(tmp_path / "o"), "--preset", json.dumps(TINY), "--size", "16", "--crop", "8",
+                        "--steps", "4", "--batch-size", "4", "--no-progress"], capture_output=True, text=True,
+                       env=cli_env,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "held-out PSNR" in r.stdout and (tmp_path / "o" / "ae.safetensors").is_file()

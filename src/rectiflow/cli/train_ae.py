@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="small",
                    help="autoencoder preset (flux, small, tiny) or a JSON object of AutoEncoderParams fields")
     p.add_argument("--size", type=int, default=64, help="training resolution (multiple of 8)")
+    p.add_argument("--crop", type=int, default=0,
+                   help="train on random CROP x CROP windows (multiple of 8; cheaper per image); 0 = whole")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -35,7 +37,8 @@ def run(args) -> int:
     from rectiflow.train.autoencoder import AETrainConfig, train_autoencoder
 
     preset = json.loads(args.preset) if args.preset.lstrip().startswith("{") else args.preset
-    cfg = AETrainConfig(data=args.data, out=args.out, preset=preset, size=args.size, steps=args.steps,
+    cfg = AETrainConfig(data=args.data, out=args.out, preset=preset, size=args.size, crop=args.crop,
+                        steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
                         max_images=args.max_images, seed=args.seed, checkpoint_every=args.checkpoint_every)
     report = train_autoencoder(cfg, resume=args.resume, progress=not args.no_progress)
