@@ -9,7 +9,7 @@ from PIL import Image
 
 from rectiflow.cli.generate import NO_DEFAULT_MODEL, output_paths
 from rectiflow.cli.main import main
-from rectiflow.convert.bundle import DEFAULT_MODEL_ENV, SamplingDefaults, default_bundle_path
+from rectiflow.convert.bundle import DEFAULT_MODEL_ENV, SamplingDefaults
 from rectiflow.sample import random_bundle
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
@@ -95,13 +95,20 @@ def test_missing_or_wrong_model_path(tmp_path, capsys):
     assert "is not a model bundle: expected model.json" in capsys.readouterr().err
 
 
-def test_default_model_missing_says_issue_5(monkeypatch, tmp_path, capsys):
+def test_default_model_missing_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    import rectiflow.convert.bundle as bundle
+
     monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
-    if (default_bundle_path() / "model.json").is_file():
-        pytest.skip("the bundled default model exists now")
+    monkeypatch.setattr(bundle, "default_bundle_path", lambda: tmp_path / "no-assets")
     assert main(["generate", "x", *FAST]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {NO_DEFAULT_MODEL}" and "issue 5" in err and "--model PATH" in err
+    assert err == f"error: {NO_DEFAULT_MODEL}" and "recipes/shapes/run.sh" in err and "--model PATH" in err
+
+
+def test_default_model_env_pointing_nowhere(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, str(tmp_path / "nowhere"))
+    assert main(["generate", "x", *FAST]) == 2
+    assert DEFAULT_MODEL_ENV in capsys.readouterr().err
     monkeypatch.setenv(DEFAULT_MODEL_ENV, str(tmp_path / "nowhere"))
     assert main(["generate", "x", *FAST]) == 2
     assert DEFAULT_MODEL_ENV in capsys.readouterr().err

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("euler", "heun", "midpoint", "rk4")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 NO_DEFAULT_MODEL = (
-    "no bundled default model yet: it comes with issue 5 (the shapes-world model, "
-    "in rectiflow/assets/default/); "
+    "the bundled default model is missing from rectiflow/assets/default/ (rebuild it with "
+    "`bash recipes/shapes/run.sh`, or reinstall rectiflow); "
     "pass --model PATH, a directory with model.json (rectiflow), flux1-*.safetensors + ae.safetensors (BFL) "
     "or model_index.json (diffusers)"
 )
