@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/shapes}
 N_IMAGES=${N_IMAGES:-100000}
-CFG=${CFG:-4.0}
+CFG=${CFG:-3.0}
 DEST=${DEST:-src/rectiflow/assets/default}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$RUNS"

@@ -1,0 +1,60 @@
+"""The bundled default model (src/rectiflow/assets/default): present, small, loads, generates through the
+CLI without --model, and keeps its measured shapes-world accuracy (a regression guard, not the benchmark: the
+full numbers are in its model card, from `rectiflow eval shapes`)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rectiflow.cli.main import main
+from rectiflow.convert.bundle import CARD_FILE, DEFAULT_MODEL_ENV, default_bundle_path
+from rectiflow.eval.shapes import score_image
+
+BUNDLE = default_bundle_path()
+PROMPT = "a photo of a yellow star and a blue square"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from rectiflow.sample import Pipeline
+
+    return Pipeline.from_bundle(BUNDLE)
+
+
+def test_bundle_is_shipped_and_small():
+    assert (BUNDLE / CARD_FILE).is_file(), "the default model must ship in src/rectiflow/assets/default"
+    size = sum(f.stat().st_size for f in BUNDLE.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20, f"default model is {size / 2**20:.1f} MB (budget 40 MB)"
+    card = json.loads((BUNDLE / CARD_FILE).read_text())
+    assert card["defaults"]["width"] == card["defaults"]["height"] == 64
+    assert (BUNDLE / "README.md").is_file() and "shapes-world" in (BUNDLE / "README.md").read_text().lower()
+
+
+def test_generate_without_model_uses_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
+    out = tmp_path / "x.png"
+    assert main(["generate", PROMPT, "-o", str(out), "--seed", "1", "--no-progress"]) == 0
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    settings = json.loads(img.text["rectiflow"])
+    assert settings["model"] == json.loads((BUNDLE / CARD_FILE).read_text())["name"]
+    assert settings["steps"] == 4 and settings["cfg_scale"] > 1
+
+
+def test_accuracy_does_not_regress(pipe):
+    # 24 images: the README's prompt and one prompt per task, seeds 0-3, the model's defaults (Euler, 4 steps,
+    # CFG). Measured when the model was made: see MIN_CORRECT; the model card has the full evaluation.
+    prompts = [PROMPT, "a photo of a circle", "a photo of a star and a cross", "a photo of three squares",
+               "a photo of a red square", "a photo of a diamond above a cross"]
+    res = pipe.generate(prompts, seeds=[0, 1, 2, 3] * len(prompts), num_images_per_prompt=4, progress=False)
+    scored = [bool(score_image(p, np.asarray(im))) for p, im in
+              zip([p for p in prompts for _ in range(4)], res.images)]
+    per_prompt = {p: sum(scored[4 * i:4 * i + 4]) for i, p in enumerate(prompts)}
+    assert sum(scored) >= MIN_CORRECT, f"{sum(scored)}/24 correct ({per_prompt})"
+
+
+# Measured with the shipped weights (2026-11-27): 7/24 (circle 4/4, three squares 2/4, red square 1/4; the
+# README prompt 0/4, also 0/16 over seeds 0-15). One image of margin for float differences across CPUs.
+MIN_CORRECT = 6
