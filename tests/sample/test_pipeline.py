@@ -64,7 +64,8 @@ def _hand_loop(pipe, prompts, n, seed, steps, h, w, guidance=None, cfg_scale=1.0
                 vel = vu + cfg_scale * (vel - vu)
             x = x + (t_next - t) * vel
         z = unpack(x, lh, lw)
-        img = ae.decode(z)
+        # one image at a time, as the pipeline decodes (a batched conv may round differently)
+        img = torch.cat([ae.decode(z[i:i + 1]) for i in range(b)])
     pixels = ((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return z, pixels
 
