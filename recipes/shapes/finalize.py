@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--dest", default="src/rectiflow/assets/default")
     ap.add_argument("--name", default="rectiflow-shapes-64")
+    ap.add_argument("--notes", default=None, help="markdown appended to the model card")
     args = ap.parse_args()
     runs, dest = Path(args.runs), Path(args.dest)
     b = load_bundle(runs / "train" / "export" / "bundle")
@@ -134,7 +135,10 @@ def main() -> None:
                             "recipe": "bash recipes/shapes/run.sh", "shapes_eval": ev["results"]},
                 name=args.name)
     info = _plots(runs, dest)
-    (dest / "README.md").write_text(_card(runs, dest, args.cfg, info, args.name))
+    card = _card(runs, dest, args.cfg, info, args.name)
+    if args.notes:
+        card += "\n" + Path(args.notes).read_text()
+    (dest / "README.md").write_text(card)
     print(f"wrote {dest}")
 
 
