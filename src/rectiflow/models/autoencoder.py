@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rectiflow.errors import ConfigError
+from rectiflow.models.presets import resolve_params
 
 __all__ = ["AutoEncoderParams", "AutoEncoder", "AE_PRESETS", "autoencoder_params"]
 
@@ -78,20 +79,7 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
 
 def autoencoder_params(spec: str | AutoEncoderParams | dict[str, Any]) -> AutoEncoderParams:
     """A preset name, an AutoEncoderParams or a dict of its fields -> AutoEncoderParams."""
-    if isinstance(spec, AutoEncoderParams):
-        return spec
-    if isinstance(spec, str):
-        if spec not in AE_PRESETS:
-            raise ConfigError(f"unknown autoencoder preset {spec!r}; known presets: {', '.join(AE_PRESETS)}")
-        return AE_PRESETS[spec]
-    if isinstance(spec, dict):
-        fields = {f.name for f in dataclasses.fields(AutoEncoderParams)}
-        unknown = sorted(set(spec) - fields)
-        if unknown:
-            raise ConfigError(f"unknown AutoEncoderParams field(s) {unknown}; valid fields: {sorted(fields)}")
-        return AutoEncoderParams(**spec)
-    raise ConfigError(f"expected an autoencoder preset name, AutoEncoderParams or dict, "
-                      f"got {type(spec).__name__}")
+    return resolve_params(spec, AutoEncoderParams, AE_PRESETS, "autoencoder")
 
 
 def _norm(c: int, groups: int) -> nn.GroupNorm:

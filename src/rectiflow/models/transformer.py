@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.models.presets import resolve_params
 from rectiflow.nn.blocks import DoubleStreamBlock, LastLayer, SingleStreamBlock
 from rectiflow.nn.embeddings import MLPEmbedder, sincos_2d_embedding, timestep_embedding
 from rectiflow.nn.rope import EmbedND
@@ -130,25 +131,7 @@ TRANSFORMER_PRESETS: dict[str, FluxParams] = {
 
 def transformer_params(spec: str | FluxParams | dict[str, Any]) -> FluxParams:
     """A preset name, a FluxParams or a dict of FluxParams fields -> FluxParams."""
-    if isinstance(spec, FluxParams):
-        return spec
-    if isinstance(spec, str):
-        if spec not in TRANSFORMER_PRESETS:
-            raise ConfigError(
-                f"unknown transformer preset {spec!r}; known presets: {', '.join(TRANSFORMER_PRESETS)}"
-            )
-        return TRANSFORMER_PRESETS[spec]
-    if isinstance(spec, dict):
-        fields = {f.name for f in dataclasses.fields(FluxParams)}
-        unknown = sorted(set(spec) - fields)
-        if unknown:
-            raise ConfigError(f"unknown FluxParams field(s) {unknown}; valid fields: {sorted(fields)}")
-        missing = sorted(f.name for f in dataclasses.fields(FluxParams)
-                         if f.name not in spec and f.default is dataclasses.MISSING)
-        if missing:
-            raise ConfigError(f"FluxParams is missing field(s) {missing}")
-        return FluxParams(**spec)
-    raise ConfigError(f"expected a preset name, FluxParams or dict, got {type(spec).__name__}")
+    return resolve_params(spec, FluxParams, TRANSFORMER_PRESETS, "transformer")
 
 
 class Flux(nn.Module):
