@@ -1,8 +1,8 @@
-"""The shapes world: a procedural text-to-image world (grammar, held-out rules, scenes, rendering, datasets).
+"""The shapes world: a procedural text-to-image world (scenes, held-out rules, rendering, datasets).
 
-Normative spec: /work/shared/specs/shapes-world.md. Constants below carry the spec's numbers. The scorer
-(detector + clause rules) is in rectiflow.eval.shapes; the geometry of the six shapes in
-rectiflow.data.shapes_geometry.
+Normative spec: /work/shared/specs/shapes-world.md. Constants below carry the spec's numbers. The vocabulary
+and caption grammar (re-exported here) are in rectiflow.data.shapes_grammar; the scorer (detector + clause
+rules) in rectiflow.eval.shapes; the geometry of the six shapes in rectiflow.data.shapes_geometry.
 
 Choices where the spec leaves room (all deterministic):
 - Randomness: every function takes a numpy Generator; dataset item i uses default_rng([seed, i]), so any
@@ -31,55 +31,40 @@ import itertools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from rectiflow.data.shapes_geometry import coverage
+from rectiflow.data.shapes_grammar import (  # noqa: F401  (re-exported: the world's public names)
+    COLORS,
+    COUNT_WORDS,
+    HELD_OUT_COLOR_SHAPES,
+    HELD_OUT_POSITIONS,
+    POSITION_M,
+    RELATIONS,
+    SHAPES,
+    TASKS,
+    Prompt,
+    article,
+    parse_prompt,
+    prompts_for,
+    relation_holds,
+    relation_score,
+    sample_prompt,
+)
 from rectiflow.errors import ConfigError, RectiflowError
 
 logger = logging.getLogger(__name__)
 
-# spec "Colours": fill RGB values.
-COLORS: Mapping[str, tuple[int, int, int]] = MappingProxyType({
-    "red": (220, 30, 30),
-    "orange": (245, 140, 20),
-    "yellow": (235, 210, 20),
-    "green": (30, 160, 60),
-    "blue": (30, 80, 220),
-    "purple": (130, 50, 180),
-    "pink": (240, 110, 190),
-    "black": (20, 20, 20),
-})
-# spec "Shapes": name -> plural.
-SHAPES: Mapping[str, str] = MappingProxyType({
-    "circle": "circles", "square": "squares", "triangle": "triangles",
-    "diamond": "diamonds", "star": "stars", "cross": "crosses",
-})
-# spec "Captions": the six tasks (GenEval's names) and their vocabularies.
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
-COUNT_WORDS: Mapping[int, str] = MappingProxyType({2: "two", 3: "three", 4: "four"})
-# spec "Held-out combinations": (colour, shape) pairs, and spatial configurations in both phrasings.
-HELD_OUT_COLOR_SHAPES = frozenset({
-    ("red", "triangle"), ("blue", "circle"), ("green", "star"),
-    ("yellow", "square"), ("purple", "cross"), ("pink", "diamond"),
-})
-HELD_OUT_POSITIONS = frozenset({
-    ("circle", "above", "square"), ("square", "below", "circle"),
-    ("triangle", "left of", "star"), ("star", "right of", "triangle"),
-})
 BACKGROUND = (255, 255, 255)  # spec "Canvas": pure white
 SIZE_RANGE = (0.22, 0.34)  # spec "Objects and placement": s ~ U[0.22 S, 0.34 S]
 MARGIN = 0.03  # spec: at least 0.03 S from every canvas edge
 SPACING = 0.04  # spec: bounding boxes at least 0.04 S apart
-POSITION_M = 0.1  # spec (GenEval): m = 0.1 (s1 + s2)
 POSITION_MIN = 0.15  # spec: rendered position images have |d| >= 0.15 S along the dominant axis
 POSITION_SLACK = 0.06  # ours (module docstring): dominance margin of rendered relations, x S
 HALO_CLEARANCE = 75.0  # ours: soft edges stay > 75 (the scorer's radius 60 + 15) from every palette colour
@@ -87,179 +72,6 @@ MIN_SIZE = 16  # ours: smallest canvas we render (the detector is validated at 6
 
 _BATCH = 256  # candidate layouts per rejection round
 _ROUNDS = 400
-
-
-def article(word: str) -> str:
-    """English indefinite article for the word that follows it ("an orange", "a red")."""
-    return "an" if word[0] in "aeiou" else "a"
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-@dataclass(frozen=True)
-class Prompt:
-    """A structured template prompt. Fields unused by a task stay None."""
-
-    task: str
-    shape1: str
-    shape2: str | None = None
-    color1: str | None = None
-    color2: str | None = None
-    count: int | None = None
-    relation: str | None = None
-
-    def __post_init__(self):
-        need = {
-            "single_object": {"shape1"}, "colors": {"shape1", "color1"}, "two_object": {"shape1", "shape2"},
-            "counting": {"shape1", "count"}, "position": {"shape1", "shape2", "relation"},
-            "color_attr": {"shape1", "shape2", "color1", "color2"},
-        }
-        if self.task not in need:
-            raise ConfigError(f"unknown shapes task {self.task!r}; use one of {', '.join(TASKS)}")
-        fields = ("shape1", "shape2", "color1", "color2", "count", "relation")
-        given = {f for f in fields if getattr(self, f) is not None}
-        if given != need[self.task]:
-            raise ConfigError(
-                f"a {self.task} prompt takes exactly {sorted(need[self.task])}, got {sorted(given)}")
-        for f in ("shape1", "shape2"):
-            if getattr(self, f) not in (None, *SHAPES):
-                raise ConfigError(f"unknown shape {getattr(self, f)!r}; use one of {', '.join(SHAPES)}")
-        for f in ("color1", "color2"):
-            if getattr(self, f) not in (None, *COLORS):
-                raise ConfigError(f"unknown colour {getattr(self, f)!r}; use one of {', '.join(COLORS)}")
-        if self.count is not None and self.count not in COUNT_WORDS:
-            raise ConfigError(f"count must be 2, 3 or 4 (got {self.count!r})")
-        if self.relation is not None and self.relation not in RELATIONS:
-            raise ConfigError(f"unknown relation {self.relation!r}; use one of {', '.join(RELATIONS)}")
-        if self.shape2 is not None and self.shape2 == self.shape1:
-            raise ConfigError(f"a {self.task} prompt needs two different shapes (got {self.shape1} twice)")
-        if self.color2 is not None and self.color2 == self.color1:
-            raise ConfigError(f"a color_attr prompt needs two different colours (got {self.color1} twice)")
-
-    @property
-    def text(self) -> str:
-        s1, s2, c1, c2 = self.shape1, self.shape2, self.color1, self.color2
-        body = {
-            "single_object": lambda: f"{article(s1)} {s1}",
-            "colors": lambda: f"{article(c1)} {c1} {s1}",
-            "two_object": lambda: f"{article(s1)} {s1} and {article(s2)} {s2}",
-            "counting": lambda: f"{COUNT_WORDS[self.count]} {SHAPES[s1]}",
-            "position": lambda: f"{article(s1)} {s1} {self.relation} {article(s2)} {s2}",
-            "color_attr": lambda: f"{article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}",
-        }[self.task]()
-        return f"a photo of {body}"
-
-    @property
-    def held_out(self) -> bool:
-        """Does the prompt's clause use a held-out combination?"""
-        pairs = {(self.color1, self.shape1), (self.color2, self.shape2)}
-        if self.task in ("colors", "color_attr"):
-            return bool(pairs & HELD_OUT_COLOR_SHAPES)
-        if self.task == "position":
-            return (self.shape1, self.relation, self.shape2) in HELD_OUT_POSITIONS
-        return False
-
-    def __str__(self) -> str:
-        return self.text
-
-
-_PLURALS = {p: s for s, p in SHAPES.items()}
-_WORDS = {w: n for n, w in COUNT_WORDS.items()}
-_A = r"an?"
-_RULES = (  # (task, pattern over the text after "a photo of ")
-    ("counting", re.compile(r"(\w+) (\w+)")),
-    ("position", re.compile(rf"{_A} (\w+) (left of|right of|above|below) {_A} (\w+)")),
-    ("color_attr", re.compile(rf"{_A} (\w+) (\w+) and {_A} (\w+) (\w+)")),
-    ("two_object", re.compile(rf"{_A} (\w+) and {_A} (\w+)")),
-    ("colors", re.compile(rf"{_A} (\w+) (\w+)")),
-    ("single_object", re.compile(rf"{_A} (\w+)")),
-)
-
-
-def parse_prompt(text: str) -> Prompt:
-    """Parse any of the six template captions into a Prompt (raises RectiflowError otherwise)."""
-    norm = " ".join(str(text).lower().strip().rstrip(".").split())
-    hint = "use one of the six templates, e.g. 'a photo of an orange circle' or 'a photo of two stars'"
-    if not norm.startswith("a photo of "):
-        raise RectiflowError(f"not a shapes-world prompt: {text!r}; {hint}")
-    rest = norm[len("a photo of "):]
-    for task, pattern in _RULES:
-        m = pattern.fullmatch(rest)
-        if m is None or (task == "counting" and m.group(1) not in _WORDS):
-            continue
-        kw = _fields(task, m.groups())
-        try:
-            return Prompt(task, **kw)
-        except ConfigError as e:
-            raise RectiflowError(f"bad shapes-world prompt {text!r}: {e}") from None
-    raise RectiflowError(f"not a shapes-world prompt: {text!r}; {hint}")
-
-
-def _fields(task: str, g: tuple[str, ...]) -> dict:
-    """Prompt fields from a template's regex groups."""
-    if task == "counting":
-        return dict(shape1=_PLURALS.get(g[1], g[1]), count=_WORDS[g[0]])
-    if task == "position":
-        return dict(shape1=g[0], relation=g[1], shape2=g[2])
-    if task == "color_attr":
-        return dict(color1=g[0], shape1=g[1], color2=g[2], shape2=g[3])
-    if task == "two_object":
-        return dict(shape1=g[0], shape2=g[1])
-    if task == "colors":
-        return dict(color1=g[0], shape1=g[1])
-    return dict(shape1=g[0])
-
-
-@functools.cache
-def _all_prompts(task: str) -> tuple[Prompt, ...]:
-    S, C = tuple(SHAPES), tuple(COLORS)
-    pairs = [(a, b) for a in S for b in S if a != b]
-    if task == "single_object":
-        return tuple(Prompt(task, s) for s in S)
-    if task == "colors":
-        return tuple(Prompt(task, s, color1=c) for c in C for s in S)
-    if task == "two_object":
-        return tuple(Prompt(task, a, b) for a, b in pairs)
-    if task == "counting":
-        return tuple(Prompt(task, s, count=n) for n in COUNT_WORDS for s in S)
-    if task == "position":
-        return tuple(Prompt(task, a, b, relation=r) for a, b in pairs for r in RELATIONS)
-    if task == "color_attr":
-        return tuple(Prompt(task, a, b, color1=c1, color2=c2)
-                     for a, b in pairs for c1 in C for c2 in C if c1 != c2)
-    raise ConfigError(f"unknown shapes task {task!r}; use one of {', '.join(TASKS)}")
-
-
-def prompts_for(task: str, split: str = "all") -> tuple[Prompt, ...]:
-    """Every template prompt of a task in canonical order: split "all", "seen" (no held-out combination)
-    or "held_out" (the clause uses one; empty for tasks without colour or position clauses)."""
-    if split not in ("all", "seen", "held_out"):
-        raise ConfigError(f"unknown split {split!r}; use 'seen', 'held_out' or 'all'")
-    prompts = _all_prompts(task)
-    if split == "all":
-        return prompts
-    return tuple(p for p in prompts if p.held_out == (split == "held_out"))
-
-
-def sample_prompt(task: str, rng: np.random.Generator, *, train: bool = True) -> Prompt:
-    """A uniformly drawn prompt of the task (free of held-out combinations when train=True)."""
-    prompts = prompts_for(task, "seen" if train else "all")
-    return prompts[int(rng.integers(len(prompts)))]
-
-
-# ---------------------------------------------------------------------------------------- the position rule
-def relation_score(relation: str, dx: float, dy: float) -> tuple[float, float]:
-    """(along, across): d = c1 - c2 projected on the relation's direction, and |d| on the other axis."""
-    along = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[relation]
-    across = abs(dy) if relation in ("left of", "right of") else abs(dx)
-    return along, across
-
-
-def relation_holds(relation: str, c1: tuple[float, float], s1: float,
-                   c2: tuple[float, float], s2: float) -> bool:
-    """GenEval's rule: "A rel B" holds when d = c1 - c2 exceeds m = 0.1 (s1 + s2) along the relation's
-    direction and that axis dominates (|d_along| >= |d_other|; ties hold both ways)."""
-    along, across = relation_score(relation, c1[0] - c2[0], c1[1] - c2[1])
-    return along > POSITION_M * (s1 + s2) and along >= across
 
 
 def _relation_clear(relation: str, a: Obj, b: Obj, size: int) -> bool:
