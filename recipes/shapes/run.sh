@@ -2,7 +2,7 @@
 # The whole recipe of the bundled default model (src/rectiflow/assets/default), with rectiflow's own commands:
 #   shapes-world images -> autoencoder (train-ae) -> latent + MiniLM caches -> transformer (train) -> eval ->
 #   fp16 bundle + model card.
-# Usage (from anywhere):  bash recipes/shapes/run.sh            # ~2 h on a 2-core CPU
+# Usage (from anywhere):  bash recipes/shapes/run.sh            # ~4.2 h on a 2-core CPU
 # Every stage resumes: rerun the same command after an interruption. Environment knobs:
 #   RUNS=runs/shapes  N_IMAGES=100000  OMP_NUM_THREADS=2  CFG=<scale>
 #   CFG=<CFG scale for eval and the bundle default>  DEST=src/rectiflow/assets/default
@@ -41,16 +41,29 @@ python recipes/shapes/score_ae.py "$RUNS/ae/ae.safetensors" "$RUNS/data" --out "
 # 3. precomputed latents and MiniLM embeddings of both caption fields
 stage cache rectiflow cache --data "$RUNS/data" --caption-column text --caption-column captions \
   --autoencoder "$RUNS/ae/ae.safetensors" --text-encoder minilm --size 64 --out "$RUNS/cache" --batch-size 64
-# 4. the transformer
-RESUME=()
-if ls "$RUNS/train/checkpoints"/step-* >/dev/null 2>&1; then RESUME=(--resume); fi
+# 4. the transformer, in three phases, as the bundled model was made (each resumes the previous one's
+#    checkpoint with optimizer state and EMA; the learning-rate schedule is recomputed for the new length):
+#    5500 steps (configs/shapes.toml), continued to 7000 at the same peak lr (a warm restart), then to
+#    15000 steps with peak lr 4e-4 (cosine to 10%; the bundled run did its first 651 steps of this phase
+#    under a 13000-step schedule before it was lengthened). STEPS=N adds a further phase to N steps.
 OVERRIDES=(model.autoencoder="$RUNS/ae/ae.safetensors" data.cache="$RUNS/cache" train.out_dir="$RUNS/train")
-if [ -n "${STEPS:-}" ]; then OVERRIDES+=(train.steps="$STEPS"); fi
-stage transformer rectiflow train configs/shapes.toml "${OVERRIDES[@]}" "${RESUME[@]}"
-# Resuming to more steps (train.steps=N --resume) was tried: 7000 steps scored 0.233 / 0.059 at 4 steps
-# (0.319 / 0.094 at 8), worse at 4 steps than the 5500-step model shipped; see the model card.
+done_steps() {  # the step of the newest complete checkpoint (0 if none)
+  local last; last=$(ls -d "$RUNS/train/checkpoints"/step-* 2>/dev/null | sort | tail -1)
+  if [ -n "$last" ]; then echo $((10#${last##*step-})); else echo 0; fi
+}
+phase() {  # phase NAME STEPS [overrides...]: train to STEPS unless a checkpoint is already there
+  local name=$1 steps=$2; shift 2
+  local resume=(); if [ "$(done_steps)" -gt 0 ]; then resume=(--resume); fi
+  if [ "$(done_steps)" -lt "$steps" ]; then
+    stage "$name" rectiflow train configs/shapes.toml "${OVERRIDES[@]}" train.steps="$steps" "$@" "${resume[@]}"
+  fi
+}
+phase transformer 5500
+phase transformer-continued 7000
+phase transformer-continued-2 15000 optim.lr=4e-4
+if [ -n "${STEPS:-}" ]; then phase transformer-continued-n "$STEPS" optim.lr=4e-4; fi
 # 5. the benchmark at 1, 2, 4 and 8 Euler steps, both splits
 stage eval rectiflow eval shapes --model "$RUNS/train/export/bundle" --steps 1,2,4,8 --sampler euler \
   --cfg "$CFG" --size 64 --out "$RUNS/eval"
 # 6. the bundle in the repo: fp16 transformer, sampling defaults, model card with the numbers above
-stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --cfg "$CFG" --dest "$DEST"
+stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --cfg "$CFG" --steps 8 --dest "$DEST"
