@@ -120,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/shapes")
     ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dest", default="src/rectiflow/assets/default")
     ap.add_argument("--name", default="rectiflow-shapes-64")
     ap.add_argument("--notes", default=None, help="markdown appended to the model card")

@@ -4,7 +4,7 @@
 #   fp16 bundle + model card.
 # Usage (from anywhere):  bash recipes/shapes/run.sh            # ~4.2 h on a 2-core CPU
 # Every stage resumes: rerun the same command after an interruption. Environment knobs:
-#   RUNS=runs/shapes  N_IMAGES=100000  OMP_NUM_THREADS=2  CFG=<scale>
+#   RUNS=runs/shapes  N_IMAGES=100000  OMP_NUM_THREADS=2  STEPS=<train further, to N transformer steps>
 #   CFG=<CFG scale for eval and the bundle default>  DEST=src/rectiflow/assets/default
 set -euo pipefail
 cd "$(dirname "$0")/../.."
