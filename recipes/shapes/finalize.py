@@ -1,11 +1,12 @@
 """Last stage of recipes/shapes/run.sh: the trained bundle -> the repo's default model with its model card.
 
-    python recipes/shapes/finalize.py --runs runs/shapes --cfg 4.0 --dest src/rectiflow/assets/default
+    python recipes/shapes/finalize.py --runs runs/shapes --cfg 3.0 --steps 8 \
+        --dest src/rectiflow/assets/default
 
 Stores the transformer in fp16 (loaded back as fp32; the bundle must stay under 40 MB), sets the sampling
-defaults (Euler, 4 steps, 64 px, the CFG scale the evaluation used), plots the training loss and the
-validation loss by timestep (SD3 protocol), and writes README.md with the command, hardware, wall times and
-the shapes-world scores.
+defaults (Euler, --steps steps, default 8; 64 px; the CFG scale the evaluation used), plots the training
+loss and the validation loss by timestep (SD3 protocol), and writes README.md with the command, hardware,
+wall times and the shapes-world scores.
 """
 
 from __future__ import annotations

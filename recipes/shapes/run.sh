@@ -5,6 +5,7 @@
 # Usage (from anywhere):  bash recipes/shapes/run.sh            # ~4.2 h on a 2-core CPU
 # Every stage resumes: rerun the same command after an interruption. Environment knobs:
 #   RUNS=runs/shapes  N_IMAGES=100000  OMP_NUM_THREADS=2  STEPS=<train further, to N transformer steps>
+#   LR=<peak lr of that further phase, default 4e-4>
 #   CFG=<CFG scale for eval and the bundle default>  DEST=src/rectiflow/assets/default
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -61,7 +62,7 @@ phase() {  # phase NAME STEPS [overrides...]: train to STEPS unless a checkpoint
 phase transformer 5500
 phase transformer-continued 7000
 phase transformer-continued-2 15000 optim.lr=4e-4
-if [ -n "${STEPS:-}" ]; then phase transformer-continued-n "$STEPS" optim.lr=4e-4; fi
+if [ -n "${STEPS:-}" ]; then phase transformer-continued-n "$STEPS" optim.lr="${LR:-4e-4}"; fi
 # 5. the benchmark at 1, 2, 4 and 8 Euler steps, both splits
 stage eval rectiflow eval shapes --model "$RUNS/train/export/bundle" --steps 1,2,4,8 --sampler euler \
   --cfg "$CFG" --size 64 --out "$RUNS/eval"
