@@ -320,3 +320,22 @@ def test_package_exports_are_lazy():
             "print(LatentCache.__name__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "LatentCache" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("mix", [{"text": 0.7, "captions": 0.3}, None, {"a": 0.5, "b": 0.2, "c": 0.3},
+                                 {"absent": 1.0}])
+def test_field_choice_is_numpys_weighted_choice(mix):
+    """choose_field caches the cdf but must draw exactly what rng.choice(n, p=weights / total) draws."""
+    pol = CaptionPolicy(mix=mix)
+    for caps in ({"text": ["x"], "captions": ["y", "z"]}, {"text": ["x"]},
+                 {"a": ["1"], "b": ["2"], "c": ["3"]}, {"a": ["1"], "c": ["3"]},
+                 {"captions": ["q"], "other": ["r"]}):
+        present = list(caps)
+        w = [pol.mix.get(f, 0.0) for f in present] if mix is not None else [1.0] * len(present)
+        if sum(w) <= 0:
+            w = [1.0] * len(present)
+        for i in range(300):
+            ours, ref = sample_rng(3, 1, i), sample_rng(3, 1, i)
+            want = present[int(ref.choice(len(present), p=np.asarray(w) / sum(w)))]
+            assert pol.choose_field(caps, ours) == want
+            assert ours.random() == ref.random()  # the same numbers consumed

@@ -17,8 +17,12 @@ def register(subparsers) -> None:
     add_source_arguments(p)
     p.add_argument("--autoencoder", required=True,
                    help="autoencoder weights (.safetensors file or folder) or a preset name (random weights)")
-    p.add_argument("--text-encoder", required=True,
-                   help="text encoder name (minilm, minilm:N, trainable) or a spec .json (FLUX's T5 + CLIP)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text-encoder", help="text encoder name (minilm, minilm:N, trainable) or a spec "
+                                             ".json (FLUX's T5 + CLIP)")
+    text.add_argument("--text-from", metavar="CACHE",
+                      help="reuse the caption embeddings of an earlier cache (same captions; e.g. new "
+                           "latents at another size) instead of running a text encoder")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--size", type=int, help="resize + centre-crop to SIZE x SIZE (a multiple of 16)")
     size.add_argument("--buckets", type=int, metavar="SIZE",
@@ -28,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=1024, help="samples (and unique captions) per shard")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads that read and decode images (default: the usable CPUs, at most 8; 0 = none)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the encoders run in")
     p.add_argument("--storage-dtype", choices=DTYPES,
                    help="dtype of the stored tensors (default: as computed)")
@@ -36,17 +42,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def load_autoencoder_arg(autoencoder: str, device, dtype):
+    """An autoencoder from a path (weights) or a preset name (random weights), in eval mode."""
+    from rectiflow.convert.autoencoder import build_autoencoder, load_autoencoder
+
+    if Path(autoencoder).exists():
+        return load_autoencoder(autoencoder, device=device, dtype=dtype).eval()
+    return build_autoencoder(autoencoder, device=device, dtype=dtype).eval()
+
+
 def load_encoders(autoencoder: str, text_encoder: str, device, dtype):
     """(autoencoder, text encoder) from CLI-style names: a path or a preset; a name or a spec file."""
     import json
 
-    from rectiflow.convert.autoencoder import build_autoencoder, load_autoencoder
     from rectiflow.models.text import load_text_encoder
 
-    if Path(autoencoder).exists():
-        ae = load_autoencoder(autoencoder, device=device, dtype=dtype)
-    else:
-        ae = build_autoencoder(autoencoder, device=device, dtype=dtype)
+    ae = load_autoencoder_arg(autoencoder, device, dtype)
     spec = text_encoder
     if text_encoder.endswith(".json") and Path(text_encoder).is_file():
         spec = json.loads(Path(text_encoder).read_text())
@@ -61,13 +72,20 @@ def run(args) -> int:
 
     source = open_source_from_args(args, on_error=args.on_error)
     dtype = getattr(torch, args.dtype)
-    ae, text_encoder = load_encoders(args.autoencoder, args.text_encoder, torch.device(args.device), dtype)
+    if args.text_from:
+        from rectiflow.data.cache import CachedText
+
+        text_encoder = CachedText(args.text_from)
+        ae = load_autoencoder_arg(args.autoencoder, torch.device(args.device), dtype)
+    else:
+        ae, text_encoder = load_encoders(args.autoencoder, args.text_encoder, torch.device(args.device),
+                                         dtype)
     out = build_cache(
         source, ae, text_encoder, args.out, size=args.size,
         buckets=Buckets.for_size(args.buckets) if args.buckets else None,
         batch_size=args.batch_size, shard_size=args.shard_size, device=torch.device(args.device), dtype=dtype,
         storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None,
-        on_error=args.on_error,
+        on_error=args.on_error, workers=args.workers,
     )
     print(f"cache written to {out}")
     return 0

@@ -78,6 +78,61 @@ def _mismatch(what: str, made: dict, given: dict) -> str | None:
     return None
 
 
+class CachedText:
+    """The text embeddings of an earlier cache, served as a text encoder (`rectiflow cache --text-from DIR`).
+
+    Re-encoding the latents of the same captions (another autoencoder or resolution) then needs no text
+    encoder: `encode` looks every caption up in DIR's unique-caption table, `spec` / `fingerprint` repeat
+    DIR's text encoder identity, so the new cache records the encoder that really made the embeddings. Reads
+    only DIR/manifest.json's "text_encoder", "captions" and "text_shards" and the text shards; tensors are
+    returned as float32 whatever their stored dtype."""
+
+    def __init__(self, cache_dir) -> None:
+        self.path = Path(cache_dir)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise RectiflowError(f"--text-from {self.path}: no {MANIFEST} there; give a directory written "
+                                 "by `rectiflow cache`")
+        try:
+            m = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise FormatError(f"{manifest_path} is not valid JSON") from None
+        missing = [k for k in ("text_encoder", "captions", "text_shards") if k not in m]
+        if m.get("format") != FORMAT or missing:
+            raise FormatError(f"{manifest_path} is not a {FORMAT} manifest with text embeddings "
+                              f"(missing: {', '.join(missing) or 'format'})")
+        from safetensors.torch import load_file
+
+        txt, vec = [], []
+        for shard in m["text_shards"]:
+            f = self.path / shard["file"]
+            if not f.is_file():
+                raise RectiflowError(f"--text-from {self.path}: text shard {shard['file']} is missing")
+            t = load_file(str(f))
+            txt.append(t["txt"].float())
+            vec.append(t["vec"].float())
+        self.txt, self.vec = torch.cat(txt), torch.cat(vec)  # [U, L, D], [U, Dv]
+        if len(self.txt) != len(m["captions"]):
+            raise FormatError(f"{self.path}: {len(self.txt)} text rows for {len(m['captions'])} captions")
+        self.identity = m["text_encoder"]
+        self.index = {c: i for i, c in enumerate(m["captions"])}
+
+    def spec(self) -> dict:
+        return self.identity["spec"]
+
+    def fingerprint(self) -> str:
+        return self.identity["fingerprint"]
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = list(captions)
+        missing = [c for c in captions if c not in self.index]
+        if missing:
+            raise RectiflowError(f"{len(missing)} caption(s) are not in the text table of {self.path} "
+                                 f"(first: {missing[0]!r}); cache with --text-encoder instead of --text-from")
+        idx = torch.tensor([self.index[c] for c in captions], dtype=torch.long)
+        return self.txt[idx], self.vec[idx]
+
+
 # ---- writing -------------------------------------------------------------------------------------------
 
 
@@ -102,20 +157,30 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def plan_cache(source: Source, resize: CenterCrop | Buckets, shard_size: int, on_error: str = "skip") -> dict:
-    """Sample order, shards (one bucket each) and the unique caption table; reads image headers only."""
+def plan_cache(source: Source, resize: CenterCrop | Buckets, shard_size: int, on_error: str = "skip",
+               workers: int = 0) -> dict:
+    """Sample order, shards (one bucket each) and the unique caption table; reads image headers only
+    (with `workers` threads; 0 = in this thread)."""
     if shard_size < 1:
         raise ConfigError(f"shard size {shard_size}; use a positive number of samples per shard")
     by_bucket: dict[int, list[int]] = {}
-    for i in tqdm(range(len(source)), desc="planning", unit="img", disable=len(source) < 1000):
+
+    def header(i: int):
         try:
-            w, h = source.image_size(i)
+            return source.image_size(i)
         except IMAGE_ERRORS as e:
+            return e
+
+    sizes = _map(header, range(len(source)), workers)
+    for i, size in enumerate(tqdm(sizes, total=len(source), desc="planning", unit="img",
+                                  disable=len(source) < 1000)):
+        if isinstance(size, Exception):  # one of IMAGE_ERRORS
             if on_error == "raise":
-                raise FormatError(f"{source[i].location}: unreadable image ({e}); remove it or use "
+                raise FormatError(f"{source[i].location}: unreadable image ({size}); remove it or use "
                                   "--on-error skip") from None
-            log.warning("skipping unreadable image %s (%s)", source[i].location, e)
+            log.warning("skipping unreadable image %s (%s)", source[i].location, size)
             continue
+        w, h = size
         b = 0 if isinstance(resize, CenterCrop) else resize.index(w, h)
         by_bucket.setdefault(b, []).append(i)
     shards, order = [], []
@@ -143,6 +208,38 @@ def plan_cache(source: Source, resize: CenterCrop | Buckets, shard_size: int, on
             "caption_indices": caption_indices, "text_shards": text_shards}
 
 
+def _map(fn, items, workers: int, ahead: int = 0):
+    """fn over items, results in order: in this thread (workers 0) or with a thread pool that runs at most
+    `ahead` (default 4 x workers) items ahead of the consumer. Image decoding (PIL, zlib) releases the GIL,
+    so the threads overlap it."""
+    if workers <= 0:
+        return map(fn, items)
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run():
+        limit = max(1, ahead or 4 * workers)
+        with ThreadPoolExecutor(workers) as pool:
+            pending: deque = deque()
+            for x in items:
+                pending.append(pool.submit(fn, x))
+                if len(pending) >= limit:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    return run()
+
+
+def default_workers() -> int:
+    """Threads for image decoding: the CPUs this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return min(8, n) if n > 1 else 0
+
+
 def _load_image(source: Source, i: int, width: int, height: int) -> torch.Tensor:
     try:
         img = source.load_image(i)
@@ -156,18 +253,21 @@ def _load_image(source: Source, i: int, width: int, height: int) -> torch.Tensor
 def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | None = None,
                 buckets: Buckets | None = None, batch_size: int = 8, shard_size: int = 1024,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                storage_dtype: torch.dtype | None = None, on_error: str = "skip") -> Path:
+                storage_dtype: torch.dtype | None = None, on_error: str = "skip",
+                workers: int | None = None) -> Path:
     """Encode every sample of `source` once into `out` (resuming a previous run with the same settings).
 
     `autoencoder` and `text_encoder` are built objects on `device` (images go in as `dtype`); stored tensors
-    get `storage_dtype` (default: what the encoders return)."""
+    get `storage_dtype` (default: what the encoders return). `workers` threads read and decode images
+    (None: default_workers(); 0: this thread only); the result does not depend on it."""
     if (size is None) == (buckets is None):
         raise ConfigError("give exactly one of size (centre crop) or buckets")
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size}; use a positive integer")
     resize = CenterCrop(size) if size is not None else buckets
     out = Path(out)
-    plan = plan_cache(source, resize, shard_size, on_error)
+    workers = default_workers() if workers is None else int(workers)
+    plan = plan_cache(source, resize, shard_size, on_error, workers)
     if not plan["order"]:
         raise FormatError(f"no readable samples in {source.describe()}; see `rectiflow data check`")
     fields = sorted({f for s in source.samples for f in s.captions})
@@ -193,7 +293,7 @@ def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | N
             if shard["file"] not in done:
                 idx = plan["order"][shard["start"]:shard["start"] + shard["count"]]
                 _encode_latent_shard(source, autoencoder, idx, shard["size"], out / shard["file"], batch_size,
-                                     device, dtype, storage_dtype)
+                                     device, dtype, storage_dtype, workers)
                 _mark_done(out, manifest, done, shard["file"], bar)
     manifest["status"] = "complete"
     _write_manifest(out, manifest)
@@ -248,12 +348,15 @@ def _encode_text_shard(text_encoder, captions: list[str], path: Path, batch_size
 
 
 def _encode_latent_shard(source, autoencoder, indices, size, path, batch_size, device, dtype,
-                         storage_dtype) -> None:
+                         storage_dtype, workers: int = 0) -> None:
     width, height = size
     lats = []
-    for s in range(0, len(indices), batch_size):
-        batch = indices[s:s + batch_size]
-        x = torch.stack([_load_image(source, i, width, height) for i in batch])  # [b, 3, H, W]
+    batches = [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
+    # images of every batch in order, decoded ahead by the thread pool while the autoencoder runs
+    images = iter(_map(lambda i: _load_image(source, i, width, height), indices, workers,
+                       ahead=batch_size + 2 * workers))
+    for batch in batches:
+        x = torch.stack([next(images) for _ in batch])  # [b, 3, H, W]
         z = autoencoder.encode(x.to(device, dtype))  # [b, C, H/8, W/8]
         lats.append(_cast(z, storage_dtype))
     _atomic_save({"latents": torch.cat(lats)}, path)
