@@ -32,8 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=1024, help="samples (and unique captions) per shard")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=None,
-                   help="threads that read and decode images (default: the usable CPUs, at most 8; 0 = none)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the encoders run in")
     p.add_argument("--storage-dtype", choices=DTYPES,
                    help="dtype of the stored tensors (default: as computed)")
@@ -85,7 +83,7 @@ def run(args) -> int:
         buckets=Buckets.for_size(args.buckets) if args.buckets else None,
         batch_size=args.batch_size, shard_size=args.shard_size, device=torch.device(args.device), dtype=dtype,
         storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None,
-        on_error=args.on_error, workers=args.workers,
+        on_error=args.on_error,
     )
     print(f"cache written to {out}")
     return 0

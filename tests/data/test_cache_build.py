@@ -1,0 +1,80 @@
+"""build_cache: the manifest it keeps rewriting, and resuming an interrupted build."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rectiflow.data.cache import _ManifestWriter, build_cache
+from rectiflow.data.sources import open_source
+from rectiflow.errors import RectiflowError
+
+
+class MeanPoolAE(torch.nn.Module):
+    """A deterministic stand-in encoder: 8x8 average pooling to 16 channels (identity lies in the weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.params = {"kind": "mean-pool-test"}
+        self.proj = torch.nn.Parameter(torch.linspace(-1, 1, 48).reshape(16, 3), requires_grad=False)
+
+    @torch.no_grad()
+    def encode(self, x):
+        return torch.einsum("oc,bchw->bohw", self.proj, torch.nn.functional.avg_pool2d(x, 8))
+
+
+class WordText:
+    def encode(self, prompts):
+        txt = torch.tensor([[float(len(p)), float(p.count("a"))] for p in prompts])[:, None, :]  # [b, 1, 2]
+        return txt.repeat(1, 3, 1), txt[:, 0]
+
+    def spec(self):
+        return {"kind": "word-test"}
+
+    def fingerprint(self):
+        return "word-test-v1"
+
+
+def _folder(root, write_image, n=23):
+    sizes = [(48 + 8 * (i % 4), 40 + 8 * (i % 3)) for i in range(n)]
+    for i, (w, h) in enumerate(sizes):
+        write_image(root / f"{i:02d}.png", w, h, seed=i)
+        (root / f"{i:02d}.txt").write_text(f"a caption {i % 5}")
+    (root / "07.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # unreadable: skipped either way
+    return open_source(root)
+
+
+def test_manifest_writer_writes_the_whole_manifest(tmp_path):
+    m = {"format": "x", "ids": ["a", "b"], "captions": ["", "c \"q\""], "shards": [{"file": "f", "n": 2}]}
+    w = _ManifestWriter(tmp_path, m)
+    for done, status in ((set(), "in_progress"), ({"f", "e"}, "complete")):
+        w.write(done, status)
+        assert json.loads((tmp_path / "manifest.json").read_text()) == {**m, "done": sorted(done),
+                                                                          "status": status}
+
+
+def test_interrupted_cache_resumes_only_missing_shards(tmp_path, write_image):
+    src = _folder(tmp_path / "data", write_image, n=12)
+    out = build_cache(src, MeanPoolAE(), WordText(), tmp_path / "c", size=32, batch_size=4, shard_size=4)
+    m = json.loads((out / "manifest.json").read_text())
+    files = [s["file"] for s in m["shards"] + m["text_shards"]]
+    assert m["status"] == "complete" and m["done"] == sorted(files) and m["num_samples"] == 11
+    before = {f: load_file(str(out / f)) for f in files}
+    # as if killed before the last latent shard was recorded
+    last = m["shards"][-1]["file"]
+    (out / last).unlink()
+    m.update(done=sorted(set(files) - {last}), status="in_progress")
+    (out / "manifest.json").write_text(json.dumps(m))
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files if f != last}
+    build_cache(src, MeanPoolAE(), WordText(), out, size=32, batch_size=4, shard_size=4)
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps  # nothing else redone
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["status"] == "complete" and again["done"] == sorted(files)
+    assert {k: v for k, v in again.items() if k not in ("done", "status")} == \
+        {k: v for k, v in m.items() if k not in ("done", "status")}
+    assert torch.equal(load_file(str(out / last))["latents"], before[last]["latents"])
+    with pytest.raises(RectiflowError, match="other settings"):
+        build_cache(src, MeanPoolAE(), WordText(), out, size=48, batch_size=4, shard_size=4)
