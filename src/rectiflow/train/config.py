@@ -237,6 +237,26 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Few-step distillation (progressive distillation, Salimans & Ho 2022, on the rectified-flow ODE). With
+    `teacher` set (transformer weights in any format load_transformer reads; usually model.init too), each
+    step trains the model to cover with ONE Euler step of size dt = 1 / student_steps what the teacher covers
+    in TWO Euler steps of dt / 2: t is drawn uniformly from the student grid 1, 1 - dt, ..., dt (the linear
+    grid the sampler uses with no shift), x_t from the forward path, and the target velocity is
+    (x_t - x_{t-dt}) / dt, the mean of the teacher's two velocities. Each teacher velocity uses
+    classifier-free guidance at teacher_cfg (with the cache's empty caption as the unconditional input);
+    above 1 the guidance is distilled too, and the student samples with CFG 1 (one forward per step)."""
+
+    teacher: str = ""
+    student_steps: int = 4
+    teacher_cfg: float = 1.0
+
+    def __post_init__(self):
+        _check(self.student_steps >= 1, f"distill.student_steps={self.student_steps}; use >= 1")
+        _check(self.teacher_cfg >= 0, f"distill.teacher_cfg={self.teacher_cfg}; use >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +269,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some fields of some sections changed: cfg.replace(train={"steps": 5})."""

@@ -120,6 +120,7 @@ class Trainer:
         loss_weight(cfg.flow.loss_weight, torch.full((1,), 0.5), **cfg.flow.loss_weight_params)  # validate
         self._setup_data()
         self._setup_model(parallelize)
+        self.teacher = self._setup_teacher() if cfg.distill.teacher else None
         self.generator = torch.Generator("cpu").manual_seed(cfg.train.seed)  # t and eps of every step
         self.step = 0
         self.bad_consecutive = self.bad_total = 0
@@ -172,6 +173,54 @@ class Trainer:
         if cfg.ema.enabled:
             self.ema = {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()}
 
+    def _setup_teacher(self):
+        """The frozen teacher of few-step distillation (cfg.distill) and the unconditional text input."""
+        cfg = self.cfg
+        if cfg.flow.path != "rectified_flow":
+            raise ConfigError(f"distill.teacher needs flow.path = 'rectified_flow' (got {cfg.flow.path!r}): "
+                              "the targets are Euler steps of the rectified-flow ODE")
+        teacher = load_transformer(cfg.distill.teacher, device=self.device, dtype=torch.float32)
+        teacher.eval().requires_grad_(False)
+        txt0, vec0 = self.cache.text(self.cache.empty_caption_index)  # the cached "" embedding
+        self._uncond = (txt0.to(self.device, torch.float32), vec0.to(self.device, torch.float32))
+        log.info("distilling %s (CFG %g) into %d-step Euler", cfg.distill.teacher, cfg.distill.teacher_cfg,
+                 cfg.distill.student_steps)
+        return teacher
+
+    def student_times(self, n: int) -> torch.Tensor:
+        """t [n] drawn uniformly from the student grid 1, 1 - dt, ..., dt (dt = 1 / distill.student_steps)."""
+        s = self.cfg.distill.student_steps
+        k = torch.randint(s, (n,), generator=self.generator)
+        return 1.0 - k.to(torch.float32) / s
+
+    @torch.no_grad()
+    def _teacher_velocity(self, x, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
+        """The teacher's velocity at (x [b, L, C], t [b]), CFG at distill.teacher_cfg."""
+        b, dev, scale = x.shape[0], self.device, self.cfg.distill.teacher_cfg
+        if scale != 1.0:
+            txt0, vec0 = self._uncond
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            txt = torch.cat([txt, txt0.expand(b, *txt0.shape)])
+            vec = torch.cat([vec, vec0.expand(b, *vec0.shape)])
+            guidance = None if guidance is None else torch.cat([guidance, guidance])
+        n = x.shape[0]
+        with self._autocast():
+            v = self.teacher(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
+                             guidance).float()
+        if scale != 1.0:
+            v_cond, v_uncond = v[:b], v[b:]
+            v = v_uncond + scale * (v_cond - v_uncond)  # CFG (Ho & Salimans 2022)
+        return v
+
+    def distill_target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
+        """Target velocity of one student Euler step from t to t - dt: the mean of two teacher Euler
+        half-steps' velocities, (x_t - x_{t-dt}) / dt. x_t [b, L, C], t [b] -> [b, L, C]."""
+        half = 0.5 / self.cfg.distill.student_steps
+        v1 = self._teacher_velocity(x_t, t, txt, vec, h, w, guidance)
+        x_mid = x_t - half * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
+        v2 = self._teacher_velocity(x_mid, t - half, txt, vec, h, w, guidance)
+        return 0.5 * (v1 + v2)
+
     def _check_cache_fits(self) -> None:
         item = self.cache[0]
         p = self.params
@@ -199,6 +248,8 @@ class Trainer:
         guidance = None
         if self.params.guidance_embed:
             guidance = torch.full((b,), self.cfg.model.guidance, device=dev)  # [b]
+        if self.teacher is not None:
+            target = self.distill_target(x_t, t, txt, vec, h, w, guidance)
         with self._autocast():
             out = self.model(self.path.model_input(x_t, t), image_ids(b, h, w, dev), txt,
                              text_ids(b, txt.shape[1], dev), t, vec, guidance)
@@ -216,7 +267,10 @@ class Trainer:
         epoch, indices = self.stream.next()
         self.cache.set_epoch(epoch)
         n = len(indices)
-        t = sample_timesteps(cfg.flow.timesteps, n, self.generator, **cfg.flow.timestep_params)  # [B]
+        if self.teacher is not None:
+            t = self.student_times(n)  # [B] on the student's sampling grid
+        else:
+            t = sample_timesteps(cfg.flow.timesteps, n, self.generator, **cfg.flow.timestep_params)  # [B]
         shape = self.cache.latents(indices[0]).shape
         eps = torch.randn((n, *shape), generator=self.generator)  # [B, C, h, w]
         losses, ids = [], []
