@@ -77,10 +77,11 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     vt = "".join(f"| {t:.3f} | {v:.4f} |\n" for t, v in info.get("val_by_t", []))
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file()) / 2**20
     if info.get("distill_loss") is not None:
-        sampling = (f"Trained with 10% caption dropout for classifier-free guidance, then distilled "
-                    f"(`configs/shapes_distill.toml`) so that {steps} Euler steps without CFG follow "
-                    f"{2 * steps} guided ones (final distillation loss {info['distill_loss']:.4f}); default "
-                    f"CFG scale {cfg_scale}.")
+        sampling = (f"Trained with 10% caption dropout for classifier-free guidance, then distilled\n"
+                    f"(`configs/shapes_distill.toml`): one Euler step of the student, without CFG, learns\n"
+                    f"two"
+                    f" CFG-guided Euler steps of the teacher (final distillation loss "
+                    f"{info['distill_loss']:.4f}). Default: {steps} steps, CFG scale {cfg_scale}.")
     else:
         sampling = (f"Trained with 10% caption dropout, so it samples with classifier-free guidance (default "
                     f"scale {cfg_scale}).")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole recipe of the bundled default model (src/rectiflow/assets/default), with rectiflow's own commands:
 #   shapes-world images -> autoencoder (train-ae) -> latent + MiniLM caches -> transformer (train) -> eval ->
-#   fp16 bundle + model card.
-# Usage (from anywhere):  bash recipes/shapes/run.sh            # ~4.2 h on a 2-core CPU
+#   few-step distillation (train with [distill]) -> eval -> fp16 bundle + model card.
+# Usage (from anywhere):  bash recipes/shapes/run.sh            # ~5.1 h on a 2-core CPU
 # Every stage resumes: rerun the same command after an interruption. Environment knobs:
 #   RUNS=runs/shapes  N_IMAGES=100000  OMP_NUM_THREADS=2  STEPS=<train further, to N transformer steps>
 #   LR=<peak lr of that further phase, default 4e-4>
-#   CFG=<CFG scale for eval and the bundle default>  DEST=src/rectiflow/assets/default
+#   CFG=<CFG scale of the undistilled model's eval>  DEST=src/rectiflow/assets/default
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/shapes}
@@ -63,8 +63,20 @@ phase transformer 5500
 phase transformer-continued 7000
 phase transformer-continued-2 15000 optim.lr=4e-4
 if [ -n "${STEPS:-}" ]; then phase transformer-continued-n "$STEPS" optim.lr="${LR:-4e-4}"; fi
-# 5. the benchmark at 1, 2, 4 and 8 Euler steps, both splits
+# 5. the benchmark of that model at 1, 2, 4 and 8 Euler steps, both splits
 stage eval rectiflow eval shapes --model "$RUNS/train/export/bundle" --steps 1,2,4,8 --sampler euler \
   --cfg "$CFG" --size 64 --out "$RUNS/eval"
-# 6. the bundle in the repo: fp16 transformer, sampling defaults, model card with the numbers above
-stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --cfg "$CFG" --steps 8 --dest "$DEST"
+# 6. few-step distillation (configs/shapes_distill.toml): a student started from that model learns to do in
+#    one Euler step without CFG what it does in two with CFG 3; the bundle ships the student (8 steps, CFG 1)
+T="$RUNS/train/export/bundle/transformer.safetensors"
+if [ ! -f "$RUNS/distill/export/bundle/model.json" ]; then
+  resume=(); if ls -d "$RUNS/distill/checkpoints"/step-* >/dev/null 2>&1; then resume=(--resume); fi
+  stage distill rectiflow train configs/shapes_distill.toml model.init="$T" distill.teacher="$T" \
+    model.autoencoder="$RUNS/ae/ae.safetensors" data.cache="$RUNS/cache" train.out_dir="$RUNS/distill" \
+    "${resume[@]}"
+fi
+stage eval-distilled rectiflow eval shapes --model "$RUNS/distill/export/bundle" --steps 1,2,4,8 \
+  --sampler euler --cfg 1.0 --size 64 --out "$RUNS/eval-distilled"
+# 7. the bundle in the repo: fp16 transformer, sampling defaults, model card with the numbers above
+stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --distill "$RUNS/distill" \
+  --eval "$RUNS/eval-distilled" --cfg 1.0 --steps 8 --dest "$DEST"
