@@ -14,15 +14,8 @@ N_IMAGES=${N_IMAGES:-100000}
 CFG=${CFG:-3.0}
 DEST=${DEST:-src/rectiflow/assets/default}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-mkdir -p "$RUNS"
-TIMES="$RUNS/timings.jsonl"
-stage() {  # stage NAME CMD...: run, append the wall time to $TIMES
-  local name=$1; shift
-  local t0; t0=$(date +%s)
-  echo "== $name: $*" >&2
-  "$@"
-  echo "{\"stage\": \"$name\", \"seconds\": $(( $(date +%s) - t0 ))}" >> "$TIMES"
-}
+# shellcheck source=recipes/shapes/stage.sh
+source recipes/shapes/stage.sh
 
 # 1. training images: the shapes world at 64 px (held-out combinations never rendered)
 if [ ! -f "$RUNS/data/metadata.jsonl" ]; then

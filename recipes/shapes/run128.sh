@@ -16,15 +16,8 @@ N_IMAGES=${N_IMAGES:-100000}
 WORKERS=${WORKERS:-16}
 DEVICE=${DEVICE:-cuda}
 CFG=${CFG:-3.0}
-mkdir -p "$RUNS"
-TIMES="$RUNS/timings.jsonl"
-stage() {  # stage NAME CMD...: run, append the wall time to $TIMES
-  local name=$1; shift
-  local t0; t0=$(date +%s)
-  echo "== $name: $*" >&2
-  "$@"
-  echo "{\"stage\": \"$name\", \"seconds\": $(( $(date +%s) - t0 ))}" >> "$TIMES"
-}
+# shellcheck source=recipes/shapes/stage.sh
+source recipes/shapes/stage.sh
 
 # 1. training images: the shapes world at 128 px (the same scenes and captions as run.sh's 64 px set: the
 #    world's geometry is relative to the canvas)
