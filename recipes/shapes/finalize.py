@@ -79,8 +79,7 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     if info.get("distill_loss") is not None:
         sampling = (f"Trained with 10% caption dropout for classifier-free guidance, then distilled\n"
                     f"(`configs/shapes_distill.toml`): one Euler step of the student, without CFG, learns\n"
-                    f"two"
-                    f" CFG-guided Euler steps of the teacher (final distillation loss "
+                    f"two CFG-guided Euler steps of the teacher (final distillation loss "
                     f"{info['distill_loss']:.4f}). Default: {steps} steps, CFG scale {cfg_scale}.")
     else:
         sampling = (f"Trained with 10% caption dropout, so it samples with classifier-free guidance (default "

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import N_SAMPLES, HashTextEncoder, PoolAutoEncoder, _item
 from rectiflow.data.cache import CachedText, build_cache
 from rectiflow.data.sources import ArraySource
-from rectiflow.errors import RectiflowError
+from rectiflow.errors import FormatError, RectiflowError
 
 
 def _text_rows(cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,3 +57,30 @@ def test_unknown_captions_and_missing_files_are_clear_errors(tiny_cache, tmp_pat
         CachedText(tiny_cache).encode(["a purple square"])
     with pytest.raises(RectiflowError, match="manifest.json"):
         CachedText(tmp_path)
+
+
+def test_broken_text_tables_are_clear_errors(tiny_cache, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text(json.dumps({"format": "something-else", "captions": []}))
+    with pytest.raises(FormatError, match="missing: text_encoder, text_shards"):
+        CachedText(bad)
+    m = json.loads((tiny_cache / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps(m))  # a real manifest, but no shard files beside it
+    with pytest.raises(RectiflowError, match="text shard text-00000.safetensors is missing"):
+        CachedText(bad)
+
+
+def test_cli_text_from_error_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from rectiflow.cli.main import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(data / "a.png")
+    (data / "a.txt").write_text("a red square")
+    rc = main(["cache", "--data", str(data), "--autoencoder", "tiny", "--text-from", str(tmp_path / "none"),
+               "--size", "32", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--text-from" in err and "manifest.json" in err

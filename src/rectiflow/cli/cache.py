@@ -59,7 +59,7 @@ def load_encoders(autoencoder: str, text_encoder: str, device, dtype):
     spec = text_encoder
     if text_encoder.endswith(".json") and Path(text_encoder).is_file():
         spec = json.loads(Path(text_encoder).read_text())
-    return ae.eval(), load_text_encoder(spec, device=device, dtype=dtype)
+    return ae, load_text_encoder(spec, device=device, dtype=dtype)
 
 
 def run(args) -> int:

@@ -116,7 +116,7 @@ class CaptionPolicy:
             weights = [self.mix.get(f, 0.0) for f in present] if self.mix is not None else [1.0] * n
             total = sum(weights)
             if total <= 0:  # none of the mixed fields present: fall back to the sample's own fields
-                weights, total = [1.0] * len(present), float(len(present))
+                weights, total = [1.0] * n, float(n)
             cdf = (np.asarray(weights, dtype=np.float64) / total).cumsum()
             cdf /= cdf[-1]
             cache[present] = cdf.tolist()

@@ -24,6 +24,7 @@ from rectiflow.convert.transformer import build_transformer, load_transformer
 from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.latent_cache import LatentCache
 from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.flow import cfg as guided
 from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
 from rectiflow.train import checkpoint as ckpt
@@ -207,10 +208,7 @@ class Trainer:
         with self._autocast():
             v = self.teacher(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
                              guidance).float()
-        if scale != 1.0:
-            v_cond, v_uncond = v[:b], v[b:]
-            v = v_uncond + scale * (v_cond - v_uncond)  # CFG (Ho & Salimans 2022)
-        return v
+        return guided(v[:b], v[b:], scale) if scale != 1.0 else v  # CFG (Ho & Salimans 2022)
 
     def distill_target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
         """Target velocity of one student Euler step from t to t - dt: the mean of two teacher Euler
