@@ -69,10 +69,12 @@ def test_rectiflow_file_metadata(tmp_path, tiny_model, tiny):
     assert all(torch.equal(lib[k], v) for k, v in sio.load_tensors(tmp_path / "lib.safetensors").items())
 
 
-def test_sincos_model_only_in_rectiflow_format(tmp_path, tiny, make_model):
-    m = make_model(dataclasses.replace(tiny, pos_embed="sincos"))
+@pytest.mark.parametrize("change", [dict(pos_embed="sincos"), dict(text_pos="index")])
+def test_ablations_only_in_rectiflow_format(tmp_path, tiny, make_model, change):
+    m = make_model(dataclasses.replace(tiny, **change))
     save_transformer(m, tmp_path / "ok.safetensors")
-    assert load_transformer(tmp_path / "ok.safetensors").params.pos_embed == "sincos"
+    loaded = load_transformer(tmp_path / "ok.safetensors").params
+    assert all(getattr(loaded, k) == v for k, v in change.items())
     for fmt in ("bfl", "diffusers"):
         with pytest.raises(FormatError, match="format='rectiflow'"):
             save_transformer(m, tmp_path / f"x-{fmt}", fmt)

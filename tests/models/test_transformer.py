@@ -81,6 +81,8 @@ def test_transformer_params_inputs():
     (dict(axes_dim=(8, 28, 20)), "sums to 56"),
     (dict(axes_dim=(9, 27, 28)), "positive even"),
     (dict(pos_embed="alibi"), "pos_embed"),
+    (dict(text_pos="absolute"), "text_pos"),
+    (dict(text_pos="index", pos_embed="sincos"), "needs pos_embed='rope'"),
     (dict(mlp_ratio=0.0), "mlp_ratio"),
     (dict(depth=-1), "depth"),
     (dict(in_channels=0), "in_channels"),
@@ -103,8 +105,31 @@ def test_forward_shapes_and_ids_broadcast():
     with torch.no_grad():
         out = model(**x)
         shared = model(**{**x, "img_ids": x["img_ids"][:1], "txt_ids": x["txt_ids"][:1]})
+        mixed = model(**{**x, "txt_ids": x["txt_ids"][:1]})  # shared text ids, per-image image ids
     assert out.shape == (2, 12, 64) and torch.isfinite(out).all()
     torch.testing.assert_close(shared, out, rtol=0, atol=0)
+    torch.testing.assert_close(mixed, out, rtol=0, atol=0)
+
+
+def test_text_pos_index_makes_word_order_visible():
+    """FLUX's text ids are all zero, so the transformer itself cannot see the order of the text tokens (only
+    the text encoder's contextual features carry it); text_pos='index' gives token i the RoPE id (i, 0, 0)."""
+    torch.manual_seed(0)
+    flux = Flux(MICRO).eval()
+    indexed = Flux(dataclasses.replace(MICRO, text_pos="index")).eval()
+    indexed.load_state_dict(flux.state_dict())  # no extra weights
+    x = _inputs(MICRO)
+    flipped = {**x, "txt": x["txt"].flip(1)}
+    shifted = {**x, "txt_ids": x["txt_ids"] + torch.tensor([1.0, 0.0, 0.0])}
+    with torch.no_grad():
+        torch.testing.assert_close(flux(**flipped), flux(**x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(indexed(**flipped), indexed(**x), atol=1e-4)
+        # the same as FLUX fed ids (i, 0, 0) by hand
+        order = torch.arange(x["txt"].shape[1], dtype=torch.float32)[:, None] * torch.tensor([1.0, 0.0, 0.0])
+        torch.testing.assert_close(indexed(**x), flux(**{**x, "txt_ids": x["txt_ids"] + order}),
+                                   rtol=0, atol=0)
+        by_hand = {**shifted, "txt_ids": shifted["txt_ids"] + order}
+        torch.testing.assert_close(indexed(**shifted), flux(**by_hand), rtol=0, atol=0)
 
 
 def test_gradients_reach_every_parameter():

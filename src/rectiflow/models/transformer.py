@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.models.presets import resolve_params
@@ -32,12 +33,16 @@ PATCH_SIZE = 2
 # Width of the sinusoidal timestep / guidance features (BFL model.py: MLPEmbedder(in_dim=256, ...)).
 TIME_EMBED_DIM = 256
 POS_EMBEDS = ("rope", "sincos")
+# Text-token RoPE ids: "none" = all zero (FLUX prepare()); "index" = the token's index on axis 0, so joint
+# attention sees relative word order (a rectiflow-only ablation: FLUX checkpoints cannot record it).
+TEXT_POS = ("none", "index")
 
 
 @dataclass(frozen=True)
 class FluxParams:
-    """BFL's FluxParams (flux/model.py) plus `pos_embed`: "rope" (FLUX) or "sincos" (SD3-style absolute 2D
-    sin-cos added to the image tokens, no RoPE; an ablation, not loadable from FLUX checkpoints)."""
+    """BFL's FluxParams (flux/model.py) plus two ablations that FLUX checkpoints cannot record: `pos_embed`,
+    "rope" (FLUX) or "sincos" (SD3-style absolute 2D sin-cos added to the image tokens, no RoPE), and
+    `text_pos`, "none" (FLUX: text ids all zero) or "index" (text token i gets RoPE id (i, 0, 0))."""
 
     in_channels: int
     out_channels: int
@@ -53,6 +58,7 @@ class FluxParams:
     qkv_bias: bool
     guidance_embed: bool
     pos_embed: str = "rope"
+    text_pos: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -82,6 +88,10 @@ class FluxParams:
             raise ConfigError(f"FluxParams.theta must be > 0, got {self.theta}")
         if self.pos_embed not in POS_EMBEDS:
             raise ConfigError(f"FluxParams.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.text_pos not in TEXT_POS:
+            raise ConfigError(f"FluxParams.text_pos must be one of {TEXT_POS}, got {self.text_pos!r}")
+        if self.text_pos != "none" and self.pos_embed != "rope":
+            raise ConfigError(f"FluxParams.text_pos={self.text_pos!r} needs pos_embed='rope'")
         if self.pos_embed == "sincos" and self.hidden_size % 4:
             raise ConfigError("FluxParams.pos_embed='sincos' needs hidden_size divisible by 4")
 
@@ -185,8 +195,13 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.float(), TIME_EMBED_DIM).to(img.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)  # [B, L_txt, hidden]
+        if self.params.text_pos == "index":
+            order = torch.arange(txt_ids.shape[1], device=txt_ids.device, dtype=txt_ids.dtype)
+            txt_ids = txt_ids + F.pad(order[:, None], (0, txt_ids.shape[-1] - 1))  # (i, 0, 0) added per token
         if self.params.pos_embed == "rope":
-            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # RoPE tables for [txt; img]
+            n = max(txt_ids.shape[0], img_ids.shape[0])  # ids may be shared ([1, ...]) or per image
+            ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)
+            pe = self.pe_embedder(ids)  # RoPE tables for [txt; img]
         else:  # SD3-style absolute position of the image tokens (row, col), no RoPE
             img = img + sincos_2d_embedding(img_ids[..., 1], img_ids[..., 2], self.hidden_size).to(img.dtype)
             pe = None
