@@ -61,7 +61,16 @@ stage eval rectiflow eval shapes --model "$RUNS/train/export/bundle" --steps 1,2
   --cfg "$CFG" --size 64 --out "$RUNS/eval"
 # 6. few-step distillation (configs/shapes_distill.toml): a student started from that model learns to do in
 #    one Euler step without CFG what it does in two with CFG 3; the bundle ships the student (8 steps, CFG 1)
+#    The student is tied to its teacher by a stamp (distill/teacher.sha256): when the teacher changes (e.g.
+#    after STEPS=N), the old student is moved aside to distill.old-<its teacher's hash> and distilled anew.
 T="$RUNS/train/export/bundle/transformer.safetensors"
+want=$(sha256sum "$T" | cut -d' ' -f1)
+have=$(cat "$RUNS/distill/teacher.sha256" 2>/dev/null || echo unstamped)
+if [ -d "$RUNS/distill" ] && [ "$have" != "$want" ]; then
+  echo "== distill: the teacher is not the one $RUNS/distill was distilled from; moving that aside" >&2
+  mv "$RUNS/distill" "$RUNS/distill.old-${have:0:12}-$(date +%s)"
+fi
+mkdir -p "$RUNS/distill" && echo "$want" > "$RUNS/distill/teacher.sha256"
 if [ ! -f "$RUNS/distill/export/bundle/model.json" ]; then
   resume=(); if ls -d "$RUNS/distill/checkpoints"/step-* >/dev/null 2>&1; then resume=(--resume); fi
   stage distill rectiflow train configs/shapes_distill.toml model.init="$T" distill.teacher="$T" \

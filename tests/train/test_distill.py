@@ -68,6 +68,34 @@ def test_student_times_are_the_sampling_grid(tiny_cache, tmp_path, teacher_file)
     assert set(t.tolist()) == {1.0, 0.75, 0.5, 0.25}
 
 
+def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, teacher_file):
+    """While distilling, validation loss = MSE of the student against the teacher's two-half-step target at
+    the student's grid times (not against the flow target eps - x0)."""
+    tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=2", "distill.teacher_cfg=2.0",
+                  "validation.every=1", "validation.holdout=6", "validation.use_ema=false")
+    got = tr.validator.loss(tr.model)
+    assert sorted(got) == ["loss", "loss_t0.500", "loss_t1.000"]
+    holdout = [tr.validator.cache[i] for i in tr.holdout]
+    lat = torch.stack([it["latents"] for it in holdout]).float()
+    txt = torch.stack([it["txt"] for it in holdout]).float()
+    vec = torch.stack([it["vec"] for it in holdout]).float()
+    g = torch.Generator().manual_seed(tr.cfg.validation.seed)
+    eps = torch.stack([torch.randn(it["latents"].shape, generator=g) for it in holdout])
+    b, _, h, w = lat.shape
+    want, flow_loss = {}, {}
+    with torch.no_grad():
+        for tk in (1.0, 0.5):
+            t = torch.full((b,), tk)
+            x_t = (1 - tk) * pack(lat) + tk * pack(eps)
+            pred = tr.model(x_t, image_ids(b, h, w), txt, text_ids(b, txt.shape[1]), t, vec, None)
+            want[tk] = (pred - tr.distill_target(x_t, t, txt, vec, h, w)).pow(2).mean().item()
+            flow_loss[tk] = (pred - (pack(eps) - pack(lat))).pow(2).mean().item()
+    assert got["loss_t1.000"] == pytest.approx(want[1.0], rel=1e-5)
+    assert got["loss_t0.500"] == pytest.approx(want[0.5], rel=1e-5)
+    assert got["loss"] == pytest.approx((want[1.0] + want[0.5]) / 2, rel=1e-5)
+    assert got["loss_t0.500"] != pytest.approx(flow_loss[0.5], rel=1e-2)
+
+
 def test_config_errors(tiny_cache, tmp_path, teacher_file):
     with pytest.raises(ConfigError, match="student_steps"):
         load_config(TINY_TOML, ["distill.student_steps=0"])

@@ -4,7 +4,10 @@ Validation loss (Esser et al. 2024, SD3, sec. 5.1 and app. B.2: the loss on held
 noise, evaluated at fixed timesteps, which tracks sample quality): the `validation.holdout` cache samples
 that training never sees, each with one fixed caption (no dropout) and one fixed noise draw (seeded by
 validation.seed), are evaluated at t_k = (k + 0.5) / K for K = validation.buckets. Reported per bucket
-("loss_t0.062", ...) and their mean ("loss"), unweighted MSE against the path's target.
+("loss_t0.062", ...) and their mean ("loss"), unweighted MSE against the path's target. When distilling
+(cfg.distill.teacher), the loss is the distillation loss instead: at each time of the student's grid
+(1, 1 - dt, ..., dt), MSE against the teacher's two-half-step target (Trainer.distill_target), so it measures
+what the student is trained for.
 
 Sample grid: every prompt x seed, sampled from t = 1 to 0 with a rectiflow.flow solver (true CFG with the
 cached "" embedding when cfg_scale > 1), decoded with model.autoencoder, saved as
@@ -86,18 +89,28 @@ class Validator:
         for n, p in model.named_parameters():
             p.copy_(src[n])
 
+    def times(self) -> list[float]:
+        """The validation timesteps: SD3's bucket centres, or the student's grid when distilling."""
+        if self.trainer.teacher is not None:
+            s = self.trainer.cfg.distill.student_steps
+            return [1.0 - k / s for k in range(s)]
+        return bucket_times(self.cfg.buckets)
+
     @torch.no_grad()
     def loss(self, model) -> dict[str, float]:
         tr = self.trainer
         dev = tr.device
         out: dict[str, float] = {}
-        for t_k in bucket_times(self.cfg.buckets):
+        for t_k in self.times():
             total, count = 0.0, 0
             for g in self.groups:
                 lat = g["latents"].to(dev, torch.float32)
                 b, _, h, w = lat.shape
                 t = torch.full((b,), t_k, device=dev)
                 x_t, target = training_pair(tr.path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
+                if tr.teacher is not None:
+                    target = tr.distill_target(x_t, t, g["txt"].to(dev, torch.float32),
+                                               g["vec"].to(dev, torch.float32), h, w, self._guidance(b))
                 pred = self._forward(model, tr.path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
                 total += float((pred.float() - target).pow(2).mean(dim=(1, 2)).sum())
                 count += b
@@ -109,11 +122,16 @@ class Validator:
         tr = self.trainer
         dev, b = tr.device, x.shape[0]
         txt, vec = txt.to(dev, torch.float32), vec.to(dev, torch.float32)
-        guidance = None
-        if tr.params.guidance_embed:
-            guidance = torch.full((b,), tr.cfg.model.guidance, device=dev)  # [b]
         with tr._autocast():
-            return model(x, image_ids(b, h, w, dev), txt, text_ids(b, txt.shape[1], dev), t, vec, guidance)
+            return model(x, image_ids(b, h, w, dev), txt, text_ids(b, txt.shape[1], dev), t, vec,
+                         self._guidance(b))
+
+    def _guidance(self, b: int) -> torch.Tensor | None:
+        """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
+        tr = self.trainer
+        if not tr.params.guidance_embed:
+            return None
+        return torch.full((b,), tr.cfg.model.guidance, device=tr.device)
 
     # ---- sample grid -------------------------------------------------------------------------------------
 
