@@ -178,3 +178,45 @@ def test_fsdp2_checkpoint_loads_and_resumes_in_one_process(tiny_cache, fsdp2_run
     want = load_file(str(single_run / "checkpoints" / FINAL / "optimizer.safetensors"))
     assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-8) for k in want)
 
+
+
+# ---- few-step distillation under DDP / FSDP2 ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distill_args(tmp_path_factory):
+    """ARGS plus a [distill] section: a micro teacher (random, larger output weights so CFG matters) that is
+    also the student's init. Every rank loads the (unsharded, frozen) teacher."""
+    from rectiflow.convert.transformer import build_transformer, save_transformer
+
+    torch.manual_seed(3)
+    teacher = build_transformer("micro")
+    with torch.no_grad():
+        for p in teacher.final_layer.parameters():
+            p.normal_(0, 0.2)
+    path = save_transformer(teacher, tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
+    return (*ARGS, f'model.init="{path}"', f'distill.teacher="{path}"', "distill.student_steps=2",
+            "distill.teacher_cfg=2.0")
+
+
+@pytest.fixture(scope="module")
+def single_distill_run(tiny_cache, tmp_path_factory, distill_args):
+    out = tmp_path_factory.mktemp("single-distill") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(load_config(TINY_TOML, overrides(tiny_cache, out, *distill_args)))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("mode,rtol", [("ddp", 1e-6), ("fsdp2", 1e-5)])
+def test_distillation_on_two_processes_matches_one(tiny_cache, single_distill_run, distill_args, tmp_path,
+                                                    mode, rtol):
+    out = tmp_path / mode
+    r = torchrun(overrides(tiny_cache, out, *distill_args, f"distributed.mode={mode}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "distilling" in r.stderr
+    _assert_losses_close(_losses(out), _losses(single_distill_run), rtol=rtol)
+    _assert_weights_close(out / "checkpoints" / FINAL, single_distill_run / "checkpoints" / FINAL, atol=1e-5)
