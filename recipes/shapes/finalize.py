@@ -66,10 +66,10 @@ def _plots(runs: Path, dest: Path, distill: Path | None = None) -> dict:
 
 
 def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
-          recipe: str, config: str, hardware: str, steps: int, eval_dir: Path) -> str:
+          recipe: str, config: str, hardware: str, steps: int, eval_dir: Path, ae_dir: Path) -> str:
     ev = json.loads((eval_dir / "report.json").read_text())
     table = (eval_dir / "report.md").read_text()
-    ae = json.loads((runs / "ae" / "report.json").read_text())
+    ae = json.loads((ae_dir / "report.json").read_text())
     times = [json.loads(line) for line in (runs / "timings.jsonl").read_text().splitlines() if line.strip()]
     total = sum(t["seconds"] for t in times)
     wall = "\n".join(f"| {t['stage']} | {t['seconds'] / 60:.1f} |" for t in times)
@@ -84,7 +84,7 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     else:
         sampling = (f"Trained with 10% caption dropout, so it samples with classifier-free guidance (default "
                     f"scale {cfg_scale}).")
-    score_file = runs / "ae" / "score.json"
+    score_file = ae_dir / "score.json"
     ae_score = ""
     if score_file.is_file():
         sc = json.loads(score_file.read_text())
@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--notes", default=None, help="markdown appended to the model card")
     ap.add_argument("--distill", default=None,
                     help="a distillation run dir (configs/shapes_distill.toml): ship its student instead")
+    ap.add_argument("--ae", default=None,
+                    help="the autoencoder's train-ae dir (report.json, score.json; default RUNS/ae)")
     ap.add_argument("--eval", default=None,
                     help="the eval dir whose report goes in the card (default RUNS/eval)")
     args = ap.parse_args()
@@ -169,7 +171,7 @@ def main() -> None:
               "double": p.depth, "single": p.depth_single_blocks}
     hardware = args.hardware or (f"{_cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}")
     card = _card(runs, dest, args.cfg, info, name, params, px, args.recipe, args.config, hardware, args.steps,
-                 eval_dir)
+                 eval_dir, Path(args.ae) if args.ae else runs / "ae")
     if args.notes:
         card += "\n" + Path(args.notes).read_text()
     (dest / "README.md").write_text(card)

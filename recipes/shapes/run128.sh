@@ -8,7 +8,7 @@
 #   STEPS=<transformer steps, default configs/shapes128.toml's>  AE=<skip the fine-tune, use these weights>
 #   TEXT_FROM=<a cache of the same captions: reuse its MiniLM embeddings, no text encoder needed>
 #   EXTRA="<more config overrides>"  CFG=3.0  FINALIZE=1 DEST=src/rectiflow/assets/default
-#   HARDWARE="<where it trained, for the model card>"
+#   HARDWARE="<where it trained, for the model card>"  EVAL_ARGS="<more eval options, e.g. --limit 2>"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/shapes128}
@@ -53,10 +53,11 @@ if [ -n "${EXTRA:-}" ]; then OVERRIDES+=($EXTRA); fi
 resume=(); if ls -d "$RUNS/train/checkpoints"/step-* >/dev/null 2>&1; then resume=(--resume); fi
 stage transformer rectiflow train configs/shapes128.toml "${OVERRIDES[@]}" "${resume[@]}"
 # 5. the benchmark at 1, 2, 4 and 8 Euler steps, both splits; 6. the bundle
+# shellcheck disable=SC2086
 if [ "${FINALIZE:-0}" = 1 ]; then
   stage eval rectiflow eval shapes --model "$RUNS/train/export/bundle" --steps 1,2,4,8 --sampler euler \
-    --cfg "$CFG" --size 128 --out "$RUNS/eval"
+    --cfg "$CFG" --size 128 --out "$RUNS/eval" ${EVAL_ARGS:-}
   stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --cfg "$CFG" --steps 8 \
     --dest "${DEST:-src/rectiflow/assets/default}" --recipe "bash recipes/shapes/run128.sh" \
-    --config configs/shapes128.toml ${HARDWARE:+--hardware "$HARDWARE"}
+    --config configs/shapes128.toml --ae "$(dirname "$AE")" ${HARDWARE:+--hardware "$HARDWARE"}
 fi

@@ -60,16 +60,21 @@ def _assert_weights_close(a, b, atol: float) -> None:
         assert worst <= atol, f"{f}: max abs difference {worst}"
 
 
-@pytest.fixture(scope="module")
-def single_run(tiny_cache, tmp_path_factory):
-    """The 1-process reference, in this process (1 thread, like the torchrun children)."""
-    out = tmp_path_factory.mktemp("single") / "run"
+def _one_process(tiny_cache, out, args, resume=None):
+    """A run in this process with 1 thread, like each torchrun child."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(load_config(TINY_TOML, overrides(tiny_cache, out, *ARGS)))
+        return run_training(load_config(TINY_TOML, overrides(tiny_cache, out, *args)), resume=resume)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_cache, tmp_path_factory):
+    """The 1-process reference."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    _one_process(tiny_cache, out, ARGS)
     return out
 
 
@@ -166,12 +171,7 @@ def test_fsdp2_checkpoint_loads_and_resumes_in_one_process(tiny_cache, fsdp2_run
     out = tmp_path / "one"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(fsdp2_run / "checkpoints" / "step-000000006", out / "checkpoints" / "step-000000006")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_training(load_config(TINY_TOML, overrides(tiny_cache, out, *ARGS)), resume="latest")
-    finally:
-        torch.set_num_threads(threads)
+    result = _one_process(tiny_cache, out, ARGS, resume="latest")
     assert result["step"] == 7
     _assert_weights_close(out / "checkpoints" / FINAL, single_run / "checkpoints" / FINAL, atol=1e-5)
     got = load_file(str(out / "checkpoints" / FINAL / "optimizer.safetensors"))
@@ -202,12 +202,7 @@ def distill_args(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_distill_run(tiny_cache, tmp_path_factory, distill_args):
     out = tmp_path_factory.mktemp("single-distill") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(load_config(TINY_TOML, overrides(tiny_cache, out, *distill_args)))
-    finally:
-        torch.set_num_threads(threads)
+    _one_process(tiny_cache, out, distill_args)
     return out
 
 
