@@ -188,11 +188,21 @@ class Trainer:
                  cfg.distill.student_steps)
         return teacher
 
-    def student_times(self, n: int) -> torch.Tensor:
-        """t [n] drawn uniformly from the student grid 1, 1 - dt, ..., dt (dt = 1 / distill.student_steps)."""
+    def student_grid(self) -> torch.Tensor:
+        """The student's sampling times [student_steps]: 1, 1 - dt, ..., dt (dt = 1 / student_steps)."""
         s = self.cfg.distill.student_steps
-        k = torch.randint(s, (n,), generator=self.generator)
-        return 1.0 - k.to(torch.float32) / s
+        return 1.0 - torch.arange(s, dtype=torch.float32) / s
+
+    def student_times(self, n: int) -> torch.Tensor:
+        """t [n] drawn uniformly from the student grid."""
+        k = torch.randint(self.cfg.distill.student_steps, (n,), generator=self.generator)
+        return self.student_grid()[k]
+
+    def guidance_input(self, b: int) -> torch.Tensor | None:
+        """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
+        if not self.params.guidance_embed:
+            return None
+        return torch.full((b,), self.cfg.model.guidance, device=self.device)
 
     @torch.no_grad()
     def _teacher_velocity(self, x, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
@@ -243,9 +253,7 @@ class Trainer:
         t = t.to(dev)
         x_t, target = training_pair(self.path, x0, noise, t)
         txt, vec = batch["txt"].to(dev, torch.float32), batch["vec"].to(dev, torch.float32)
-        guidance = None
-        if self.params.guidance_embed:
-            guidance = torch.full((b,), self.cfg.model.guidance, device=dev)  # [b]
+        guidance = self.guidance_input(b)
         if self.teacher is not None:
             target = self.distill_target(x_t, t, txt, vec, h, w, guidance)
         with self._autocast():

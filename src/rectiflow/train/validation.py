@@ -92,8 +92,7 @@ class Validator:
     def times(self) -> list[float]:
         """The validation timesteps: SD3's bucket centres, or the student's grid when distilling."""
         if self.trainer.teacher is not None:
-            s = self.trainer.cfg.distill.student_steps
-            return [1.0 - k / s for k in range(s)]
+            return self.trainer.student_grid().tolist()
         return bucket_times(self.cfg.buckets)
 
     @torch.no_grad()
@@ -110,7 +109,7 @@ class Validator:
                 x_t, target = training_pair(tr.path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
                 if tr.teacher is not None:
                     target = tr.distill_target(x_t, t, g["txt"].to(dev, torch.float32),
-                                               g["vec"].to(dev, torch.float32), h, w, self._guidance(b))
+                                               g["vec"].to(dev, torch.float32), h, w, tr.guidance_input(b))
                 pred = self._forward(model, tr.path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
                 total += float((pred.float() - target).pow(2).mean(dim=(1, 2)).sum())
                 count += b
@@ -124,14 +123,7 @@ class Validator:
         txt, vec = txt.to(dev, torch.float32), vec.to(dev, torch.float32)
         with tr._autocast():
             return model(x, image_ids(b, h, w, dev), txt, text_ids(b, txt.shape[1], dev), t, vec,
-                         self._guidance(b))
-
-    def _guidance(self, b: int) -> torch.Tensor | None:
-        """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
-        tr = self.trainer
-        if not tr.params.guidance_embed:
-            return None
-        return torch.full((b,), tr.cfg.model.guidance, device=tr.device)
+                         tr.guidance_input(b))
 
     # ---- sample grid -------------------------------------------------------------------------------------
 
