@@ -65,6 +65,19 @@ def _plots(runs: Path, dest: Path, distill: Path | None = None) -> dict:
     return info
 
 
+def _wall_rows(times: list[dict]) -> str:
+    """Table rows of the wall time per stage. stage.sh appends one line per invocation, so a stage that was
+    resumed after an interruption (or rerun) has several lines: they are summed into one row, first-seen
+    order, with the number of invocations."""
+    seconds: dict[str, float] = {}
+    runs: dict[str, int] = {}
+    for t in times:
+        seconds[t["stage"]] = seconds.get(t["stage"], 0) + t["seconds"]
+        runs[t["stage"]] = runs.get(t["stage"], 0) + 1
+    return "\n".join(f"| {name}{f' ({runs[name]} invocations)' if runs[name] > 1 else ''} | {sec / 60:.1f} |"
+                     for name, sec in seconds.items())
+
+
 def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
           recipe: str, config: str, hardware: str, steps: int, eval_dir: Path, ae_dir: Path) -> str:
     ev = json.loads((eval_dir / "report.json").read_text())
@@ -72,7 +85,7 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     ae = json.loads((ae_dir / "report.json").read_text())
     times = [json.loads(line) for line in (runs / "timings.jsonl").read_text().splitlines() if line.strip()]
     total = sum(t["seconds"] for t in times)
-    wall = "\n".join(f"| {t['stage']} | {t['seconds'] / 60:.1f} |" for t in times)
+    wall = _wall_rows(times)
     four = {s: ev["results"][s]["4"]["overall"] for s in ev["results"] if "4" in ev["results"][s]}
     vt = "".join(f"| {t:.3f} | {v:.4f} |\n" for t, v in info.get("val_by_t", []))
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file()) / 2**20

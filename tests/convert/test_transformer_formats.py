@@ -69,7 +69,8 @@ def test_rectiflow_file_metadata(tmp_path, tiny_model, tiny):
     assert all(torch.equal(lib[k], v) for k, v in sio.load_tensors(tmp_path / "lib.safetensors").items())
 
 
-@pytest.mark.parametrize("change", [dict(pos_embed="sincos"), dict(text_pos="index")])
+@pytest.mark.parametrize("change", [dict(pos_embed="sincos"), dict(text_pos="index"),
+                                    dict(pooled_text=False)])
 def test_ablations_only_in_rectiflow_format(tmp_path, tiny, make_model, change):
     m = make_model(dataclasses.replace(tiny, **change))
     save_transformer(m, tmp_path / "ok.safetensors")

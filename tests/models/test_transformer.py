@@ -132,9 +132,33 @@ def test_text_pos_index_makes_word_order_visible():
         torch.testing.assert_close(indexed(**shifted), flux(**by_hand), rtol=0, atol=0)
 
 
-def test_gradients_reach_every_parameter():
+def test_pooled_text_false_routes_text_through_attention_only():
+    """pooled_text=False drops vector_in: y no longer changes the output, the text tokens still do, and the
+    rest of the network is FLUX's (same weights, same output when FLUX's vector_in contributes nothing)."""
     torch.manual_seed(0)
-    p = dataclasses.replace(MICRO, depth=1, depth_single_blocks=1, guidance_embed=True)
+    p = dataclasses.replace(MICRO, pooled_text=False)
+    flux, bare = Flux(MICRO).eval(), Flux(p).eval()
+    assert bare.vector_in is None and "vector_in.in_layer.weight" not in bare.state_dict()
+    missing, unexpected = bare.load_state_dict(flux.state_dict(), strict=False)
+    assert missing == [] and sorted(unexpected) == sorted(k for k in flux.state_dict()
+                                                          if k.startswith("vector_in"))
+    x = _inputs(MICRO)
+    with torch.no_grad():
+        out = bare(**x)
+        torch.testing.assert_close(bare(**{**x, "y": torch.randn_like(x["y"])}), out, rtol=0, atol=0)
+        assert not torch.allclose(bare(**{**x, "txt": torch.randn_like(x["txt"])}), out, atol=1e-4)
+        torch.nn.init.zeros_(flux.vector_in.out_layer.weight)
+        torch.nn.init.zeros_(flux.vector_in.out_layer.bias)
+        torch.testing.assert_close(flux(**x), out, rtol=0, atol=0)
+    with pytest.raises(RectiflowError, match="pooled text vector"):
+        bare(**{**x, "y": x["y"][:, :-1]})  # y is still checked
+
+
+@pytest.mark.parametrize("pooled_text", [True, False])
+def test_gradients_reach_every_parameter(pooled_text):
+    torch.manual_seed(0)
+    p = dataclasses.replace(MICRO, depth=1, depth_single_blocks=1, guidance_embed=True,
+                            pooled_text=pooled_text)
     model = Flux(p)
     for q in model.parameters():  # adaLN-style nets are often zero-initialised; random keeps grads alive
         torch.nn.init.normal_(q, std=0.1)

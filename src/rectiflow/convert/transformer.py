@@ -200,6 +200,9 @@ def _check_portable(params: FluxParams, fmt: str) -> None:
     if params.text_pos != "none":
         raise FormatError(f"text_pos={params.text_pos!r} is a rectiflow-only ablation that the {fmt} "
                           "format cannot record: save with format='rectiflow'")
+    if not params.pooled_text:
+        raise FormatError(f"pooled_text=False is a rectiflow-only ablation (no vector_in) that the {fmt} "
+                          "format cannot record: save with format='rectiflow'")
     if fmt == "diffusers":
         fixed = {"mlp_ratio": 4.0, "qkv_bias": True, "theta": FLUX_THETA}
         bad = {k: getattr(params, k) for k, v in fixed.items() if getattr(params, k) != v}
@@ -228,7 +231,7 @@ def infer_params(shapes: dict[str, tuple[int, ...]], layout: str = "bfl") -> Flu
     base["num_heads"] = int(dims["hidden_size"]) // head_dim
     base["qkv_bias"] = dims.get("qkv_bias", True)
     for name, preset in TRANSFORMER_PRESETS.items():
-        plain = preset.pos_embed == "rope" and preset.text_pos == "none"
+        plain = preset.pos_embed == "rope" and preset.text_pos == "none" and preset.pooled_text
         if plain and all(getattr(preset, k) == v for k, v in base.items()):
             log.info("checkpoint shapes match preset %r", name)
             return preset

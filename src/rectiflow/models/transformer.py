@@ -40,9 +40,12 @@ TEXT_POS = ("none", "index")
 
 @dataclass(frozen=True)
 class FluxParams:
-    """BFL's FluxParams (flux/model.py) plus two ablations that FLUX checkpoints cannot record: `pos_embed`,
-    "rope" (FLUX) or "sincos" (SD3-style absolute 2D sin-cos added to the image tokens, no RoPE), and
-    `text_pos`, "none" (FLUX: text ids all zero) or "index" (text token i gets RoPE id (i, 0, 0))."""
+    """BFL's FluxParams (flux/model.py) plus three ablations that FLUX checkpoints cannot record: `pos_embed`,
+    "rope" (FLUX) or "sincos" (SD3-style absolute 2D sin-cos added to the image tokens, no RoPE);
+    `text_pos`, "none" (FLUX: text ids all zero) or "index" (text token i gets RoPE id (i, 0, 0)); and
+    `pooled_text`, True (FLUX: the pooled text vector y joins the adaLN conditioning through vector_in) or
+    False (no vector_in: adaLN sees the timestep (and guidance) only, and the text reaches the image through
+    joint attention alone; y is still passed, checked for shape, and ignored)."""
 
     in_channels: int
     out_channels: int
@@ -59,6 +62,7 @@ class FluxParams:
     guidance_embed: bool
     pos_embed: str = "rope"
     text_pos: str = "none"
+    pooled_text: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -159,7 +163,8 @@ class Flux(nn.Module):
         self.pe_embedder = EmbedND(dim=params.head_dim, theta=params.theta, axes_dim=params.axes_dim)
         self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
         self.time_in = MLPEmbedder(in_dim=TIME_EMBED_DIM, hidden_dim=params.hidden_size)
-        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
+        # pooled_text=False: no module at all (an unused one would trip DDP's unused-parameter check)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size) if params.pooled_text else None
         self.guidance_in = (
             MLPEmbedder(in_dim=TIME_EMBED_DIM, hidden_dim=params.hidden_size)
             if params.guidance_embed else nn.Identity()
@@ -193,7 +198,8 @@ class Flux(nn.Module):
         vec = self.time_in(timestep_embedding(timesteps.float(), TIME_EMBED_DIM).to(img.dtype))  # [B, hidden]
         if self.params.guidance_embed:
             vec = vec + self.guidance_in(timestep_embedding(guidance.float(), TIME_EMBED_DIM).to(img.dtype))
-        vec = vec + self.vector_in(y)
+        if self.vector_in is not None:
+            vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)  # [B, L_txt, hidden]
         if self.params.text_pos == "index":
             order = torch.arange(txt_ids.shape[1], device=txt_ids.device, dtype=txt_ids.dtype)
