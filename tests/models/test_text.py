@@ -186,6 +186,36 @@ def test_minilm_unnormalised_vec_is_the_masked_mean():
     assert raw.spec() == {"kind": "minilm", "max_length": 12, "normalize": False}
 
 
+
+def test_minilm_layer_takes_txt_from_an_inner_hidden_state(minilm):
+    from transformers import AutoModel, AutoTokenizer
+
+    from rectiflow.models.text import _minilm_dir
+
+    prompts = ["a photo of a red circle and a blue square", "a photo of two stars"]
+    inner = load_text_encoder({"kind": "minilm", "layer": 2})
+    assert inner.spec() == {"kind": "minilm", "max_length": 16, "normalize": True, "layer": 2}
+    assert inner.fingerprint() != minilm.fingerprint()
+    txt, vec = inner.encode(prompts)
+    txt6, vec6 = minilm.encode(prompts)
+    torch.testing.assert_close(vec, vec6, rtol=0, atol=0)  # the pooled vector stays the sentence embedding
+    tok, bert = AutoTokenizer.from_pretrained(_minilm_dir()), AutoModel.from_pretrained(_minilm_dir())
+    for i, p in enumerate(prompts):
+        ids = tok(p, return_tensors="pt")
+        n = ids["input_ids"].shape[1]
+        with torch.no_grad():
+            h2 = bert(**ids, output_hidden_states=True).hidden_states[2][0]  # after block 2
+        torch.testing.assert_close(txt[i, :n], h2, rtol=0, atol=2e-5)
+        assert torch.all(txt[i, n:] == 0)
+        assert not torch.allclose(txt[i, :n], txt6[i, :n], atol=1e-2)
+    last = load_text_encoder({"kind": "minilm", "layer": 6})  # the last layer is the default, spec and all
+    assert last.spec() == minilm.spec() and last.fingerprint() == minilm.fingerprint()
+    assert torch.equal(load_text_encoder({"kind": "minilm", "layer": 0}).encode(prompts)[1], vec6)
+    for bad in (7, -1, 2.0, True, "2"):
+        with pytest.raises(ConfigError, match="MiniLM 'layer' must be an integer in 0..6"):
+            load_text_encoder({"kind": "minilm", "layer": bad})
+
+
 def test_minilm_similarity_sanity(minilm):
     _, v = minilm.encode(["a photo of a red circle", "a photo of a red circle", "a picture of a red circle",
                           "a photo of a blue square", "a photo of two green triangles"])

@@ -192,3 +192,22 @@ def test_bad_prompts_and_mismatched_components(encoder):
     with pytest.raises(RectiflowError, match="text encoder gives features"):
         Pipeline(build_transformer(params), pipe.autoencoder, encoder)
     assert DEFAULT is not None
+
+
+def test_prompt_embeds_replace_the_encoder_and_mix_sequence_and_pooled(encoder):
+    pipe = _pipe(encoder)
+    ref = pipe(PROMPTS, seed=2, cfg_scale=2.0, progress=False)
+    txt, vec = pipe.encode_prompts(PROMPTS)
+    given = pipe(["x", "y"], seed=2, cfg_scale=2.0, prompt_embeds=(txt, vec), progress=False)
+    assert torch.equal(given.latents, ref.latents)
+    assert [s["prompt"] for s in given.settings] == ["x", "y"]  # prompts only label the images
+    # the token sequence of prompt 0 with the pooled vector of prompt 1: differs from both originals
+    mixed = pipe(PROMPTS[:1], seed=2, prompt_embeds=(txt[:1], vec[1:]), progress=False)
+    plain = pipe(PROMPTS, seed=2, progress=False)
+    assert not torch.allclose(mixed.latents[0], plain.latents[0])
+    with pytest.raises(RectiflowError, match=r"prompt_embeds txt has shape \(1, 16, 384\); expected \[2, L"):
+        pipe(PROMPTS, prompt_embeds=(txt[:1], vec[:1]), progress=False)
+    with pytest.raises(RectiflowError, match="prompt_embeds vec has shape"):
+        pipe(PROMPTS, prompt_embeds=(txt, vec[:, :10]), progress=False)
+    with pytest.raises(RectiflowError, match="a pair of tensors"):
+        pipe(PROMPTS, prompt_embeds=txt, progress=False)

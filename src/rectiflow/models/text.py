@@ -10,6 +10,11 @@ Three kinds, one interface (`encode` / `__call__`, `txt_dim`, `vec_dim`, `max_le
   of them, L2-normalised by default ("normalize": true), i.e. exactly the sentence embedding that
   sentence-transformers returns for this model (its modules.json: Transformer -> mean Pooling -> Normalize).
   Unit-norm vec makes cosine similarity a dot product; the transformer's vector_in MLP rescales it.
+  "layer": k (0..6) takes txt from BERT's hidden state after block k instead (0: the token embeddings), vec
+  unchanged; the "skip the last layers" choice SD 2 / SDXL make for CLIP. On shapes-world captions the last
+  layer mixes the nouns' colours (a colour probe fit on "a photo of a red circle" reads the second noun of
+  "a red circle and a blue square" as the first noun's colour 57% of the time); layer 2 keeps each noun's
+  own colour (99% / 77%): docs/training.md.
 - "flux": FLUX.1's pair, loaded by transformers from local folders. txt = T5 encoder last_hidden_state,
   vec = CLIP-L pooler_output. Tokenisation and calls follow BFL's HFEmbedder (flux/modules/conditioner.py)
   and diffusers' FluxPipeline._get_t5_prompt_embeds / _get_clip_prompt_embeds: padding="max_length",
@@ -216,8 +221,8 @@ def _minilm_dir() -> Path:
 class MiniLMTextEncoder(_FrozenEncoder):
     """all-MiniLM-L6-v2 (BERT, 6 layers, 384 dims); see the module docstring for txt / vec."""
 
-    def __init__(self, max_length: int = MINILM_MAX_LENGTH, normalize: bool = True, device="cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, max_length: int = MINILM_MAX_LENGTH, normalize: bool = True, layer: int | None = None,
+                 device="cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
         folder = _minilm_dir()
         self.tokenizer = _load_tokenizer(folder)
@@ -229,6 +234,12 @@ class MiniLMTextEncoder(_FrozenEncoder):
         if not isinstance(normalize, bool):
             raise ConfigError(f"MiniLM 'normalize' must be true or false, got {normalize!r}")
         self.normalize = normalize
+        depth = self.model.config.num_hidden_layers  # 6
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                                  or not 0 <= layer <= depth):
+            raise ConfigError(f"MiniLM 'layer' must be an integer in 0..{depth} (0: the token embeddings, "
+                              f"{depth}: the last layer, the default), got {layer!r}")
+        self.layer = None if layer == depth else layer  # the last layer is the default: same spec, same hash
         self.txt_dim = self.vec_dim = self.model.config.hidden_size
 
     def _models(self):
@@ -238,7 +249,8 @@ class MiniLMTextEncoder(_FrozenEncoder):
         return {"bert": self.tokenizer}
 
     def spec(self) -> dict:
-        return {"kind": "minilm", "max_length": self.max_length, "normalize": self.normalize}
+        spec = {"kind": "minilm", "max_length": self.max_length, "normalize": self.normalize}
+        return spec if self.layer is None else {**spec, "layer": self.layer}
 
     def count_tokens(self, text: str) -> int:
         """Tokens `text` needs, [CLS] and [SEP] included, before truncation."""
@@ -253,11 +265,12 @@ class MiniLMTextEncoder(_FrozenEncoder):
             log.warning(msg)
         batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                return_tensors="pt").to(self.device)
-        h = self.model(**batch).last_hidden_state  # [B, L, 384]
+        out = self.model(**batch, output_hidden_states=self.layer is not None)
+        h = out.last_hidden_state  # [B, L, 384]
         mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # [B, L, 1]
-        txt = h * mask
         # sentence-transformers Pooling(mean): sum over real tokens / max(count, 1e-9)
-        vec = txt.sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, 384]
+        vec = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, 384]
+        txt = (h if self.layer is None else out.hidden_states[self.layer]) * mask
         if self.normalize:
             vec = torch.nn.functional.normalize(vec, p=2, dim=1)  # sentence-transformers Normalize()
         return txt, vec
@@ -442,7 +455,7 @@ def load_text_encoder(spec: str | dict, device: str | torch.device = "cpu",
     kind = spec["kind"]
     args = {k: v for k, v in spec.items() if k != "kind"}
     if kind == "minilm":
-        _check_keys(kind, spec, {"max_length", "normalize"})
+        _check_keys(kind, spec, {"max_length", "normalize", "layer"})
         return MiniLMTextEncoder(**args, device=device, dtype=dtype)
     if kind == "flux":
         _check_keys(kind, spec, {*FluxTextEncoder.PATH_KEYS, "max_length"},

@@ -172,13 +172,17 @@ class Pipeline:
                  guidance: Any = DEFAULT, cfg_scale: float | None = None,
                  negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
-                 batch_size: int | None = None, progress: bool = True) -> GenerationResult:
+                 batch_size: int | None = None,
+                 prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 progress: bool = True) -> GenerationResult:
         """Generate `num_images_per_prompt` images per prompt; unset arguments take the model's defaults.
 
         Image i (in call order) uses seed `seed + i` unless `generator` is given, or `seeds[i]` when an
         explicit list (one seed per image) is given (e.g. GenEval's seeds 0..3 for every prompt).
         `batch_size` caps how many images run through the model at once (default: all); results do not
-        depend on it.
+        depend on it. `prompt_embeds` = (txt [P, L, D], vec [P, D_vec]), one row per prompt, replaces the
+        text encoder's output (e.g. to mix the token sequence of one prompt with the pooled vector of
+        another); `prompts` then only label the results. Negative prompts are still encoded.
         """
         d = self.defaults
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -217,7 +221,8 @@ class Pipeline:
             seeds = [seed + i for i in range(n)]
         noise = initial_noise(seeds, n, self.autoencoder.params.z_channels, lh, lw, generator)
         ts = timestep_grid(steps, shift=shift, seq_len=(lh // 2) * (lw // 2))
-        txt, vec = self.encode_prompts(prompts)
+        txt, vec = self.encode_prompts(prompts) if prompt_embeds is None else self._given_embeds(
+            prompt_embeds, len(prompts))
         neg = self.encode_prompts(negatives) if negatives is not None else None
 
         bs = batch_size or n
@@ -236,6 +241,21 @@ class Pipeline:
         settings = [dict(base, prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
                          seed=seeds[i] if seeds else None) for i, p in enumerate(flat)]
         return GenerationResult(images, z.float().cpu(), settings)
+
+    def _given_embeds(self, embeds, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check prompt_embeds = (txt [n, L, D], vec [n, D_vec]) against the transformer's input widths."""
+        p = self.transformer.params
+        if not (isinstance(embeds, (tuple, list)) and len(embeds) == 2
+                and all(isinstance(e, torch.Tensor) for e in embeds)):
+            raise RectiflowError("prompt_embeds must be a pair of tensors (txt [P, L, D], vec [P, D_vec])")
+        txt, vec = embeds
+        if txt.ndim != 3 or txt.shape[0] != n or txt.shape[2] != p.context_in_dim:
+            raise RectiflowError(f"prompt_embeds txt has shape {tuple(txt.shape)}; expected [{n}, L, "
+                                 f"{p.context_in_dim}] (one row per prompt)")
+        if vec.shape != (n, p.vec_in_dim):
+            raise RectiflowError(f"prompt_embeds vec has shape {tuple(vec.shape)}; "
+                                 f"expected [{n}, {p.vec_in_dim}]")
+        return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
 
     def _resolve_guidance(self, guidance: Any) -> float | None:
         distilled = self.transformer.params.guidance_embed
