@@ -20,6 +20,7 @@ uses colours but does not bind them has equal losses for the first three and a h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import Counter
 
@@ -37,11 +38,11 @@ TF_TIMES = (0.95, 0.85, 0.7, 0.5, 0.3, 0.1)
 
 
 def text(p: Prompt) -> str:
-    return f"a photo of a {p.color1} {p.shape1} and a {p.color2} {p.shape2}"
+    return p.text  # the template caption, articles as in training ("an orange ...")
 
 
 def swap(p: Prompt) -> Prompt:
-    return Prompt("color_attr", p.shape1, p.shape2, color1=p.color2, color2=p.color1)
+    return dataclasses.replace(p, color1=p.color2, color2=p.color1)
 
 
 def teacher_forced(pipe: Pipeline, prompts: list[Prompt], size: int, per_prompt: int = 4) -> dict:
@@ -50,10 +51,10 @@ def teacher_forced(pipe: Pipeline, prompts: list[Prompt], size: int, per_prompt:
 
     def other(p: Prompt) -> Prompt:  # two colours that are in neither slot of p
         c1, c2 = rng.choice([c for c in COLORS if c not in (p.color1, p.color2)], 2, replace=False)
-        return Prompt("color_attr", p.shape1, p.shape2, color1=str(c1), color2=str(c2))
+        return dataclasses.replace(p, color1=str(c1), color2=str(c2))
 
     def shape_swap(p: Prompt) -> Prompt:
-        return Prompt("color_attr", p.shape2, p.shape1, color1=p.color1, color2=p.color2)
+        return dataclasses.replace(p, shape1=p.shape2, shape2=p.shape1)
 
     rows = [p for p in prompts for _ in range(per_prompt)]
     imgs = np.stack([render(scene_for_prompt(p, rng, size, train=True)) for p in rows])  # [N, S, S, 3]
