@@ -172,6 +172,23 @@ def test_imagefolder_writer_and_cli(tmp_path):
     assert main(["data", "shapes", "--out", str(tmp_path / "w3"), "--n", "0"]) == 2  # one-line error
 
 
+def test_cli_task_weights(tmp_path, capsys):
+    """--task-weights reaches ShapesWorld: only the named mix is drawn; bad specs are one-line errors."""
+    assert main(["data", "shapes", "--out", str(tmp_path / "w"), "--n", "30", "--seed", "3", "--no-progress",
+                 "--task-weights", "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=3"]) == 0
+    assert "position 0.25 color_attr 0.75" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metadata.jsonl").read_text().splitlines()]
+    world = ShapesWorld(64, seed=3, task_weights={"position": 1, "color_attr": 3})
+    assert [r["text"] for r in rows] == [world[i].caption for i in range(30)]
+    assert {r["task"] for r in rows} == {"position", "color_attr"}
+    for bad in ("position", "place=2", "position=x", "position=-1", ",".join(f"{t}=0" for t in TASKS)):
+        with pytest.raises(SystemExit):
+            main(["data", "shapes", "--out", str(tmp_path / "bad"), "--n", "2", "--task-weights", bad])
+        err = capsys.readouterr().err
+        assert ("all zero" if bad.endswith("color_attr=0") else "bad task weight") in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_shapes_vocabulary_is_the_spec():
     assert dict(COLORS) == {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (235, 210, 20),
                             "green": (30, 160, 60), "blue": (30, 80, 220), "purple": (130, 50, 180),

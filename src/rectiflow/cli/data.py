@@ -1,6 +1,6 @@
 """`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones.
-`rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W]`: write shapes-world training
-images (rectiflow.data.shapes.write_imagefolder)."""
+`rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W] [--task-weights T=W,...]`: write
+shapes-world training images (rectiflow.data.shapes.write_imagefolder)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0, help="world seed: image i depends only on (seed, i)")
     s.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    s.add_argument("--task-weights", type=parse_task_weights, metavar="TASK=W,...",
+                   help="relative frequency of each caption task, e.g. position=2.5,color_attr=2.5 (tasks not "
+                        "named keep weight 1; default: all six tasks equally often)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_shapes)
@@ -84,10 +87,37 @@ def run(args) -> int:
     return 1 if args.strict and not report.ok else 0
 
 
+def parse_task_weights(text: str) -> dict[str, float]:
+    """"position=2.5,color_attr=2.5" -> all six tasks with weights (unnamed tasks keep 1.0)."""
+    from rectiflow.data.shapes import TASKS
+
+    weights = dict.fromkeys(TASKS, 1.0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in TASKS:
+            raise argparse.ArgumentTypeError(
+                f"bad task weight {part!r}: use TASK=WEIGHT with TASK one of {', '.join(TASKS)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad task weight {part!r}: {value!r} is not a number") from None
+        if not (w >= 0 and w != float("inf")):
+            raise argparse.ArgumentTypeError(f"bad task weight {part!r}: weights must be finite and >= 0")
+        weights[name] = w
+    if not any(weights.values()):
+        raise argparse.ArgumentTypeError("task weights are all zero: no task left to draw")
+    return weights
+
+
 def run_shapes(args) -> int:
     from rectiflow.data.shapes import write_imagefolder
 
-    out = write_imagefolder(args.out, args.n, args.size, args.seed, overwrite=args.overwrite,
-                            progress=not args.no_progress, workers=args.workers)
-    print(f"wrote {args.n} shapes-world images ({args.size}px, seed {args.seed}) to {out}")
+    out = write_imagefolder(args.out, args.n, args.size, args.seed, task_weights=args.task_weights,
+                            overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers)
+    mix = ""
+    if args.task_weights:
+        total = sum(args.task_weights.values())
+        mix = ", tasks " + " ".join(f"{t} {w / total:.2f}" for t, w in args.task_weights.items())
+    print(f"wrote {args.n} shapes-world images ({args.size}px, seed {args.seed}{mix}) to {out}")
     return 0
