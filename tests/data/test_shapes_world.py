@@ -174,8 +174,9 @@ def test_imagefolder_writer_and_cli(tmp_path):
 
 def test_cli_task_weights(tmp_path, capsys):
     """--task-weights reaches ShapesWorld: only the named mix is drawn; bad specs are one-line errors."""
+    mix = "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=3"
     assert main(["data", "shapes", "--out", str(tmp_path / "w"), "--n", "30", "--seed", "3", "--no-progress",
-                 "--task-weights", "single_object=0,two_object=0,counting=0,colors=0,position=1,color_attr=3"]) == 0
+                 "--task-weights", mix]) == 0
     assert "position 0.25 color_attr 0.75" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "w" / "metadata.jsonl").read_text().splitlines()]
     world = ShapesWorld(64, seed=3, task_weights={"position": 1, "color_attr": 3})

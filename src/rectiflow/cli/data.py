@@ -53,8 +53,8 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="world seed: image i depends only on (seed, i)")
     s.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     s.add_argument("--task-weights", type=parse_task_weights, metavar="TASK=W,...",
-                   help="relative frequency of each caption task, e.g. position=2.5,color_attr=2.5 (tasks not "
-                        "named keep weight 1; default: all six tasks equally often)")
+                   help="relative frequency of each caption task, e.g. position=2.5,color_attr=2.5 "
+                        "(tasks not named keep weight 1; default: all six tasks equally often)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_shapes)
