@@ -53,3 +53,22 @@ def test_eval_shapes_cli_errors(model, tmp_path, capsys):
     rc = main(["eval", "shapes", "--model", str(model), "--size", "30", "--limit", "1", "--steps", "1",
                "--out", str(tmp_path), "--no-progress"])
     assert rc == 2 and "multiple of 16" in capsys.readouterr().err
+
+
+def test_eval_shapes_cli_shift(model, tmp_path, capsys):
+    """--shift reaches the sampler's step grid (the samples change) and the report records it."""
+    outs = {}
+    for shift in ("none", "3"):
+        out = tmp_path / shift
+        rc = main(["eval", "shapes", "--model", str(model), "--steps", "2", "--size", "32", "--limit", "1",
+                   "--split", "seen", "--shift", shift, "--out", str(out), "--no-progress"])
+        assert rc == 0
+        outs[shift] = out
+    assert json.loads((outs["none"] / "report.json").read_text())["settings"]["shift"] is None
+    assert json.loads((outs["3"] / "report.json").read_text())["settings"]["shift"] == 3.0
+    first = "seen/steps2/00000/samples/0000.png"
+    assert (outs["none"] / first).read_bytes() != (outs["3"] / first).read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", "shapes", "--model", str(model), "--shift", "-1", "--out", str(tmp_path / "bad")])
+    assert "the shift must be > 0" in capsys.readouterr().err

@@ -1,10 +1,13 @@
-"""`rectiflow eval shapes --model M --steps 1,2,4,8 [--sampler euler] [--cfg X] [--guidance G] [--size S]
-[--split seen,heldout] [--limit N] --out DIR`: the shapes-world benchmark (rectiflow.eval.shapes_eval)."""
+"""`rectiflow eval shapes --model M --steps 1,2,4,8 [--sampler euler] [--shift none|flux|A] [--cfg X]
+[--guidance G] [--size S] [--split seen,heldout] [--limit N] --out DIR`: the shapes-world benchmark
+(rectiflow.eval.shapes_eval)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+
+from rectiflow.cli.generate import _shift
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ def register(sub) -> None:
     s.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
     s.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
     s.add_argument("--sampler", default=None, help="euler | heun | midpoint | rk4 (default: the model's)")
+    s.add_argument("--shift", type=_shift, default=None,
+                   help="time shift of the step grid: none, flux (sequence-length shift) or a number "
+                        "(SD3 alpha); default: the model's")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
     s.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
     s.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
@@ -68,7 +74,8 @@ def run(args) -> int:
     from rectiflow.sample.pipeline import DEFAULT, Pipeline
 
     pipe = Pipeline.from_bundle(args.model or default_bundle_path(), int8=args.int8)
-    report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
+    shift = DEFAULT if args.shift is None else (None if args.shift == "none" else args.shift)
+    report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler, shift=shift, cfg_scale=args.cfg,
                              guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
                              splits=args.split, out_dir=args.out, limit=args.limit,
                              batch_prompts=args.batch_prompts, progress=not args.no_progress)
