@@ -42,12 +42,13 @@ def test_generate_without_model_uses_it(tmp_path, monkeypatch, capsys):
     assert settings["model"] == json.loads((BUNDLE / CARD_FILE).read_text())["name"]
     defaults = json.loads((BUNDLE / CARD_FILE).read_text())["defaults"]
     assert settings["steps"] == defaults["steps"] == 8 and settings["cfg_scale"] == defaults["cfg_scale"]
+    assert settings["shift"] == defaults["shift"] == 3.0
 
 
 def test_accuracy_does_not_regress(pipe):
     # 24 images: the README's prompt and one prompt per task, seeds 0-3, the model's defaults (Euler, 8 steps,
-    # CFG 1: the distilled student). Measured when the model was made: see MIN_CORRECT; the model card has
-    # the full evaluation.
+    # time shift 3, CFG 1: the distilled student). Measured when the model was made: see MIN_CORRECT; the
+    # model card has the full evaluation.
     prompts = [PROMPT, "a photo of a circle", "a photo of a star and a cross", "a photo of three squares",
                "a photo of a red square", "a photo of a diamond above a cross"]
     res = pipe.generate(prompts, seeds=[0, 1, 2, 3] * len(prompts), num_images_per_prompt=4, progress=False)
@@ -57,7 +58,9 @@ def test_accuracy_does_not_regress(pipe):
     assert sum(scored) >= MIN_CORRECT, f"{sum(scored)}/24 correct ({per_prompt})"
 
 
-# Measured with the shipped weights (15000 steps + 1600 distillation steps, 2026-11-27): 12/24 (circle 4/4,
-# three squares 4/4, red square 3/4, diamond above a cross 1/4; star and cross 0/4; the README prompt 0/4,
-# 0/16 over seeds 0-15). One image of margin for float differences across CPUs.
-MIN_CORRECT = 11
+# Measured with the shipped weights (15000 steps + 1600 distillation steps) and the bundle's defaults (time
+# shift 3 since 2026-11-29): 9/24 (circle 4/4, red square 3/4, three squares 1/4, diamond above a cross 1/4;
+# star and cross 0/4; the README prompt 0/4, 0/16 over seeds 0-15). On the linear grid it was 12/24 (three
+# squares 4/4): these 24 images swing by a few; the full benchmark (1152 seen images) gains 0.497 -> 0.519 at
+# 8 steps and 0.449 -> 0.505 at 4 with the shift. One image of margin for float differences across CPUs.
+MIN_CORRECT = 8

@@ -79,7 +79,8 @@ def _wall_rows(times: list[dict]) -> str:
 
 
 def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
-          recipe: str, config: str, hardware: str, steps: int, eval_dir: Path, ae_dir: Path) -> str:
+          recipe: str, config: str, hardware: str, steps: int, eval_dir: Path, ae_dir: Path,
+          shift: float | None = None) -> str:
     ev = json.loads((eval_dir / "report.json").read_text())
     table = (eval_dir / "report.md").read_text()
     ae = json.loads((ae_dir / "report.json").read_text())
@@ -93,7 +94,8 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
         sampling = (f"Trained with 10% caption dropout for classifier-free guidance, then distilled\n"
                     f"(`configs/shapes_distill.toml`): one Euler step of the student, without CFG, learns\n"
                     f"two CFG-guided Euler steps of the teacher (final distillation loss "
-                    f"{info['distill_loss']:.4f}). Default: {steps} steps, CFG scale {cfg_scale}.")
+                    f"{info['distill_loss']:.4f}). Default: {steps} steps, time shift {shift}, "
+                    f"CFG scale {cfg_scale}.")
     else:
         sampling = (f"Trained with 10% caption dropout, so it samples with classifier-free guidance (default "
                     f"scale {cfg_scale}).")
@@ -125,7 +127,8 @@ precomputed with `rectiflow cache`. {sampling} Files: {size:.1f} MB (transformer
 {wall}
 | total | {total / 60:.1f} |
 
-## Shapes-world scores (Euler, CFG {cfg_scale}, seeds {ev['settings']['seeds']})
+## Shapes-world scores (Euler, time shift {ev['settings'].get('shift')}, CFG {cfg_scale}, \
+seeds {ev['settings']['seeds']})
 Overall at 4 steps: {', '.join(f'{k} {v:.3f}' for k, v in four.items())} (targets: seen >= 0.90,
 held-out >= 0.75).
 
@@ -151,6 +154,8 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/shapes")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--shift", type=float, default=None,
+                    help="the default time shift of the step grid (SD3 alpha; default: none, a linear grid)")
     ap.add_argument("--dest", default="src/rectiflow/assets/default")
     ap.add_argument("--name", default=None, help="bundle name (default rectiflow-shapes-<size>)")
     ap.add_argument("--recipe", default="bash recipes/shapes/run.sh", help="the command the card names")
@@ -171,7 +176,7 @@ def main() -> None:
     eval_dir = Path(args.eval) if args.eval else runs / "eval"
     px = b.defaults.width  # the export's defaults: the trained image size
     name = args.name or f"rectiflow-shapes-{px}"
-    defaults = SamplingDefaults(steps=args.steps, sampler="euler", shift=None, guidance=None,
+    defaults = SamplingDefaults(steps=args.steps, sampler="euler", shift=args.shift, guidance=None,
                                 cfg_scale=args.cfg, width=px, height=b.defaults.height)
     ev = json.loads((eval_dir / "report.json").read_text())
     save_bundle(dest, b.transformer.to(torch.float16), b.autoencoder, b.text_encoder, defaults,
@@ -184,7 +189,7 @@ def main() -> None:
               "double": p.depth, "single": p.depth_single_blocks}
     hardware = args.hardware or (f"{_cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}")
     card = _card(runs, dest, args.cfg, info, name, params, px, args.recipe, args.config, hardware, args.steps,
-                 eval_dir, Path(args.ae) if args.ae else runs / "ae")
+                 eval_dir, Path(args.ae) if args.ae else runs / "ae", args.shift)
     if args.notes:
         card += "\n" + Path(args.notes).read_text()
     (dest / "README.md").write_text(card)
