@@ -92,3 +92,25 @@ def test_subprocess_error_exit_code(cli_env):
     r = subprocess.run([PYTHON, "-m", "rectiflow", "train", str(TINY_TOML), "optim.lrr=1"], env=cli_env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown config key optim.lrr")
+
+
+
+@pytest.mark.parametrize("shift, expected", [("", None), ("3", 3.0), ("flux", "flux")])
+def test_exported_bundle_takes_the_validation_sampling(tmp_path, shift, expected):
+    """export.bundle: the bundle's sampling defaults are the validation sampler's, time shift included."""
+    from types import SimpleNamespace
+
+    from rectiflow.convert.transformer import build_transformer
+    from rectiflow.sample.random_model import random_bundle
+    from rectiflow.train.config import load_config
+    from rectiflow.train.export import _bundle
+
+    bundle = random_bundle(tmp_path / "random")
+    cfg = load_config(TINY_TOML, [f"model.autoencoder={bundle / 'ae.safetensors'}",
+                                  "validation.sample_steps=6", f'validation.shift="{shift}"',
+                                  "validation.cfg_scale=2.5"])
+    spec = json.loads((bundle / "model.json").read_text())["text_encoder"]
+    cache = SimpleNamespace(manifest={"text_encoder": {"spec": spec}, "shards": [{"size": [32, 48]}]})
+    _bundle(build_transformer("micro"), tmp_path / "out", cfg, cache)
+    d = json.loads((tmp_path / "out" / "model.json").read_text())["defaults"]
+    assert (d["steps"], d["shift"], d["cfg_scale"], d["width"], d["height"]) == (6, expected, 2.5, 32, 48)
