@@ -455,9 +455,13 @@ class Trainer:
         io = self.state_io
         use_ema = self.cfg.export.ema and self.ema is not None
         sd = {k: io.full_tensor(v) for k, v in self.ema.items()} if use_ema else io.model_state(self.model)
-        if not self.dist.is_main:
-            return []
-        return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache)
+        paths = export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache) \
+            if self.dist.is_main else []
+        # leave together: a rank that exits (and tears its gloo process group down at exit) while the main
+        # rank still writes made the other rank abort ("terminate called without an active exception") now
+        # and then in the two-process tests
+        self.dist.barrier()
+        return paths
 
 
 def run_training(cfg: RunConfig, resume: str | Path | None = None, allow_existing: bool = False) -> dict:
