@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rectiflow.cli.generate import _shift
+from rectiflow.cli.generate import _shift, shift_setting
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def run(args) -> int:
     from rectiflow.sample.pipeline import DEFAULT, Pipeline
 
     pipe = Pipeline.from_bundle(args.model or default_bundle_path(), int8=args.int8)
-    shift = DEFAULT if args.shift is None else (None if args.shift == "none" else args.shift)
-    report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler, shift=shift, cfg_scale=args.cfg,
+    report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler,
+                             shift=shift_setting(args.shift, DEFAULT), cfg_scale=args.cfg,
                              guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
                              splits=args.split, out_dir=args.out, limit=args.limit,
                              batch_prompts=args.batch_prompts, progress=not args.no_progress)

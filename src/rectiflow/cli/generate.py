@@ -41,6 +41,11 @@ def _shift(text: str):
     return v
 
 
+def shift_setting(arg, default):
+    """The parsed --shift as the pipeline takes it: unset -> `default` (the model's), "none" -> None."""
+    return default if arg is None else (None if arg == "none" else arg)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate images from a text prompt",
@@ -130,7 +135,7 @@ def run(args) -> int:
     result = pipe(
         args.prompt, steps=args.steps, width=args.width, height=args.height, seed=args.seed,
         sampler=args.sampler,
-        shift=DEFAULT if args.shift is None else (None if args.shift == "none" else args.shift),
+        shift=shift_setting(args.shift, DEFAULT),
         guidance=DEFAULT if args.guidance is None else args.guidance, cfg_scale=args.cfg_scale,
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, progress=not args.no_progress,

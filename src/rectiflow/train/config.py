@@ -193,6 +193,11 @@ class ValidationConfig:
         _check(self.sample_size % 16 == 0, f"validation.sample_size={self.sample_size}; use a multiple of 16 "
                "(0 = the cache's image size)")
 
+    @property
+    def shift_value(self) -> None | str | float:
+        """`shift` as timestep_grid takes it: "" -> None (linear), "flux", or SD3's alpha as a float."""
+        return None if not self.shift else ("flux" if self.shift == "flux" else float(self.shift))
+
 
 @dataclass(frozen=True)
 class LoggingConfig:

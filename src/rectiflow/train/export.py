@@ -63,10 +63,8 @@ def _bundle(model: Flux, path: Path, cfg, cache) -> Path:
     shards = cache.manifest.get("shards") or [{"size": [1024, 1024]}]
     width, height = (int(v) for v in shards[0]["size"])
     v = cfg.validation
-    # the shift as validation.py reads it: "" none, "flux", or SD3's alpha
-    shift = None if not v.shift else ("flux" if v.shift == "flux" else float(v.shift))
-    defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=shift, cfg_scale=v.cfg_scale,
-                                width=width, height=height)
+    defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=v.shift_value,
+                                cfg_scale=v.cfg_scale, width=width, height=height)
     p = save_bundle(path, model, ae, spec, defaults, card_extra={"training": {"steps": cfg.train.steps,
                                                                     "cache": str(cfg.data.cache)}})
     log.info("exported bundle %s", p)

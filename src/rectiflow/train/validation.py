@@ -172,8 +172,7 @@ class Validator:
             v = tr.path.to_velocity(out, xx, tb)
             return cfg_combine(v[n:], v[:n], c.cfg_scale) if c.cfg_scale > 1 else v
 
-        shift = None if not c.shift else ("flux" if c.shift == "flux" else float(c.shift))
-        grid = timestep_grid(c.sample_steps, shift=shift, seq_len=x.shape[1])
+        grid = timestep_grid(c.sample_steps, shift=c.shift_value, seq_len=x.shape[1])
         return unpack(solve(velocity, x, grid, method=c.sampler), h, w)  # [P*S, C, h, w]
 
     def sample_grid(self, model, step: int) -> Path | None:
