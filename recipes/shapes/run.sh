@@ -7,6 +7,8 @@
 #   RUNS=runs/shapes  N_IMAGES=100000  OMP_NUM_THREADS=2  STEPS=<train further, to N transformer steps>
 #   LR=<peak lr of that further phase, default 4e-4>
 #   CFG=<CFG scale of the undistilled model's eval>  SHIFT=<time shift of the shipped sampling, default 3>
+#   TIMESTEP_M=<mean of the logit-normal training timesteps, default 0 as the bundled model; 1 scored +0.04
+#              at 5500 steps, docs/training.md>
 #   DEST=src/rectiflow/assets/default
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +43,8 @@ stage cache rectiflow cache --data "$RUNS/data" --caption-column text --caption-
 #    5500 steps (configs/shapes.toml), continued to 7000 at the same peak lr (a warm restart), then to
 #    15000 steps with peak lr 4e-4 (cosine to 10%; the bundled run did its first 651 steps of this phase
 #    under a 13000-step schedule before it was lengthened). STEPS=N adds a further phase to N steps.
-OVERRIDES=(model.autoencoder="$RUNS/ae/ae.safetensors" data.cache="$RUNS/cache" train.out_dir="$RUNS/train")
+OVERRIDES=(model.autoencoder="$RUNS/ae/ae.safetensors" data.cache="$RUNS/cache" train.out_dir="$RUNS/train"
+           flow.timestep_params.m="${TIMESTEP_M:-0.0}")
 done_steps() {  # the step of the newest complete checkpoint (0 if none)
   local last; last=$(ls -d "$RUNS/train/checkpoints"/step-* 2>/dev/null | sort | tail -1)
   if [ -n "$last" ]; then echo $((10#${last##*step-})); else echo 0; fi
