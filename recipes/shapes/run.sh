@@ -11,6 +11,11 @@
 #              at 5500 steps, docs/training.md>
 #   DEST=src/rectiflow/assets/default
 set -euo pipefail
+# the command the model card names: with the knobs (below) this run was given, so that it reproduces the model
+RECIPE="bash recipes/shapes/run.sh"
+for knob in TIMESTEP_M SHIFT CFG LR STEPS N_IMAGES; do
+  if [ -n "${!knob:-}" ]; then RECIPE="$knob=${!knob} $RECIPE"; fi
+done
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/shapes}
 N_IMAGES=${N_IMAGES:-100000}
@@ -89,4 +94,4 @@ stage eval-distilled rectiflow eval shapes --model "$RUNS/distill/export/bundle"
   --sampler euler --shift "$SHIFT" --cfg 1.0 --size 64 --out "$RUNS/eval-distilled"
 # 7. the bundle in the repo: fp16 transformer, sampling defaults, model card with the numbers above
 stage finalize python recipes/shapes/finalize.py --runs "$RUNS" --distill "$RUNS/distill" \
-  --eval "$RUNS/eval-distilled" --cfg 1.0 --steps 8 --shift "$SHIFT" --dest "$DEST"
+  --eval "$RUNS/eval-distilled" --cfg 1.0 --steps 8 --shift "$SHIFT" --dest "$DEST" --recipe "$RECIPE"
