@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rectiflow.cli.generate import _shift, shift_setting
+from rectiflow.cli.generate import parse_shift, shift_setting
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def register(sub) -> None:
     s.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
     s.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
     s.add_argument("--sampler", default=None, help="euler | heun | midpoint | rk4 (default: the model's)")
-    s.add_argument("--shift", type=_shift, default=None,
+    s.add_argument("--shift", type=parse_shift, default=None,
                    help="time shift of the step grid: none, flux (sequence-length shift) or a number "
                         "(SD3 alpha); default: the model's")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")

@@ -27,7 +27,8 @@ NO_DEFAULT_MODEL = (
 )
 
 
-def _shift(text: str):
+def parse_shift(text: str):
+    """argparse type of --shift: "none"/"linear", "flux" or an SD3 alpha > 0."""
     if text.lower() in ("none", "linear"):
         return "none"
     if text.lower() == "flux":
@@ -63,7 +64,7 @@ def register(subparsers) -> None:
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative-prompt", help="negative prompt (needs --cfg above 1)")
     p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
-    p.add_argument("--shift", type=_shift,
+    p.add_argument("--shift", type=parse_shift,
                    help="time shift: none, flux (sequence-length shift) or a number (SD3 alpha)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (1)")
     p.add_argument("--batch-size", type=int, help="images per model call (default: all at once)")
