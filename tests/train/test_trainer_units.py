@@ -1,4 +1,5 @@
-"""Trainer pieces: LR schedule, accumulation == one batch, activation checkpointing, checkpoint helpers."""
+"""Trainer pieces: LR schedule, accumulation == one batch, activation checkpointing, checkpoint helpers,
+barriers on failed writes."""
 
 import math
 import shutil
@@ -102,3 +103,39 @@ def test_latest_ignores_partial_and_prune(tmp_path):
     prune(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002", "step-000000003"]
     assert not list(tmp_path.glob(".step-*"))
+
+
+class _CountingDist:
+    """LocalContext's interface, counting barriers (a rank that skips one leaves the others waiting)."""
+
+    device = torch.device("cpu")
+    rank, world_size, local_rank, is_main = 0, 1, 0, True
+
+    def __init__(self):
+        self.barriers = 0
+
+    def barrier(self):
+        self.barriers += 1
+
+    def all_reduce_mean(self, t):
+        return t
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+def test_failed_write_still_meets_the_barrier(tiny_cache, tmp_path, monkeypatch):
+    dist = _CountingDist()
+    tr = Trainer(load_config(TINY_TOML, overrides(tiny_cache, tmp_path / "o", "model.preset=micro",
+                                                  "checkpoint.every=0")), dist=dist)
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("rectiflow.train.export.export_weights", fail)
+    monkeypatch.setattr("rectiflow.train.checkpoint.save_checkpoint", fail)
+    for write in (tr.export, tr.save_checkpoint):
+        before = dist.barriers
+        with pytest.raises(OSError, match="disk full"):
+            write()
+        assert dist.barriers == before + 1, write.__name__

@@ -345,15 +345,18 @@ class Trainer:
         ema = {k: io.full_tensor(v) for k, v in self.ema.items()} if self.ema is not None else None
         optim_sd = io.optim_state(self.model, self.optimizer)
         path = None
-        if self.dist.is_main:
-            state = {"data": self.stream.state_dict(), "bad_total": self.bad_total,
-                     "bad_consecutive": self.bad_consecutive, "world_size": self.dist.world_size}
-            path = ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, model=model_sd, ema=ema, optimizer=optim_sd,
-                rng=ckpt.capture_rng({"noise": self.generator}), state=state, config=config_to_dict(self.cfg),
-                config_toml=dump_toml(self.cfg), model_params=self.params.to_dict())
-            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
-        self.dist.barrier()
+        try:  # the barrier also when the main rank fails to write (the others would wait in it till timeout)
+            if self.dist.is_main:
+                state = {"data": self.stream.state_dict(), "bad_total": self.bad_total,
+                         "bad_consecutive": self.bad_consecutive, "world_size": self.dist.world_size}
+                path = ckpt.save_checkpoint(
+                    self.ckpt_dir, self.step, model=model_sd, ema=ema, optimizer=optim_sd,
+                    rng=ckpt.capture_rng({"noise": self.generator}), state=state,
+                    config=config_to_dict(self.cfg), config_toml=dump_toml(self.cfg),
+                    model_params=self.params.to_dict())
+                ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
+        finally:
+            self.dist.barrier()
         # every rank returns the path, so a final-step checkpoint is not written twice by non-main ranks
         return path if path is not None else self.ckpt_dir / ckpt.checkpoint_name(self.step)
 
@@ -455,13 +458,15 @@ class Trainer:
         io = self.state_io
         use_ema = self.cfg.export.ema and self.ema is not None
         sd = {k: io.full_tensor(v) for k, v in self.ema.items()} if use_ema else io.model_state(self.model)
-        paths = export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache) \
-            if self.dist.is_main else []
-        # leave together: a rank that exits (and tears its gloo process group down at exit) while the main
-        # rank still writes made the other rank abort ("terminate called without an active exception") now
-        # and then in the two-process tests
-        self.dist.barrier()
-        return paths
+        # leave together, also when writing fails: a rank that exits (and tears its gloo process group down
+        # at exit) while the main rank still writes made the other rank abort ("terminate called without an
+        # active exception") now and then in the two-process tests; a main rank that raised before the
+        # barrier would leave the others waiting in it until the process-group timeout
+        try:
+            return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache) \
+                if self.dist.is_main else []
+        finally:
+            self.dist.barrier()
 
 
 def run_training(cfg: RunConfig, resume: str | Path | None = None, allow_existing: bool = False) -> dict:
