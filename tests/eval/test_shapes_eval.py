@@ -13,7 +13,7 @@ from rectiflow.convert.bundle import SamplingDefaults
 from rectiflow.data.shapes import TASKS, parse_prompt, render, scene_for_prompt
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.eval.shapes import prompt_set
-from rectiflow.eval.shapes_eval import evaluate_shapes, geneval_metadata
+from rectiflow.eval.shapes_eval import evaluate_shapes, geneval_metadata, report_markdown
 
 
 class FakePipeline:
@@ -68,7 +68,8 @@ def test_ground_truth_generator_scores_one_and_files_follow_geneval(tmp_path):
         assert im.size == (64, 64)
     rows = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 288 * 4
-    assert {"prompt", "task", "seed", "correct", "clauses", "detections"} <= set(rows[0])
+    assert {"prompt", "task", "seed", "correct", "failure", "clauses", "detections"} <= set(rows[0])
+    assert all((r["failure"] is None) == r["correct"] for r in rows)
     with Image.open(root / "grid.png") as grid:
         assert grid.size == (4 * 64, 6 * 4 * 64)  # 4 distinct prompts per task, 4 seeds
     for path in (tmp_path / "report.json", root / "report.json"):
@@ -84,11 +85,16 @@ def test_blank_and_wrong_images_score_low_and_settings_are_passed():
     blank = evaluate_shapes(FakePipeline("blank"), steps=[2], limit=3, progress=False)
     s = blank["results"]["seen"]["2"]
     assert s["overall"] == 0.0 and s["n_images"] == 6 * 3 * 4
+    assert s["failures"] == {t: {"nothing detected": 12} for t in TASKS}
+    assert "| color_attr | nothing detected | 12 |" in report_markdown(blank)
     pipe = FakePipeline("cross")
     wrong = evaluate_shapes(pipe, steps=[1, 3], splits=["heldout"], limit=2, sampler="heun", cfg_scale=2.5,
                             progress=False)
     assert list(wrong["results"]) == ["held_out"] and list(wrong["results"]["held_out"]) == ["1", "3"]
     assert wrong["results"]["held_out"]["3"]["overall"] == 0.0  # a cross alone satisfies none of these
+    for summary in wrong["results"]["held_out"].values():  # every failed image has exactly one kind
+        assert {t: sum(f.values()) for t, f in summary["failures"].items()} == {
+            t: v["n"] - v["correct"] for t, v in summary["per_task"].items()}
     assert {c["steps"] for c in pipe.calls} == {1, 3} and {c["sampler"] for c in pipe.calls} == {"heun"}
     assert wrong["settings"]["cfg_scale"] == 2.5 and wrong["settings"]["limit_per_task"] == 2
 

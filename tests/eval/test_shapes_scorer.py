@@ -24,12 +24,16 @@ from rectiflow.data.shapes_geometry import coverage
 from rectiflow.errors import ConfigError, FormatError
 from rectiflow.eval.shapes import (
     EVAL_SEEDS,
+    FAILURES,
     HELD_OUT_TASKS,
+    failure,
+    format_failures,
     format_table,
     prompt_set,
     score_detections,
     score_image,
     summarize,
+    summarize_failures,
 )
 from rectiflow.eval.shapes_detect import Detection, classify_pixels, detect, label_components
 
@@ -292,6 +296,63 @@ def test_held_out_prompts_are_exactly_those_with_held_out_combinations():
     assert {p.text for p in prompt_set("held_out", "position")} == want
     assert {p.text for p in prompt_set("held_out", "colors")} == {
         f"a photo of a {c} {s}" for c, s in SPEC_HELD_OUT_PAIRS}
+
+
+def _why(text, image):
+    return failure(score_image(parse_prompt(text), image))
+
+
+def test_failure_kinds():
+    img = _scene(("triangle", "orange", 18, 32, 18), ("diamond", "purple", 48, 32, 18))
+    blank = np.full((S, S, 3), 255, np.uint8)
+    cases = {
+        "a photo of an orange triangle": None,
+        "a photo of a square": "wrong shape",
+        "a photo of a triangle and a diamond": None,
+        "a photo of a triangle and a star": "one shape missing",
+        "a photo of a circle and a star": "both shapes missing",
+        "a photo of two triangles": "too few",
+        "a photo of two squares": "too few",
+        "a photo of a red triangle": "wrong colour",
+        "a photo of a purple triangle": "wrong colour",
+        "a photo of an orange square": "shape missing",
+        "a photo of a triangle left of a diamond": None,
+        "a photo of a triangle right of a diamond": "wrong relation",
+        "a photo of a triangle above a square": "one shape missing",
+        "a photo of a purple triangle and an orange diamond": "colours swapped",
+        "a photo of an orange triangle and a pink diamond": "wrong colour",
+        "a photo of a red triangle and a pink diamond": "wrong colour",
+        "a photo of an orange triangle and a black diamond": "wrong colour",
+        "a photo of an orange star and a purple diamond": "one shape missing",
+    }
+    for text, want in cases.items():
+        assert _why(text, img) == want, text
+        assert want is None or want in FAILURES[parse_prompt(text).task], text
+    three = _scene(("circle", "red", 12, 12, 15), ("circle", "green", 50, 12, 15),
+                   ("circle", "blue", 12, 50, 15))
+    assert _why("a photo of two circles", three) == "too many"
+    assert _why("a photo of four circles", three) == "too few"
+    same = _scene(("triangle", "green", 18, 32, 18), ("diamond", "green", 48, 32, 18))
+    assert _why("a photo of a green triangle and a red diamond", same) == "one colour on both"
+    assert _why("a photo of a blue triangle and a green diamond", same) == "one colour on both"
+    for text in ("a photo of a circle", "a photo of three circles",
+                 "a photo of a red circle and a blue square"):
+        assert _why(text, blank) == "nothing detected", text
+
+
+def test_summarize_failures_and_table():
+    res = [("counting", "too few"), ("counting", None), ("counting", "too many"), ("counting", "too few"),
+           ("single_object", None), ("color_attr", "colours swapped")]
+    f = summarize_failures(res)
+    assert f == {"single_object": {}, "counting": {"too few": 2, "too many": 1},
+                 "color_attr": {"colours swapped": 1}}
+    assert list(f["counting"]) == ["too few", "too many"]  # FAILURES order, not arrival order
+    table = format_failures({"4 steps": f, "8 steps": {"counting": {"too many": 5}}}).splitlines()
+    assert table[0] == "| task | failure | 4 steps | 8 steps |"
+    assert table[2:] == ["| counting | too few | 2 | 0 |", "| counting | too many | 1 | 5 |",
+                         "| color_attr | colours swapped | 1 | 0 |"]
+    with pytest.raises(ConfigError, match="not a failure kind"):
+        summarize_failures([("single_object", "too many")])
 
 
 # --------------------------------------------------------------------------------------------- accuracies

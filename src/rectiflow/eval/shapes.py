@@ -29,8 +29,9 @@ from rectiflow.errors import ConfigError
 from rectiflow.eval.shapes_detect import Detection, detect
 
 __all__ = [
-    "EVAL_SEEDS", "HELD_OUT_TASKS", "PROMPTS_PER_TASK", "SPLITS", "Clause", "ImageScore", "clauses",
-    "format_table", "normalize_split", "prompt_set", "score_detections", "score_image", "summarize",
+    "EVAL_SEEDS", "FAILURES", "HELD_OUT_TASKS", "PROMPTS_PER_TASK", "SPLITS", "Clause", "ImageScore",
+    "clauses", "failure", "format_failures", "format_table", "normalize_split", "prompt_set",
+    "score_detections", "score_image", "summarize", "summarize_failures",
 ]
 
 EVAL_SEEDS = (0, 1, 2, 3)  # spec "Evaluation protocol": 4 images per prompt, seeds 0..3 (GenEval)
@@ -130,6 +131,80 @@ def score_detections(prompt: Prompt | str, detections: Sequence[Detection]) -> I
 def score_image(prompt: Prompt | str, image) -> ImageScore:
     """Detect the objects of an image (uint8 [S, S, 3] array or PIL image) and score the prompt on them."""
     return score_detections(prompt, detect(image))
+
+
+# ------------------------------------------------------------------------------------------- failures
+# Ours, not the spec's (which scores right / wrong only): why a failed image failed, one kind per image, so a
+# report shows whether a model misses objects, fuses two objects into one shape, miscounts or mixes colours.
+NOTHING = "nothing detected"  # no component of a palette colour >= 1% of the canvas (faint, tiny or absent)
+FAILURES = {
+    "single_object": (NOTHING, "wrong shape"),
+    "two_object": (NOTHING, "both shapes missing", "one shape missing"),
+    "counting": (NOTHING, "too few", "too many"),
+    "colors": (NOTHING, "shape missing", "wrong colour"),
+    "position": (NOTHING, "both shapes missing", "one shape missing", "wrong relation"),
+    "color_attr": (NOTHING, "both shapes missing", "one shape missing", "colours swapped",
+                   "one colour on both", "wrong colour"),
+}
+
+
+def failure(score: ImageScore) -> str | None:
+    """Why `score`'s image failed, one of FAILURES[task] (None when it is correct). Checked in order: nothing
+    detected; a named shape missing (both / one of two); then the task's own rule: too few / too many of the
+    counted shape, the relation not holding for any pair, or the colours: "colours swapped" when an object
+    of each named shape carries the other's colour, "one colour on both" when an object of each shape
+    carries the same one of the two named colours (attribute leakage), else "wrong colour"."""
+    if score.correct:
+        return None
+    p, d = score.prompt, score.detections
+    if not d:
+        return NOTHING
+    if p.task == "single_object":
+        return "wrong shape"
+    if p.task == "counting":
+        return "too few" if len(_of(d, p.shape1)) < p.count else "too many"
+    if p.task == "colors":
+        return "wrong colour" if _of(d, p.shape1) else "shape missing"
+    missing = [s for s in (p.shape1, p.shape2) if not _of(d, s)]
+    if missing:
+        return "both shapes missing" if len(missing) == 2 else "one shape missing"
+    if p.task == "position":
+        return "wrong relation"
+    if p.task == "color_attr":
+        if _of(d, p.shape1, p.color2) and _of(d, p.shape2, p.color1):
+            return "colours swapped"
+        if any(_of(d, p.shape1, c) and _of(d, p.shape2, c) for c in (p.color1, p.color2)):
+            return "one colour on both"
+        return "wrong colour"
+    raise ConfigError(f"two_object image with both shapes scored wrong: {p.text!r}")  # unreachable
+
+
+def summarize_failures(results: Iterable[tuple[str, str | None]]) -> dict[str, dict[str, int]]:
+    """{task: {kind: count}} over (task, failure kind or None) pairs; kinds in FAILURES order, zeros left
+    out (a task whose images were all correct maps to {})."""
+    counts: dict[str, dict[str, int]] = {}
+    for task, kind in results:
+        if kind is None:
+            counts.setdefault(task, {})
+            continue
+        if kind not in FAILURES.get(task, ()):
+            raise ConfigError(f"{kind!r} is not a failure kind of task {task!r}")
+        c = counts.setdefault(task, {})
+        c[kind] = c.get(kind, 0) + 1
+    return {t: {k: counts[t][k] for k in FAILURES[t] if k in counts[t]} for t in TASKS if t in counts}
+
+
+def format_failures(by_label: Mapping[str, Mapping[str, Mapping[str, int]]]) -> str:
+    """A markdown table of failure counts: a row per (task, kind) that occurs, a column per label (e.g. the
+    step counts), from summarize_failures() outputs keyed by label."""
+    labels = list(by_label)
+    rows = [(t, k) for t in TASKS for k in FAILURES[t]
+            if any(by_label[lab].get(t, {}).get(k) for lab in labels)]
+    lines = ["| task | failure | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for t, k in rows:
+        lines.append(f"| {t} | {k} | " + " | ".join(str(by_label[lab].get(t, {}).get(k, 0)) for lab in labels)
+                     + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- accuracies

@@ -4,9 +4,11 @@ For every split (seen, held_out) and every step count asked for, each prompt of 
 is drawn with the protocol's seeds (0..3), every image is scored by the spec's detector and clause rules
 (rectiflow.eval.shapes), and the run writes, under OUT:
 
-    OUT/report.json, OUT/report.md          every split x steps: per-task and overall accuracy, settings
+    OUT/report.json, OUT/report.md          every split x steps: per-task and overall accuracy, why the failed
+                                            images failed (rectiflow.eval.shapes.failure), settings
     OUT/<split>/steps<N>/grid.png           a grid of samples (rows: prompts, columns: seeds)
-    OUT/<split>/steps<N>/results.jsonl      one line per image: prompt, task, seed, correct, detections
+    OUT/<split>/steps<N>/results.jsonl      one line per image: prompt, task, seed, correct, failure,
+                                            detections
     OUT/<split>/steps<N>/NNNNN/metadata.jsonl, OUT/<split>/steps<N>/NNNNN/samples/NNNN.png
                                             GenEval's folder layout, so external scorers can read the images
 
@@ -32,11 +34,14 @@ from rectiflow.errors import RectiflowError
 from rectiflow.eval.shapes import (
     EVAL_SEEDS,
     SPLITS,
+    failure,
+    format_failures,
     format_table,
     normalize_split,
     prompt_set,
     score_image,
     summarize,
+    summarize_failures,
 )
 from rectiflow.sample.pipeline import DEFAULT
 
@@ -120,11 +125,12 @@ def _run_one(pipe, prompts: list[Prompt], steps: int, seeds: Sequence[int], out:
             r = score_image(p, np.asarray(im))
             dets = [dict(shape=d.shape, color=d.color, cx=d.cx, cy=d.cy, side=d.side, area=d.area,
                          iou=round(d.iou, 4)) for d in r.detections]
-            scores[p.text].append(dict(seed=seed, correct=r.correct,
+            scores[p.text].append(dict(seed=seed, correct=r.correct, failure=failure(r),
                                        clauses=[[c.text, c.holds] for c in r.clauses], detections=dets))
     records = [dict(index=k, prompt=p.text, task=p.task, held_out=p.held_out, **rec)
                for k, p in enumerate(prompts) for rec in scores[p.text]]
     summary = summarize([(r["task"], r["correct"]) for r in records])
+    summary["failures"] = summarize_failures([(r["task"], r["failure"]) for r in records])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for k, p in enumerate(prompts):  # GenEval layout: <index>/metadata.jsonl, <index>/samples/<n>.png
@@ -219,4 +225,8 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"{s['size']}px, seeds {s['seeds']}", ""]
     for split, by_steps in report["results"].items():
         lines += [f"## {split}", "", format_table({f"{k} steps": v for k, v in by_steps.items()}), ""]
+        fails = {f"{k} steps": v["failures"] for k, v in by_steps.items() if "failures" in v}
+        if any(kinds for f in fails.values() for kinds in f.values()):
+            lines += ["Failed images by kind (rectiflow.eval.shapes.failure):", "", format_failures(fails),
+                      ""]
     return "\n".join(lines)
