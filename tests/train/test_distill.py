@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_TOML, cli_train, overrides
 from rectiflow.convert.transformer import build_transformer, save_transformer
 from rectiflow.errors import ConfigError
+from rectiflow.flow import timestep_grid
 from rectiflow.models.transformer import image_ids, pack, text_ids
 from rectiflow.train.config import load_config
 from rectiflow.train.trainer import Trainer
@@ -66,6 +67,41 @@ def test_student_times_are_the_sampling_grid(tiny_cache, tmp_path, teacher_file)
     tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4")
     t = tr.student_times(400)
     assert set(t.tolist()) == {1.0, 0.75, 0.5, 0.25}
+
+
+def test_shifted_grid_target_is_two_teacher_steps_of_the_samplers_grid(tiny_cache, tmp_path, teacher_file):
+    """distill.shift = alpha: the student's times are the sampler's shifted 4-step grid (timestep_grid, as
+    `generate --shift alpha` uses), and the target spans two Euler steps of the shifted 8-step grid."""
+    tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4", "distill.shift=3.0",
+                  'validation.shift="3"')
+    g4, g8 = timestep_grid(4, shift=3.0), timestep_grid(8, shift=3.0)
+    torch.testing.assert_close(tr.student_grid(), g4[:-1].float())
+    assert set(tr.student_times(400).tolist()) == set(g4[:-1].float().tolist())
+    batch = tr.load_batch([0, 1, 2, 3])
+    lat = batch["latents"].float()
+    b, _, h, w = lat.shape
+    txt, vec = batch["txt"].float(), batch["vec"].float()
+    x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)))
+    t = g4[:-1].float()
+    x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+    got = tr.distill_target(x_t, t, txt, vec, h, w)
+    with torch.no_grad():
+        want = []
+        for k in range(4):
+            t0, t1, t2 = (g8[2 * k + j].float().reshape(1) for j in range(3))
+            x, tk, vk = x_t[k:k + 1], txt[k:k + 1], vec[k:k + 1]
+            ids = (image_ids(1, h, w), text_ids(1, txt.shape[1]))
+            v1 = tr.teacher(x, ids[0], tk, ids[1], t0, vk, None)
+            x_mid = x - (t0 - t1) * v1
+            v2 = tr.teacher(x_mid, ids[0], tk, ids[1], t1, vk, None)
+            want.append((x - (x_mid - (t1 - t2) * v2)) / (t0 - t2))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+    linear = _trainer(tiny_cache, tmp_path / "lin", teacher_file, "distill.student_steps=4")
+    assert not torch.allclose(linear.distill_target(x_t, t, txt, vec, h, w), got, atol=1e-4)
+    with pytest.raises(ConfigError, match="validation.shift"):  # the bundle must sample on the student's grid
+        _trainer(tiny_cache, tmp_path / "bad", teacher_file, "distill.shift=3.0")
+    with pytest.raises(ConfigError, match="distill.shift"):
+        load_config(TINY_TOML, ["distill.shift=0"])
 
 
 def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, teacher_file):

@@ -192,6 +192,12 @@ class ValidationConfig:
         _check(self.sample_steps >= 1, f"validation.sample_steps={self.sample_steps}; use >= 1")
         _check(self.sample_size % 16 == 0, f"validation.sample_size={self.sample_size}; use a multiple of 16 "
                "(0 = the cache's image size)")
+        try:
+            alpha = float(self.shift) if self.shift not in ("", "flux") else 1.0
+        except ValueError:
+            alpha = -1.0
+        _check(alpha > 0, f"validation.shift={self.shift!r}; use \"\" (linear grid), \"flux\" or an SD3 "
+               "alpha > 0 such as \"3\"")
 
     @property
     def shift_value(self) -> None | str | float:
@@ -250,15 +256,21 @@ class DistillConfig:
     grid the sampler uses with no shift), x_t from the forward path, and the target velocity is
     (x_t - x_{t-dt}) / dt, the mean of the teacher's two velocities. Each teacher velocity uses
     classifier-free guidance at teacher_cfg (with the cache's empty caption as the unconditional input);
-    above 1 the guidance is distilled too, and the student samples with CFG 1 (one forward per step)."""
+    above 1 the guidance is distilled too, and the student samples with CFG 1 (one forward per step).
+    shift: SD3's time shift alpha of the student's grid (t' = alpha t / (1 + (alpha - 1) t) applied to the
+    linear grid, as `rectiflow generate --shift alpha` samples); the teacher's two steps are then those of
+    the shifted 2 * student_steps grid, and the target is (x_t - x_t') / (t - t') for the grid's next t'.
+    1.0 = the linear grid."""
 
     teacher: str = ""
     student_steps: int = 4
     teacher_cfg: float = 1.0
+    shift: float = 1.0
 
     def __post_init__(self):
         _check(self.student_steps >= 1, f"distill.student_steps={self.student_steps}; use >= 1")
         _check(self.teacher_cfg >= 0, f"distill.teacher_cfg={self.teacher_cfg}; use >= 0")
+        _check(self.shift > 0, f"distill.shift={self.shift}; use an SD3 alpha > 0 (1 = no shift)")
 
 
 @dataclass(frozen=True)
@@ -275,6 +287,14 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self):
+        d, v = self.distill, self.validation
+        if d.teacher and d.shift != 1.0 and v.shift_value != d.shift:
+            raise ConfigError(
+                f"distill.shift={d.shift} but validation.shift={v.shift!r}: the exported bundle samples with "
+                f"validation.shift, so it would not sample on the grid the student learns; set "
+                f'validation.shift="{d.shift:g}"')
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some fields of some sections changed: cfg.replace(train={"steps": 5})."""

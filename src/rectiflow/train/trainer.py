@@ -25,7 +25,7 @@ from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.latent_cache import LatentCache
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import cfg as guided
-from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
+from rectiflow.flow import get_path, loss_weight, sample_timesteps, sd3_shift, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
 from rectiflow.train import checkpoint as ckpt
 from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
@@ -184,14 +184,20 @@ class Trainer:
         teacher.eval().requires_grad_(False)
         txt0, vec0 = self.cache.text(self.cache.empty_caption_index)  # the cached "" embedding
         self._uncond = (txt0.to(self.device, torch.float32), vec0.to(self.device, torch.float32))
-        log.info("distilling %s (CFG %g) into %d-step Euler", cfg.distill.teacher, cfg.distill.teacher_cfg,
-                 cfg.distill.student_steps)
+        log.info("distilling %s (CFG %g) into %d-step Euler (time shift %g)", cfg.distill.teacher,
+                 cfg.distill.teacher_cfg, cfg.distill.student_steps, cfg.distill.shift)
         return teacher
 
+    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """u (linear-grid times) -> the student grid's times under distill.shift (identity at 1)."""
+        alpha = self.cfg.distill.shift
+        return u if alpha == 1.0 else sd3_shift(u, alpha)
+
     def student_grid(self) -> torch.Tensor:
-        """The student's sampling times [student_steps]: 1, 1 - dt, ..., dt (dt = 1 / student_steps)."""
+        """The student's sampling times [student_steps]: 1, 1 - dt, ..., dt (dt = 1 / student_steps), under
+        SD3's time shift when distill.shift != 1."""
         s = self.cfg.distill.student_steps
-        return 1.0 - torch.arange(s, dtype=torch.float32) / s
+        return self._shifted(1.0 - torch.arange(s, dtype=torch.float32) / s)
 
     def student_times(self, n: int) -> torch.Tensor:
         """t [n] drawn uniformly from the student grid."""
@@ -221,13 +227,21 @@ class Trainer:
         return guided(v[:b], v[b:], scale) if scale != 1.0 else v  # CFG (Ho & Salimans 2022)
 
     def distill_target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
-        """Target velocity of one student Euler step from t to t - dt: the mean of two teacher Euler
-        half-steps' velocities, (x_t - x_{t-dt}) / dt. x_t [b, L, C], t [b] -> [b, L, C]."""
+        """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):
+        two teacher Euler steps t -> t_mid -> t' (the 2 * student_steps grid), (x_t - x_t') / (t - t'), i.e.
+        the mean of their velocities weighted by step size. x_t [b, L, C], t [b] on the grid -> [b, L, C]."""
         half = 0.5 / self.cfg.distill.student_steps
+        alpha = self.cfg.distill.shift
         v1 = self._teacher_velocity(x_t, t, txt, vec, h, w, guidance)
-        x_mid = x_t - half * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
-        v2 = self._teacher_velocity(x_mid, t - half, txt, vec, h, w, guidance)
-        return 0.5 * (v1 + v2)
+        if alpha == 1.0:
+            x_mid = x_t - half * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
+            v2 = self._teacher_velocity(x_mid, t - half, txt, vec, h, w, guidance)
+            return 0.5 * (v1 + v2)
+        u = t / (alpha - (alpha - 1.0) * t)  # the inverse of sd3_shift: t's place on the linear grid
+        t_mid, t_next = self._shifted(u - half), self._shifted(u - 2 * half)
+        d1, d2 = (t - t_mid)[:, None, None], (t_mid - t_next)[:, None, None]
+        v2 = self._teacher_velocity(x_t - d1 * v1, t_mid, txt, vec, h, w, guidance)
+        return (d1 * v1 + d2 * v2) / (d1 + d2)
 
     def _check_cache_fits(self) -> None:
         item = self.cache[0]
