@@ -42,6 +42,15 @@ def test_eval_shapes_cli_writes_reports_grids_and_geneval_layout(model, tmp_path
             assert sorted(p.name for p in (sub / "00000" / "samples").iterdir()) == [
                 "0000.png", "0001.png", "0002.png", "0003.png"]
     assert "| 2 steps |" in (out / "report.md").read_text()
+    # each line names the commonest failure kind of its split and step count
+    kinds = {}
+    for per_kind in report["results"]["seen"]["1"]["failures"].values():
+        for kind, c in per_kind.items():
+            kinds[kind] = kinds.get(kind, 0) + c
+    line = next(x for x in printed.splitlines() if x.startswith("seen      steps= 1"))
+    assert kinds  # a random model fails (almost) everything
+    top = max(kinds.values())
+    assert any(f"most failures: {k} ({c})" in line for k, c in kinds.items() if c == top), line
 
 
 def test_eval_shapes_cli_errors(model, tmp_path, capsys):

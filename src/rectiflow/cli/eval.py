@@ -81,6 +81,13 @@ def run(args) -> int:
                              batch_prompts=args.batch_prompts, progress=not args.no_progress)
     for split, by_steps in report["results"].items():
         for n, summary in by_steps.items():
-            print(f"{split:9s} steps={n:>2s} overall={summary['overall']:.3f} ({summary['n_images']} images)")
+            kinds: dict[str, int] = {}
+            for per_kind in summary.get("failures", {}).values():
+                for kind, c in per_kind.items():
+                    kinds[kind] = kinds.get(kind, 0) + c
+            top = max(kinds, key=kinds.get) if kinds else None
+            most = f", most failures: {top} ({kinds[top]})" if top else ""
+            print(f"{split:9s} steps={n:>2s} overall={summary['overall']:.3f} ({summary['n_images']} images"
+                  f"{most})")
     print(f"report: {args.out}/report.md")
     return 0
