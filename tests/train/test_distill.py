@@ -135,6 +135,10 @@ def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, 
 def test_config_errors(tiny_cache, tmp_path, teacher_file):
     with pytest.raises(ConfigError, match="student_steps"):
         load_config(TINY_TOML, ["distill.student_steps=0"])
+    for bad in ('"abc"', '"-2"'):  # the grid the exported bundle samples with
+        with pytest.raises(ConfigError, match="validation.shift"):
+            load_config(TINY_TOML, [f"validation.shift={bad}"])
+    assert load_config(TINY_TOML, ['validation.shift="flux"']).validation.shift_value == "flux"
     with pytest.raises(ConfigError, match="rectified_flow"):
         _trainer(tiny_cache, tmp_path, teacher_file, "flow.path=eps_linear")
 
