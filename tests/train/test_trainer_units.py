@@ -3,6 +3,7 @@ barriers on failed writes."""
 
 import math
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from rectiflow.train.checkpoint import (
 )
 from rectiflow.train.config import load_config
 from rectiflow.train.data import local_slice
-from rectiflow.train.trainer import Trainer, lr_factor
+from rectiflow.train.trainer import LocalContext, Trainer, lr_factor
 
 
 def test_lr_factor():
@@ -105,23 +106,14 @@ def test_latest_ignores_partial_and_prune(tmp_path):
     assert not list(tmp_path.glob(".step-*"))
 
 
-class _CountingDist:
-    """LocalContext's interface, counting barriers (a rank that skips one leaves the others waiting)."""
+@dataclass
+class _CountingDist(LocalContext):
+    """The single-process context, counting barriers (a rank that skips one leaves the others waiting)."""
 
-    device = torch.device("cpu")
-    rank, world_size, local_rank, is_main = 0, 1, 0, True
+    barriers: int = 0
 
-    def __init__(self):
-        self.barriers = 0
-
-    def barrier(self):
+    def barrier(self) -> None:
         self.barriers += 1
-
-    def all_reduce_mean(self, t):
-        return t
-
-    def broadcast_object(self, obj):
-        return obj
 
 
 def test_failed_write_still_meets_the_barrier(tiny_cache, tmp_path, monkeypatch):
