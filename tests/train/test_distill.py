@@ -39,10 +39,10 @@ def test_target_is_two_guided_teacher_half_steps(tiny_cache, tmp_path, teacher_f
     x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)))
     t = torch.tensor([1.0, 0.75, 0.5, 0.25])
     x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
-    got = tr.distill_target(x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+    got = tr.distiller.target(x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
 
     txt0, vec0 = tr.cache.text(0)
-    teacher = tr.teacher
+    teacher = tr.distiller.teacher
 
     def v(x, tt, txt, vec):
         return teacher(x, image_ids(b, h, w), txt, text_ids(b, txt.shape[1]), tt, vec, None)
@@ -59,13 +59,13 @@ def test_target_is_two_guided_teacher_half_steps(tiny_cache, tmp_path, teacher_f
     torch.testing.assert_close(got, (x_t - x_end) / dt, rtol=1e-5, atol=1e-5)
     # guidance matters here: an unguided target differs
     tr1 = _trainer(tiny_cache, tmp_path / "cfg1", teacher_file, "distill.teacher_cfg=1.0")
-    unguided = tr1.distill_target(x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+    unguided = tr1.distiller.target(x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
     assert not torch.allclose(unguided, got, atol=1e-4)
 
 
 def test_student_times_are_the_sampling_grid(tiny_cache, tmp_path, teacher_file):
     tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4")
-    t = tr.student_times(400)
+    t = tr.distiller.times(400, tr.generator)
     assert set(t.tolist()) == {1.0, 0.75, 0.5, 0.25}
 
 
@@ -75,8 +75,8 @@ def test_shifted_grid_target_is_two_teacher_steps_of_the_samplers_grid(tiny_cach
     tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4", "distill.shift=3.0",
                   'validation.shift="3"')
     g4, g8 = timestep_grid(4, shift=3.0), timestep_grid(8, shift=3.0)
-    torch.testing.assert_close(tr.student_grid(), g4[:-1].float())
-    assert set(tr.student_times(400).tolist()) == set(g4[:-1].float().tolist())
+    torch.testing.assert_close(tr.distiller.grid(), g4[:-1].float())
+    assert set(tr.distiller.times(400, tr.generator).tolist()) == set(g4[:-1].float().tolist())
     batch = tr.load_batch([0, 1, 2, 3])
     lat = batch["latents"].float()
     b, _, h, w = lat.shape
@@ -84,20 +84,20 @@ def test_shifted_grid_target_is_two_teacher_steps_of_the_samplers_grid(tiny_cach
     x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)))
     t = g4[:-1].float()
     x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
-    got = tr.distill_target(x_t, t, txt, vec, h, w)
+    got = tr.distiller.target(x_t, t, txt, vec, h, w)
     with torch.no_grad():
         want = []
         for k in range(4):
             t0, t1, t2 = (g8[2 * k + j].float().reshape(1) for j in range(3))
             x, tk, vk = x_t[k:k + 1], txt[k:k + 1], vec[k:k + 1]
             ids = (image_ids(1, h, w), text_ids(1, txt.shape[1]))
-            v1 = tr.teacher(x, ids[0], tk, ids[1], t0, vk, None)
+            v1 = tr.distiller.teacher(x, ids[0], tk, ids[1], t0, vk, None)
             x_mid = x - (t0 - t1) * v1
-            v2 = tr.teacher(x_mid, ids[0], tk, ids[1], t1, vk, None)
+            v2 = tr.distiller.teacher(x_mid, ids[0], tk, ids[1], t1, vk, None)
             want.append((x - (x_mid - (t1 - t2) * v2)) / (t0 - t2))
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
     linear = _trainer(tiny_cache, tmp_path / "lin", teacher_file, "distill.student_steps=4")
-    assert not torch.allclose(linear.distill_target(x_t, t, txt, vec, h, w), got, atol=1e-4)
+    assert not torch.allclose(linear.distiller.target(x_t, t, txt, vec, h, w), got, atol=1e-4)
     with pytest.raises(ConfigError, match="validation.shift"):  # the bundle must sample on the student's grid
         _trainer(tiny_cache, tmp_path / "bad", teacher_file, "distill.shift=3.0")
     with pytest.raises(ConfigError, match="distill.shift"):
@@ -124,7 +124,7 @@ def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, 
             t = torch.full((b,), tk)
             x_t = (1 - tk) * pack(lat) + tk * pack(eps)
             pred = tr.model(x_t, image_ids(b, h, w), txt, text_ids(b, txt.shape[1]), t, vec, None)
-            want[tk] = (pred - tr.distill_target(x_t, t, txt, vec, h, w)).pow(2).mean().item()
+            want[tk] = (pred - tr.distiller.target(x_t, t, txt, vec, h, w)).pow(2).mean().item()
             flow_loss[tk] = (pred - (pack(eps) - pack(lat))).pow(2).mean().item()
     assert got["loss_t1.000"] == pytest.approx(want[1.0], rel=1e-5)
     assert got["loss_t0.500"] == pytest.approx(want[0.5], rel=1e-5)

@@ -24,12 +24,12 @@ from rectiflow.convert.transformer import build_transformer, load_transformer
 from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.latent_cache import LatentCache
 from rectiflow.errors import ConfigError, RectiflowError
-from rectiflow.flow import cfg as guided
-from rectiflow.flow import get_path, loss_weight, sample_timesteps, sd3_shift, training_pair
+from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
 from rectiflow.train import checkpoint as ckpt
 from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
 from rectiflow.train.data import BatchStream, local_slice, split_holdout
+from rectiflow.train.distill import Distiller
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_fns import apply_activation_checkpointing, apply_regional_compile, unwrap
 
@@ -121,7 +121,9 @@ class Trainer:
         loss_weight(cfg.flow.loss_weight, torch.full((1,), 0.5), **cfg.flow.loss_weight_params)  # validate
         self._setup_data()
         self._setup_model(parallelize)
-        self.teacher = self._setup_teacher() if cfg.distill.teacher else None
+        self.distiller = None  # few-step distillation: the teacher and the student's targets
+        if cfg.distill.teacher:
+            self.distiller = Distiller(cfg, self.cache, self.device, self._autocast)
         self.generator = torch.Generator("cpu").manual_seed(cfg.train.seed)  # t and eps of every step
         self.step = 0
         self.bad_consecutive = self.bad_total = 0
@@ -174,74 +176,11 @@ class Trainer:
         if cfg.ema.enabled:
             self.ema = {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()}
 
-    def _setup_teacher(self):
-        """The frozen teacher of few-step distillation (cfg.distill) and the unconditional text input."""
-        cfg = self.cfg
-        if cfg.flow.path != "rectified_flow":
-            raise ConfigError(f"distill.teacher needs flow.path = 'rectified_flow' (got {cfg.flow.path!r}): "
-                              "the targets are Euler steps of the rectified-flow ODE")
-        teacher = load_transformer(cfg.distill.teacher, device=self.device, dtype=torch.float32)
-        teacher.eval().requires_grad_(False)
-        txt0, vec0 = self.cache.text(self.cache.empty_caption_index)  # the cached "" embedding
-        self._uncond = (txt0.to(self.device, torch.float32), vec0.to(self.device, torch.float32))
-        log.info("distilling %s (CFG %g) into %d-step Euler (time shift %g)", cfg.distill.teacher,
-                 cfg.distill.teacher_cfg, cfg.distill.student_steps, cfg.distill.shift)
-        return teacher
-
-    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
-        """u (linear-grid times) -> the student grid's times under distill.shift (identity at 1)."""
-        alpha = self.cfg.distill.shift
-        return u if alpha == 1.0 else sd3_shift(u, alpha)
-
-    def student_grid(self) -> torch.Tensor:
-        """The student's sampling times [student_steps]: 1, 1 - dt, ..., dt (dt = 1 / student_steps), under
-        SD3's time shift when distill.shift != 1."""
-        s = self.cfg.distill.student_steps
-        return self._shifted(1.0 - torch.arange(s, dtype=torch.float32) / s)
-
-    def student_times(self, n: int) -> torch.Tensor:
-        """t [n] drawn uniformly from the student grid."""
-        k = torch.randint(self.cfg.distill.student_steps, (n,), generator=self.generator)
-        return self.student_grid()[k]
-
     def guidance_input(self, b: int) -> torch.Tensor | None:
         """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
         if not self.params.guidance_embed:
             return None
         return torch.full((b,), self.cfg.model.guidance, device=self.device)
-
-    @torch.no_grad()
-    def _teacher_velocity(self, x, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
-        """The teacher's velocity at (x [b, L, C], t [b]), CFG at distill.teacher_cfg."""
-        b, dev, scale = x.shape[0], self.device, self.cfg.distill.teacher_cfg
-        if scale != 1.0:
-            txt0, vec0 = self._uncond
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            txt = torch.cat([txt, txt0.expand(b, *txt0.shape)])
-            vec = torch.cat([vec, vec0.expand(b, *vec0.shape)])
-            guidance = None if guidance is None else torch.cat([guidance, guidance])
-        n = x.shape[0]
-        with self._autocast():
-            v = self.teacher(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
-                             guidance).float()
-        return guided(v[:b], v[b:], scale) if scale != 1.0 else v  # CFG (Ho & Salimans 2022)
-
-    def distill_target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
-        """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):
-        two teacher Euler steps t -> t_mid -> t' (the 2 * student_steps grid), (x_t - x_t') / (t - t'), i.e.
-        the mean of their velocities weighted by step size. x_t [b, L, C], t [b] on the grid -> [b, L, C]."""
-        half = 0.5 / self.cfg.distill.student_steps
-        alpha = self.cfg.distill.shift
-        v1 = self._teacher_velocity(x_t, t, txt, vec, h, w, guidance)
-        if alpha == 1.0:
-            x_mid = x_t - half * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
-            v2 = self._teacher_velocity(x_mid, t - half, txt, vec, h, w, guidance)
-            return 0.5 * (v1 + v2)
-        u = t / (alpha - (alpha - 1.0) * t)  # the inverse of sd3_shift: t's place on the linear grid
-        t_mid, t_next = self._shifted(u - half), self._shifted(u - 2 * half)
-        d1, d2 = (t - t_mid)[:, None, None], (t_mid - t_next)[:, None, None]
-        v2 = self._teacher_velocity(x_t - d1 * v1, t_mid, txt, vec, h, w, guidance)
-        return (d1 * v1 + d2 * v2) / (d1 + d2)
 
     def _check_cache_fits(self) -> None:
         item = self.cache[0]
@@ -268,8 +207,8 @@ class Trainer:
         x_t, target = training_pair(self.path, x0, noise, t)
         txt, vec = batch["txt"].to(dev, torch.float32), batch["vec"].to(dev, torch.float32)
         guidance = self.guidance_input(b)
-        if self.teacher is not None:
-            target = self.distill_target(x_t, t, txt, vec, h, w, guidance)
+        if self.distiller is not None:
+            target = self.distiller.target(x_t, t, txt, vec, h, w, guidance)
         with self._autocast():
             out = self.model(self.path.model_input(x_t, t), image_ids(b, h, w, dev), txt,
                              text_ids(b, txt.shape[1], dev), t, vec, guidance)
@@ -287,8 +226,8 @@ class Trainer:
         epoch, indices = self.stream.next()
         self.cache.set_epoch(epoch)
         n = len(indices)
-        if self.teacher is not None:
-            t = self.student_times(n)  # [B] on the student's sampling grid
+        if self.distiller is not None:
+            t = self.distiller.times(n, self.generator)  # [B] on the student's sampling grid
         else:
             t = sample_timesteps(cfg.flow.timesteps, n, self.generator, **cfg.flow.timestep_params)  # [B]
         shape = self.cache.latents(indices[0]).shape

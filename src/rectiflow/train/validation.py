@@ -6,7 +6,7 @@ that training never sees, each with one fixed caption (no dropout) and one fixed
 validation.seed), are evaluated at t_k = (k + 0.5) / K for K = validation.buckets. Reported per bucket
 ("loss_t0.062", ...) and their mean ("loss"), unweighted MSE against the path's target. When distilling
 (cfg.distill.teacher), the loss is the distillation loss instead: at each time of the student's grid
-(1, 1 - dt, ..., dt), MSE against the teacher's two-half-step target (Trainer.distill_target), so it measures
+(1, 1 - dt, ..., dt), MSE against the teacher's two-half-step target (Distiller.target), so it measures
 what the student is trained for.
 
 Sample grid: every prompt x seed, sampled from t = 1 to 0 with a rectiflow.flow solver (true CFG with the
@@ -91,8 +91,8 @@ class Validator:
 
     def times(self) -> list[float]:
         """The validation timesteps: SD3's bucket centres, or the student's grid when distilling."""
-        if self.trainer.teacher is not None:
-            return self.trainer.student_grid().tolist()
+        if self.trainer.distiller is not None:
+            return self.trainer.distiller.grid().tolist()
         return bucket_times(self.cfg.buckets)
 
     @torch.no_grad()
@@ -107,8 +107,8 @@ class Validator:
                 b, _, h, w = lat.shape
                 t = torch.full((b,), t_k, device=dev)
                 x_t, target = training_pair(tr.path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
-                if tr.teacher is not None:
-                    target = tr.distill_target(x_t, t, g["txt"].to(dev, torch.float32),
+                if tr.distiller is not None:
+                    target = tr.distiller.target(x_t, t, g["txt"].to(dev, torch.float32),
                                                g["vec"].to(dev, torch.float32), h, w, tr.guidance_input(b))
                 pred = self._forward(model, tr.path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
                 total += float((pred.float() - target).pow(2).mean(dim=(1, 2)).sum())

@@ -1,0 +1,92 @@
+"""Few-step distillation (cfg.distill): the frozen teacher and the student's targets.
+
+Progressive distillation (Salimans & Ho 2022) on a rectified flow: a student sampled with `student_steps`
+Euler steps learns, at each time t of its grid, the velocity of one step t -> t' that does what two Euler
+steps of the teacher (guided at `teacher_cfg`) do on the 2 * student_steps grid. With `shift` = alpha != 1
+both grids are SD3's shifted ones (`rectiflow.flow.sd3_shift`), as `generate --shift alpha` samples.
+The Trainer owns one Distiller when cfg.distill.teacher is set; the student itself is the Trainer's model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from rectiflow.convert.transformer import load_transformer
+from rectiflow.data.latent_cache import LatentCache
+from rectiflow.errors import ConfigError
+from rectiflow.flow import cfg as guided
+from rectiflow.flow import sd3_shift
+from rectiflow.models.transformer import image_ids, text_ids
+from rectiflow.train.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Distiller"]
+
+
+class Distiller:
+    """The teacher (fp32, frozen), the unconditional text input for its CFG (the cache's "" embedding), and
+    the student's grid and targets. `autocast()` is the Trainer's precision context."""
+
+    def __init__(self, cfg: RunConfig, cache: LatentCache, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager]):
+        if cfg.flow.path != "rectified_flow":
+            raise ConfigError(f"distill.teacher needs flow.path = 'rectified_flow' (got {cfg.flow.path!r}): "
+                              "the targets are Euler steps of the rectified-flow ODE")
+        d = cfg.distill
+        self.steps, self.cfg_scale, self.shift = d.student_steps, d.teacher_cfg, d.shift
+        self.device, self.autocast = device, autocast
+        self.teacher = load_transformer(d.teacher, device=device, dtype=torch.float32)
+        self.teacher.eval().requires_grad_(False)
+        txt0, vec0 = cache.text(cache.empty_caption_index)
+        self._uncond = (txt0.to(device, torch.float32), vec0.to(device, torch.float32))
+        log.info("distilling %s (CFG %g) into %d-step Euler (time shift %g)", d.teacher, d.teacher_cfg,
+                 d.student_steps, d.shift)
+
+    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """u (linear-grid times) -> the student grid's times under the shift (identity at 1)."""
+        return u if self.shift == 1.0 else sd3_shift(u, self.shift)
+
+    def grid(self) -> torch.Tensor:
+        """The student's sampling times [steps]: 1, 1 - dt, ..., dt (dt = 1 / steps), shifted."""
+        return self._shifted(1.0 - torch.arange(self.steps, dtype=torch.float32) / self.steps)
+
+    def times(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """t [n] drawn uniformly from the student's grid."""
+        return self.grid()[torch.randint(self.steps, (n,), generator=generator)]
+
+    @torch.no_grad()
+    def velocity(self, x, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
+        """The teacher's velocity at (x [b, L, C], t [b]), CFG at teacher_cfg."""
+        b, dev, scale = x.shape[0], self.device, self.cfg_scale
+        if scale != 1.0:
+            txt0, vec0 = self._uncond
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            txt = torch.cat([txt, txt0.expand(b, *txt0.shape)])
+            vec = torch.cat([vec, vec0.expand(b, *vec0.shape)])
+            guidance = None if guidance is None else torch.cat([guidance, guidance])
+        n = x.shape[0]
+        with self.autocast():
+            v = self.teacher(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
+                             guidance).float()
+        return guided(v[:b], v[b:], scale) if scale != 1.0 else v  # CFG (Ho & Salimans 2022)
+
+    def target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
+        """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):
+        two teacher Euler steps t -> t_mid -> t' (the 2 * steps grid), (x_t - x_t') / (t - t'), i.e. the mean
+        of their velocities weighted by step size. x_t [b, L, C], t [b] on the grid -> [b, L, C]."""
+        half, alpha = 0.5 / self.steps, self.shift
+        v1 = self.velocity(x_t, t, txt, vec, h, w, guidance)
+        if alpha == 1.0:  # the linear grid kept as its own branch: the bundled student's exact arithmetic
+            x_mid = x_t - half * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
+            v2 = self.velocity(x_mid, t - half, txt, vec, h, w, guidance)
+            return 0.5 * (v1 + v2)
+        u = t / (alpha - (alpha - 1.0) * t)  # the inverse of sd3_shift: t's place on the linear grid
+        t_mid, t_next = self._shifted(u - half), self._shifted(u - 2 * half)
+        d1, d2 = (t - t_mid)[:, None, None], (t_mid - t_next)[:, None, None]
+        v2 = self.velocity(x_t - d1 * v1, t_mid, txt, vec, h, w, guidance)
+        return (d1 * v1 + d2 * v2) / (d1 + d2)
