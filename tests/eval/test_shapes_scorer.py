@@ -26,6 +26,7 @@ from rectiflow.eval.shapes import (
     EVAL_SEEDS,
     FAILURES,
     HELD_OUT_TASKS,
+    commonest_failure,
     failure,
     format_failures,
     format_table,
@@ -353,6 +354,12 @@ def test_summarize_failures_and_table():
                          "| color_attr | colours swapped | 1 | 0 |"]
     with pytest.raises(ConfigError, match="not a failure kind"):
         summarize_failures([("single_object", "too many")])
+    # the CLI's one-line summary: kinds of the same name add up over tasks
+    assert commonest_failure(f) == ("too few", 2)
+    assert commonest_failure({"two_object": {"one shape missing": 2}, "position": {"one shape missing": 2,
+                                                                                   "wrong relation": 3}}) \
+        == ("one shape missing", 4)
+    assert commonest_failure({"single_object": {}}) is None
 
 
 # --------------------------------------------------------------------------------------------- accuracies

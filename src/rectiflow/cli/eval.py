@@ -70,6 +70,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.eval.shapes import commonest_failure
     from rectiflow.eval.shapes_eval import evaluate_shapes
     from rectiflow.sample.pipeline import DEFAULT, Pipeline
 
@@ -81,12 +82,8 @@ def run(args) -> int:
                              batch_prompts=args.batch_prompts, progress=not args.no_progress)
     for split, by_steps in report["results"].items():
         for n, summary in by_steps.items():
-            kinds: dict[str, int] = {}
-            for per_kind in summary.get("failures", {}).values():
-                for kind, c in per_kind.items():
-                    kinds[kind] = kinds.get(kind, 0) + c
-            top = max(kinds, key=kinds.get) if kinds else None
-            most = f", most failures: {top} ({kinds[top]})" if top else ""
+            top = commonest_failure(summary.get("failures", {}))
+            most = f", most failures: {top[0]} ({top[1]})" if top else ""
             print(f"{split:9s} steps={n:>2s} overall={summary['overall']:.3f} ({summary['n_images']} images"
                   f"{most})")
     print(f"report: {args.out}/report.md")

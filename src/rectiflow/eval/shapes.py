@@ -30,8 +30,8 @@ from rectiflow.eval.shapes_detect import Detection, detect
 
 __all__ = [
     "EVAL_SEEDS", "FAILURES", "HELD_OUT_TASKS", "PROMPTS_PER_TASK", "SPLITS", "Clause", "ImageScore",
-    "clauses", "failure", "format_failures", "format_table", "normalize_split", "prompt_set",
-    "score_detections", "score_image", "summarize", "summarize_failures",
+    "clauses", "commonest_failure", "failure", "format_failures", "format_table", "normalize_split",
+    "prompt_set", "score_detections", "score_image", "summarize", "summarize_failures",
 ]
 
 EVAL_SEEDS = (0, 1, 2, 3)  # spec "Evaluation protocol": 4 images per prompt, seeds 0..3 (GenEval)
@@ -192,6 +192,16 @@ def summarize_failures(results: Iterable[tuple[str, str | None]]) -> dict[str, d
         c = counts.setdefault(task, {})
         c[kind] = c.get(kind, 0) + 1
     return {t: {k: counts[t][k] for k in FAILURES[t] if k in counts[t]} for t in TASKS if t in counts}
+
+
+def commonest_failure(failures: Mapping[str, Mapping[str, int]]) -> tuple[str, int] | None:
+    """The failure kind with the most images over all tasks of a summarize_failures() output, and its count
+    (kinds of the same name in different tasks add up; ties go to the first seen); None if nothing failed."""
+    kinds: dict[str, int] = {}
+    for per_kind in failures.values():
+        for kind, c in per_kind.items():
+            kinds[kind] = kinds.get(kind, 0) + c
+    return max(kinds.items(), key=lambda kc: kc[1]) if kinds else None
 
 
 def format_failures(by_label: Mapping[str, Mapping[str, Mapping[str, int]]]) -> str:
