@@ -8,8 +8,9 @@
 
 Modules: config (RunConfig dataclasses, TOML + dotted overrides), trainer (Trainer, the step), checkpoint
 (atomic full-state checkpoints, safetensors + JSON), data (held-out split, resumable global batches),
-model_fns (activation checkpointing / regional compile applied to a built model), validation (bucketed
-validation loss, sample grid), metrics (JSONL + TensorBoard), export.
+model_fns (activation checkpointing / regional compile applied to a built model), distill (few-step
+distillation: the teacher and the student's targets), validation (bucketed validation loss, sample grid),
+metrics (JSONL + TensorBoard), export.
 
 Seams for distributed training (rectiflow.train.distributed, written separately):
   Trainer(cfg, dist=..., parallelize=..., state_io=...)
