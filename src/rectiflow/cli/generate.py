@@ -106,24 +106,32 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [out / f"image-{i}.png" for i in range(n)]
 
 
-def run(args) -> int:
+def device_and_dtype(device_arg: str, dtype_arg: str):
+    """(torch.device, torch.dtype) from --device (auto: cuda if available) and --dtype (auto: bf16 on CUDA,
+    fp32 on the CPU)."""
     import torch
 
-    from rectiflow import __version__
     from rectiflow.errors import RectiflowError
-    from rectiflow.sample import DEFAULT, Pipeline, save_png
 
-    device = args.device
+    device = device_arg
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        raise RectiflowError(f"unknown device {args.device!r}; use cpu, cuda or cuda:N") from e
+        raise RectiflowError(f"unknown device {device_arg!r}; use cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RectiflowError("--device cuda but no CUDA device is available; use --device cpu")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dtype_name = dtype_arg if dtype_arg != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+
+
+def run(args) -> int:
+    from rectiflow import __version__
+    from rectiflow.errors import RectiflowError
+    from rectiflow.sample import DEFAULT, Pipeline, save_png
+
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if args.num_images < 1:
         raise RectiflowError(f"-n must be >= 1, got {args.num_images}")
     if args.offload and device.type == "cpu":

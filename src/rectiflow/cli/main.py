@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "train",
     "train_ae",
     "eval",
+    "serve",
 ]
 
 

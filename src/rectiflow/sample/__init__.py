@@ -3,9 +3,10 @@
     Pipeline(transformer, autoencoder, text_encoder, defaults, name=..., model_hash=...)
     Pipeline.from_bundle(path, device, dtype, int8=False, offload=False)
     pipe(prompts, steps=, width=, height=, seed=, sampler=, shift=, guidance=, cfg_scale=,
-         negative_prompt=, num_images_per_prompt=, generator=, batch_size=, progress=)
+         negative_prompt=, num_images_per_prompt=, generator=, batch_size=, progress=, callback=)
         -> GenerationResult(images, latents, settings)
-    save_png(image, path, settings), read_png_settings(path) -> (a1111_text, settings_dict)
+    save_png(image, path, settings), png_bytes(image, settings) -> bytes,
+    read_png_settings(path or file) -> (a1111_text, settings_dict)
     random_bundle(path, ...) -> a tiny bundle with random weights (tests, benchmarks)
 """
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "Pipeline": "rectiflow.sample.pipeline",
     "initial_noise": "rectiflow.sample.pipeline",
     "a1111_parameters": "rectiflow.sample.png",
+    "png_bytes": "rectiflow.sample.png",
     "read_png_settings": "rectiflow.sample.png",
     "save_png": "rectiflow.sample.png",
     "random_bundle": "rectiflow.sample.random_model",

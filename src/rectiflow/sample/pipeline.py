@@ -25,7 +25,7 @@ guidance pluggable:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,20 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     x = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
     arr = x.permute(0, 2, 3, 1).cpu().numpy()  # [N, 3, H, W] -> [N, H, W, 3]
     return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
+
+
+def _step_counter(callback: Callable[[int, int], None] | None, total: int):
+    """A solve() callback that reports (steps done so far, total) over several solve() calls."""
+    if callback is None:
+        return None
+    done = 0
+
+    def on_step(*_):
+        nonlocal done
+        done += 1
+        callback(done, total)
+
+    return on_step
 
 
 class Pipeline:
@@ -174,7 +188,8 @@ class Pipeline:
                  generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
                  batch_size: int | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 progress: bool = True) -> GenerationResult:
+                 progress: bool = True,
+                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate `num_images_per_prompt` images per prompt; unset arguments take the model's defaults.
 
         Image i (in call order) uses seed `seed + i` unless `generator` is given, or `seeds[i]` when an
@@ -183,6 +198,8 @@ class Pipeline:
         depend on it. `prompt_embeds` = (txt [P, L, D], vec [P, D_vec]), one row per prompt, replaces the
         text encoder's output (e.g. to mix the token sequence of one prompt with the pooled vector of
         another); `prompts` then only label the results. Negative prompts are still encoded.
+        `callback(done, total)` is called after every solver step (total = steps x model calls), e.g. for
+        a progress bar in a server; an exception it raises aborts the generation (cancellation).
         """
         d = self.defaults
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -227,12 +244,14 @@ class Pipeline:
 
         bs = batch_size or n
         latents = []
-        for s in range(0, n, bs):
+        chunks = range(0, n, bs)
+        step_done = _step_counter(callback, steps * len(chunks))
+        for s in chunks:
             idx = torch.tensor(flat[s:s + bs])
             cond = (txt[idx], vec[idx])
             uncond = (neg[0][idx], neg[1][idx]) if neg is not None else None
             latents.append(self._denoise(noise[s:s + bs], cond, uncond, ts, sampler, guidance, cfg_scale,
-                                         progress, lh, lw))
+                                         progress, lh, lw, step_done))
         z = torch.cat(latents)  # [N, C, lh, lw]
         images = self._decode(z)
         base = dict(steps=steps, sampler=sampler, shift=shift, guidance=guidance, cfg_scale=cfg_scale,
@@ -279,7 +298,8 @@ class Pipeline:
             raise RectiflowError(f"got {len(negs)} negative prompts for {n} prompts; give one or one each")
         return negs
 
-    def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw):
+    def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
+                 step_done=None):
         x = pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> [B, L_img, 4C]
         b = x.shape[0]
         txt, vec = cond
@@ -302,7 +322,7 @@ class Pipeline:
 
         velocity = cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
         with torch.inference_mode():
-            x = solve(velocity, x, ts, method=sampler, progress=progress)
+            x = solve(velocity, x, ts, method=sampler, progress=progress, callback=step_done)
         if not torch.isfinite(x).all():
             raise self._nonfinite("latents")
         assert x.shape[0] == b

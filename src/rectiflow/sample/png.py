@@ -12,6 +12,7 @@ Nothing time- or machine-dependent goes into the file, so the same settings give
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -78,8 +79,16 @@ def save_png(image: Image.Image, path: str | os.PathLike, settings: Mapping[str,
     return path
 
 
-def read_png_settings(path: str | os.PathLike) -> tuple[str | None, dict[str, Any] | None]:
-    """(A1111 `parameters` text, rectiflow JSON settings) of a PNG; None for a chunk that is absent."""
+def png_bytes(image: Image.Image, settings: Mapping[str, Any]) -> bytes:
+    """The PNG file `save_png` writes, as bytes (for serving over HTTP without a file)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(settings))
+    return buf.getvalue()
+
+
+def read_png_settings(path: str | os.PathLike | io.BytesIO) -> tuple[str | None, dict[str, Any] | None]:
+    """(A1111 `parameters` text, rectiflow JSON settings) of a PNG (a path or a file object); None for a
+    chunk that is absent."""
     with Image.open(path) as im:
         text = dict(im.text) if hasattr(im, "text") else {}
     raw = text.get(JSON_KEY)
