@@ -8,6 +8,8 @@ PROMPT ?= a photo of a yellow star and a blue square
 OUTPUT ?= out.png
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The page's browser test (tests/web/test_page_browser.py) drives Debian's chromium through playwright.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup generate test lint clean
 
@@ -19,12 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(CHROMIUM):
+	@[ "$$(id -u)" = 0 ] || { echo "chromium is missing: run 'apt-get install chromium' as root" >&2; exit 1; }
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+setup: $(STAMP) $(CHROMIUM)
 
 generate: $(STAMP)
 	$(BIN)/rectiflow generate "$(PROMPT)" -o "$(OUTPUT)"
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 

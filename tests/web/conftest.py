@@ -11,6 +11,16 @@ from rectiflow.web.schemas import Limits
 SIZE, STEPS = 32, 2
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """These tests run many tiny model calls, often from worker threads: on a shared 2-core machine one
+    intra-op thread is far faster than several spinning ones (and results do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """A bundle with random micro weights, 32x32 and 2 steps by default: fast enough for many jobs."""

@@ -40,11 +40,14 @@ def load_models(specs: list[str], device, dtype, *, resolve_default=None) -> dic
     gives the default bundle's path (the CLI's, which explains a missing bundle)."""
     from rectiflow.sample import Pipeline
 
-    pipelines: dict[str, Any] = {}
-    for spec in specs or [DEFAULT_ID]:
+    parsed: dict[str, str | None] = {}
+    for spec in specs or [DEFAULT_ID]:  # every spec checked before the first (slow) load
         model_id, path = parse_model_spec(spec)
-        if model_id in pipelines:
+        if model_id in parsed:
             raise ConfigError(f"model id {model_id!r} is given twice; name them apart with ID=PATH")
+        parsed[model_id] = path
+    pipelines: dict[str, Any] = {}
+    for model_id, path in parsed.items():
         if path is None:
             if resolve_default is None:
                 from rectiflow.convert.bundle import default_bundle_path as resolve_default

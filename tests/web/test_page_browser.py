@@ -1,0 +1,99 @@
+"""The page in a real browser: Debian's chromium driven by playwright against a live `rectiflow serve` on
+127.0.0.1 (the bundled model). Types a prompt, generates, sees the image with its settings, opens compare and
+sees a labelled 2 x 2 grid. Saves the screenshots that docs/serve.md shows."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (`make setup` installs it); playwright downloads nothing
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+PROMPT = "a photo of a red circle above a blue square"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(cli_env):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "rectiflow", "serve", "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/v1/status", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"rectiflow serve did not start:\n{proc.stdout.read()}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_page_generates_and_compares_in_chromium(live_server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs it (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live_server)
+            expect(page.locator("body[data-ready=true]")).to_have_count(1)
+            expect(page.locator("#model option")).to_have_count(1)
+
+            page.fill("#prompt", PROMPT)
+            page.fill("#seed", "0")
+            page.fill("#n", "2")
+            page.click("#generate")
+            cards = page.locator("#gallery .card:not(.pending)")
+            expect(cards).to_have_count(2, timeout=60_000)
+            for i in range(2):
+                card = cards.nth(i)
+                expect(card.locator(".prompt")).to_have_text(PROMPT)
+                expect(card.locator(".settings-line")).to_contain_text(f"seed {i}")
+                expect(card.locator("a.download")).to_have_attribute("download", f"rectiflow-{i}.png")
+                assert card.locator("img").evaluate("img => img.complete && img.naturalWidth") == 64
+            page.screenshot(path=str(DOCS / "serve-generate.png"))
+
+            page.click("#tab-compare")
+            expect(page.locator("#compare-prompts")).to_have_value(PROMPT)
+            page.fill("#compare-steps", "1,8")
+            page.fill("#compare-seeds", "0,1")
+            page.click("#compare")
+            grid = page.locator("table.grid")
+            expect(grid).to_have_count(1)
+            expect(grid.locator("thead th")).to_have_text(["", "1 step", "8 steps"])
+            expect(grid.locator("tbody th")).to_have_text(["default \u00b7 seed 0", "default \u00b7 seed 1"])
+            expect(grid.locator("tbody td img")).to_have_count(4, timeout=60_000)
+            page.wait_for_function("[...document.querySelectorAll('table.grid img')]"
+                                   ".every(img => img.complete && img.naturalWidth === 64)")
+            last = grid.locator("tbody td .settings-line").nth(3)
+            expect(last).to_contain_text("8 steps \u00b7 euler \u00b7 seed 1")
+            page.screenshot(path=str(DOCS / "serve-compare.png"), full_page=True)
+            assert errors == []
+        finally:
+            browser.close()
