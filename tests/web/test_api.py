@@ -235,3 +235,10 @@ def test_image_store_drops_least_recently_used_images(make_app):
         assert all(client.get(u).status_code == 200 for u in (urls[0], urls[2], urls[3]))
         store = client.get("/v1/status").json()["store"]
         assert store["bytes"] <= store["max_bytes"] and store["evicted"] >= 1
+
+
+def test_the_request_schema_knows_every_sampler():
+    from rectiflow.flow import METHODS
+    from rectiflow.web.schemas import SAMPLER_NAMES
+
+    assert sorted(SAMPLER_NAMES) == sorted(METHODS)

@@ -11,7 +11,8 @@ import pytest
 import uvicorn
 
 from rectiflow.cli.main import main
-from rectiflow.web.server import is_loopback, parse_model_spec
+from rectiflow.sample.model_ids import parse_model_spec
+from rectiflow.web.server import is_loopback
 
 PROMPT = "a photo of a red circle"
 

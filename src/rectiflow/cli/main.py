@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "train_ae",
     "eval",
     "serve",
+    "compare",
 ]
 
 

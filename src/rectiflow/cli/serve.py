@@ -39,8 +39,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from rectiflow.cli.generate import _model_path, device_and_dtype
     from rectiflow.errors import RectiflowError
+    from rectiflow.sample.model_ids import load_pipelines
     from rectiflow.web.schemas import Limits
-    from rectiflow.web.server import load_models, serve
+    from rectiflow.web.server import serve
 
     try:
         import fastapi  # noqa: F401
@@ -57,7 +58,7 @@ def run(args) -> int:
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps, max_n=args.max_n,
                     max_side=args.max_side, max_cost=args.max_cost)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    pipelines = load_models(args.model, device, dtype, resolve_default=lambda: _model_path(None))
+    pipelines = load_pipelines(args.model, device, dtype, resolve_default=lambda: _model_path(None))
     serve(pipelines, host=args.host, port=args.port, queue_size=args.queue, workers=args.workers,
           max_batch=args.max_batch, store_mb=args.store_mb, limits=limits)
     return 0

@@ -8,6 +8,7 @@
     save_png(image, path, settings), png_bytes(image, settings) -> bytes,
     read_png_settings(path or file) -> (a1111_text, settings_dict)
     random_bundle(path, ...) -> a tiny bundle with random weights (tests, benchmarks)
+    model_ids.load_pipelines(["default", "ID=PATH", "PATH"], device, dtype) -> {id: Pipeline}
 """
 
 import importlib

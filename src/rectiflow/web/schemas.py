@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rectiflow.errors import ConfigError
+from rectiflow.sample.model_ids import MODEL_ID_PATTERN
 
-MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # no '/', no '\\', no leading '.': never a path
 # Number.MAX_SAFE_INTEGER: larger seeds would not survive a round trip through the page's JavaScript.
 MAX_SEED = 2**53 - 1
 SAMPLER_NAMES = ("euler", "midpoint", "heun", "rk4")  # rectiflow.flow.METHODS (a test keeps them equal)
