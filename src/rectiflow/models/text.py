@@ -80,14 +80,23 @@ def _hash_tensors(h, state: dict[str, torch.Tensor]) -> None:
 
 
 def _hf_config(model) -> dict:
-    cfg = model.config.to_dict()
+    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else _transformers_config(model.config)
     return {k: v for k, v in sorted(cfg.items()) if k not in _HF_VOLATILE}
+
+
+def _transformers_config(config: dict) -> dict:
+    """The dict transformers' config class would give for a raw config.json dict: the fingerprint of a
+    plain-torch model (rectiflow.models.bert) hashes what it hashed when transformers loaded the model, so
+    caches made before stay valid. Only fingerprints need it (caching), never generation."""
+    import transformers
+
+    return transformers.AutoConfig.for_model(**config).to_dict()
 
 
 def _tokenizer_identity(tok) -> str:
     """The whole fast tokenizer (vocab, merges, normaliser, special tokens) as JSON, else its vocab. Its
     truncation / padding state is left out: transformers rewrites it on every call with other settings."""
-    backend = getattr(tok, "backend_tokenizer", None)
+    backend = getattr(tok, "backend_tokenizer", tok if hasattr(tok, "to_str") else None)  # or `tokenizers`'
     if backend is not None:
         state = json.loads(backend.to_str())
         state = {k: v for k, v in state.items() if k not in ("truncation", "padding")}
@@ -173,7 +182,7 @@ class _FrozenEncoder:
             for name, tok in sorted(self._tokenizers().items()):
                 h.update(f"tokenizer {name}|".encode() + _tokenizer_identity(tok).encode())
             for name, model in sorted(self._models().items()):
-                h.update(f"model {name}|{type(model).__name__}|".encode())
+                h.update(f"model {name}|{getattr(model, 'hf_class_name', type(model).__name__)}|".encode())
                 h.update(json.dumps(_hf_config(model), sort_keys=True, default=str).encode())
                 _hash_tensors(h, model.state_dict())
             self._fingerprint = (self.dtype, h.hexdigest())
@@ -200,7 +209,25 @@ def _load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def _load_fast_tokenizer(folder: Path, max_length: int):
+    """(counting, encoding) `tokenizers` Tokenizers from folder/tokenizer.json, as transformers' fast
+    tokenizer uses it (same JSON): one without truncation or padding, one truncating and padding to
+    max_length. Two objects, so that concurrent calls (a server's workers) never change each other's state."""
+    from tokenizers import Tokenizer
+
+    path = str(folder / "tokenizer.json")
+    counting, encoding = Tokenizer.from_file(path), Tokenizer.from_file(path)
+    counting.no_truncation()
+    counting.no_padding()
+    pad = encoding.token_to_id("[PAD]")
+    encoding.enable_truncation(max_length)
+    encoding.enable_padding(length=max_length, pad_id=pad, pad_token="[PAD]")
+    return counting, encoding
+
+
 def _count(tok, texts: list[str]) -> list[int]:
+    if hasattr(tok, "encode_batch"):  # a `tokenizers` Tokenizer without truncation
+        return [len(e.ids) for e in tok.encode_batch(list(texts))]
     # verbose=False: no "sequence longer than model_max_length" log, we report truncation ourselves.
     return [len(ids) for ids in tok(list(texts), truncation=False, verbose=False)["input_ids"]]
 
@@ -224,23 +251,25 @@ class MiniLMTextEncoder(_FrozenEncoder):
     def __init__(self, max_length: int = MINILM_MAX_LENGTH, normalize: bool = True, layer: int | None = None,
                  device="cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
+        from rectiflow.models.bert import load_bert
+
         folder = _minilm_dir()
-        self.tokenizer = _load_tokenizer(folder)
-        self.model = _load_hf("BertModel", folder, device, dtype)
-        limit = self.model.config.max_position_embeddings  # 512 learned positions
         self.max_length = _check_length("max_length", max_length)
+        self.model = load_bert(folder, device, dtype)
+        limit = self.model.config["max_position_embeddings"]  # 512 learned positions
         if self.max_length > limit:
             raise ConfigError(f"MiniLM max_length {max_length} exceeds its {limit} positions; use <= {limit}")
+        self.tokenizer, self._padding_tokenizer = _load_fast_tokenizer(folder, self.max_length)
         if not isinstance(normalize, bool):
             raise ConfigError(f"MiniLM 'normalize' must be true or false, got {normalize!r}")
         self.normalize = normalize
-        depth = self.model.config.num_hidden_layers  # 6
+        depth = self.model.config["num_hidden_layers"]  # 6
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
                                   or not 0 <= layer <= depth):
             raise ConfigError(f"MiniLM 'layer' must be an integer in 0..{depth} (0: the token embeddings, "
                               f"{depth}: the last layer, the default), got {layer!r}")
         self.layer = None if layer == depth else layer  # the last layer is the default: same spec, same hash
-        self.txt_dim = self.vec_dim = self.model.config.hidden_size
+        self.txt_dim = self.vec_dim = self.model.config["hidden_size"]
 
     def _models(self):
         return {"bert": self.model}
@@ -263,14 +292,14 @@ class MiniLMTextEncoder(_FrozenEncoder):
                                "use 'minilm:N' with a larger N (<= 512) or shorter prompts")
         if msg:
             log.warning(msg)
-        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt").to(self.device)
-        out = self.model(**batch, output_hidden_states=self.layer is not None)
-        h = out.last_hidden_state  # [B, L, 384]
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # [B, L, 1]
+        encodings = self._padding_tokenizer.encode_batch(prompts)  # [CLS] ... [SEP] [PAD]..., max_length
+        ids = torch.tensor([e.ids for e in encodings], device=self.device)  # [B, L]
+        keep = torch.tensor([e.attention_mask for e in encodings], device=self.device)  # [B, L]
+        h, hidden = self.model(ids, keep, output_hidden_states=self.layer is not None)  # [B, L, 384]
+        mask = keep.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
         # sentence-transformers Pooling(mean): sum over real tokens / max(count, 1e-9)
         vec = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, 384]
-        txt = (h if self.layer is None else out.hidden_states[self.layer]) * mask
+        txt = (h if self.layer is None else hidden[self.layer]) * mask
         if self.normalize:
             vec = torch.nn.functional.normalize(vec, p=2, dim=1)  # sentence-transformers Normalize()
         return txt, vec
