@@ -30,9 +30,13 @@ class _Embeddings(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         d = cfg["hidden_size"]
-        self.word_embeddings = nn.Embedding(cfg["vocab_size"], d, padding_idx=cfg.get("pad_token_id", 0))
-        self.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], d)
-        self.token_type_embeddings = nn.Embedding(cfg.get("type_vocab_size", 2), d)
+
+        def table(n: int, **kw) -> nn.Embedding:  # uninitialised: the checkpoint fills it
+            return nn.Embedding(n, d, _weight=torch.empty(n, d), **kw)
+
+        self.word_embeddings = table(cfg["vocab_size"], padding_idx=cfg.get("pad_token_id", 0))
+        self.position_embeddings = table(cfg["max_position_embeddings"])
+        self.token_type_embeddings = table(cfg.get("type_vocab_size", 2))
         self.LayerNorm = nn.LayerNorm(d, eps=cfg["layer_norm_eps"])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
@@ -142,8 +146,7 @@ def load_bert(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    with torch.device("meta"):
-        model = BertEncoder(config)
+    model = BertEncoder(config)  # (not on the meta device: initialising there imports torch._dynamo)
     state = load_file(str(folder / "model.safetensors"))
     state = {k.removeprefix("bert."): v for k, v in state.items() if not k.endswith("position_ids")}
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
