@@ -1,6 +1,7 @@
 """`rectiflow generate` speed: cold wall time of the command (subprocess) and warm per-image time.
 
     python benchmarks/generate_speed.py [--model PATH] [--preset tiny] [--size 256] [--steps 4] [--runs 7]
+                                        [--cold-runs 3] [--baseline-src OTHER/src]
 
 --model: a bundle directory; default: the bundled default model when it exists, else a bundle with random
 weights (--preset transformer, autoencoder "tiny", text encoder "minilm"; speed is what matters here).
@@ -9,12 +10,16 @@ Cold: `python -m rectiflow generate PROMPT --model M ...` in a fresh subprocess,
 (interpreter start, imports, model load, text encoding, sampling, decoding, PNG write); median of --cold-runs.
 Warm: the pipeline loaded once in this process, then one image per call; median of --runs (>= 7) after
 warm-up. Both on the CPU in float32 (add --int8 to measure the int8 transformer).
+Cold runs also report the child's CPU time (user + sys), which a busy shared machine inflates less than the
+wall time. --baseline-src: the `src` folder of another version of rectiflow (e.g. `git archive main src`),
+whose cold command runs interleaved with this one's (A, B, A, B, ...) for a ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +49,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--cold-runs", type=int, default=3)
     ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--baseline-src", help="another version's src folder, timed interleaved with this one")
     args = ap.parse_args()
     if args.runs < 7:
         ap.error("--runs must be >= 7 (median of at least 7)")
@@ -63,23 +69,36 @@ def main() -> None:
     opts = ["--steps", str(args.steps), "--width", str(args.size), "--height", str(args.size), "--device",
             "cpu", "--dtype", "fp32", "--no-progress"] + (["--int8"] if args.int8 else [])
 
-    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cold = []
+    trees = {"this": SRC} | ({"baseline": Path(args.baseline_src).resolve()} if args.baseline_src else {})
+    cold: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
     for i in range(args.cold_runs):
-        out = Path(tmp.name) / f"cold-{i}.png"
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "rectiflow", "generate", PROMPT, "--model", model, "-o", str(out)]
-        subprocess.run([*cmd, *opts], env=env, check=True, capture_output=True)
-        cold.append(time.perf_counter() - t0)
+        for name, src in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+            out = Path(tmp.name) / f"cold-{name}-{i}.png"
+            cmd = [sys.executable, "-m", "rectiflow", "generate", PROMPT, "--model", model, "-o", str(out)]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run([*cmd, *opts], env=env, check=True, capture_output=True)
+            wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            cold[name].append((wall, cpu))
 
     pipe = Pipeline.from_bundle(model, "cpu", torch.float32, int8=args.int8)
     kw = dict(steps=args.steps, width=args.size, height=args.size, seed=0, progress=False)
     warm = interleaved_medians({"image": lambda: pipe(PROMPT, **kw)}, runs=args.runs)["image"]
     print(f"\n{args.size}x{args.size}, {args.steps} steps, euler, fp32{' + int8' if args.int8 else ''}, "
           f"{torch.get_num_threads()} threads")
-    print(f"  cold `rectiflow generate` wall time: {statistics.median(cold):.2f} s "
-          f"(median of {args.cold_runs}: {', '.join(f'{c:.2f}' for c in cold)})")
+    for name, runs in cold.items():
+        walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+        print(f"  cold `rectiflow generate` ({name} src): wall {statistics.median(walls):.2f} s, CPU "
+              f"{statistics.median(cpus):.2f} s (medians of {len(runs)}; wall: "
+              f"{', '.join(f'{w:.2f}' for w in walls)})")
+    if "baseline" in cold:
+        ratio = [statistics.median([r[k] for r in cold["this"]]) / statistics.median([r[k] for r in
+                 cold["baseline"]]) for k in (0, 1)]
+        print(f"  this / baseline: wall {ratio[0]:.2f}x, CPU {ratio[1]:.2f}x")
     print(f"  warm per image: {warm:.3f} s (median of {args.runs})")
     tmp.cleanup()
 
