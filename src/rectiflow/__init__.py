@@ -18,6 +18,8 @@ _EXPORTS = {
     "save_transformer": "rectiflow.convert.transformer",
     "build_autoencoder": "rectiflow.convert.autoencoder",
     "load_autoencoder": "rectiflow.convert.autoencoder",
+    "load_lora": "rectiflow.convert.lora",
+    "save_lora": "rectiflow.convert.lora",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -76,6 +76,8 @@ def register(subparsers) -> None:
                                                           "time (small GPUs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA file (kohya, diffusers, BFL-named or XLabs) at SCALE (1); repeatable")
     p.set_defaults(func=run)
 
 
@@ -138,8 +140,11 @@ def run(args) -> int:
         raise RectiflowError("--offload streams weights to a GPU; it needs --device cuda")
 
     t0 = time.perf_counter()
+    from rectiflow.convert.lora import parse_lora_arg
+
+    loras = [parse_lora_arg(a) for a in args.lora]  # a bad scale fails before the model loads
     pipe = Pipeline.from_bundle(_model_path(args.model), device=device, dtype=dtype, int8=args.int8,
-                                offload=args.offload)
+                                offload=args.offload, loras=loras)
     t1 = time.perf_counter()
     result = pipe(
         args.prompt, steps=args.steps, width=args.width, height=args.height, seed=args.seed,

@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     "eval",
     "serve",
     "compare",
+    "lora",
 ]
 
 

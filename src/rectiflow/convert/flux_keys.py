@@ -23,7 +23,7 @@ import torch
 from rectiflow.errors import FormatError
 from rectiflow.models.transformer import FluxParams, transformer_params
 
-__all__ = ["bfl_to_diffusers", "diffusers_to_bfl"]
+__all__ = ["bfl_to_diffusers", "diffusers_to_bfl", "linear_module_map"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -174,3 +174,33 @@ def diffusers_to_bfl(sd: Mapping[str, torch.Tensor], params: FluxParams | str | 
             c.out[dst + a + ".scale"] = c.take(src + b + ".weight")
         c.merge(tuple(src + n for n in _LINEAR1), dst + "linear1")
     return c.finish()
+
+
+def linear_module_map(params: FluxParams | str | dict) -> dict[str, tuple[str, int, int, bool]]:
+    """Every linear layer's diffusers module name -> (BFL module name, first row, end row, halves swapped):
+    the rows of the BFL weight it is (a slice of a fused qkv / linear1, or all of it), and whether its rows
+    are BFL's with the two halves swapped (norm_out.linear). For LoRA files, whose keys name modules."""
+    p = transformer_params(params)
+    h, mlp = _sizes(p)
+    out: dict[str, tuple[str, int, int, bool]] = {}
+    for a, b in {**_GLOBAL, **(_GUIDANCE if p.guidance_embed else {})}.items():
+        if a.startswith("vector_in") and not p.pooled_text:
+            continue
+        rows = {"img_in": h, "txt_in": h, "final_layer.linear": p.out_channels}.get(a, h)
+        out[b] = (a, 0, rows, False)
+    out["norm_out.linear"] = ("final_layer.adaLN_modulation.1", 0, 2 * h, True)
+    for i in range(p.depth):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for a, b in _DOUBLE.items():
+            rows = {"img_mod.lin": 6 * h, "txt_mod.lin": 6 * h, "img_mlp.0": mlp, "txt_mlp.0": mlp}.get(a, h)
+            out[dst + b] = (src + a, 0, rows, False)
+        for stream, names in (("img_attn", _QKV_IMG), ("txt_attn", _QKV_TXT)):
+            for k, n in enumerate(names):
+                out[dst + n] = (src + stream + ".qkv", k * h, (k + 1) * h, False)
+    for i in range(p.depth_single_blocks):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        out[dst + "norm.linear"] = (src + "modulation.lin", 0, 3 * h, False)
+        out[dst + "proj_out"] = (src + "linear2", 0, h, False)
+        for k, n in enumerate(_LINEAR1):
+            out[dst + n] = (src + "linear1", k * h, (k + 1) * h if k < 3 else 3 * h + mlp, False)
+    return out

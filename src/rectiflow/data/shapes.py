@@ -31,7 +31,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -242,11 +242,17 @@ def render(scene: Scene, size: int | None = None) -> np.ndarray:
     is exactly the half-coverage mask, which is how the scorer's ideal masks are thresholded), and a pixel
     covered less gets a soft edge of alpha min(coverage, halo_limit(colour)), a blend never within 60 of
     any palette colour (a half-covered red edge over white would otherwise be read as pink)."""
-    size = scene.size if size is None else size
+    return render_objects(scene.objects, scene.size, size)
+
+
+def render_objects(objects: Sequence[Obj], scene_size: int, size: int | None = None) -> np.ndarray:
+    """`render` of any objects laid out on a scene_size canvas, including shapes outside the world's
+    vocabulary (rectiflow.data.shapes_geometry.EXTRA_SHAPES), which no Prompt can name."""
+    size = scene_size if size is None else size
     _check_size(size)
-    k = size / scene.size
+    k = size / scene_size
     img = np.full((size, size, 3), BACKGROUND, dtype=np.float64)  # [S, S, 3]
-    for o in scene.objects:
+    for o in objects:
         r0, c0, cov = coverage(o.shape, o.cx * k, o.cy * k, o.s * k, size)  # cov [h, w]
         alpha = np.where(cov >= 0.5, 1.0, np.minimum(cov, halo_limit(o.color)))
         h, w = alpha.shape

@@ -24,6 +24,16 @@ CROSS_BAR_WIDTH = 1.0 / 3.0
 SUPERSAMPLE = 4
 
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "star", "cross")
+# Shapes outside the world's vocabulary: drawn in its style for fine-tuning experiments (recipes/lora-heart)
+# and told apart by the detector only when asked (rectiflow.eval.shapes_detect.detect(..., shapes=...)).
+EXTRA_SHAPES = ("heart",)
+# The heart is the classic implicit curve (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0 (y up). Its extent, measured on a
+# 6001^2 grid: |x| <= 1.139, -1 <= y <= 1.236; it is scaled so that its width fills the box and centred
+# vertically (height 2.236 / 2.278 = 0.98 of the box).
+HEART_HALF_WIDTH = 1.139
+HEART_Y_CENTRE = (1.236 - 1.0) / 2.0
+# Its area as a fraction of the box: 3.662 (the curve's area on that grid) / (2 * 1.139)^2.
+HEART_AREA = 3.66197 / (2 * HEART_HALF_WIDTH) ** 2
 
 
 def star_vertices() -> np.ndarray:
@@ -65,6 +75,10 @@ def inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return ((au <= h) & (av <= 0.5)) | ((av <= h) & (au <= 0.5))
     if shape == "star":
         return _inside_polygon(u, v, star_vertices())
+    if shape == "heart":
+        x = u * (2 * HEART_HALF_WIDTH)
+        y = HEART_Y_CENTRE - v * (2 * HEART_HALF_WIDTH)  # box v grows downwards, the curve's y upwards
+        return (x * x + y * y - 1.0) ** 3 - x * x * y**3 <= 0.0
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -80,6 +94,7 @@ def ideal_area(shape: str) -> float:
         "cross": 2.0 * CROSS_BAR_WIDTH - CROSS_BAR_WIDTH**2,
         # ten triangles (centre, outer vertex, inner vertex) with angle 36 deg between their sides
         "star": 10 * 0.5 * big * r * math.sin(math.radians(36.0)),
+        "heart": HEART_AREA,
     }[shape]
 
 

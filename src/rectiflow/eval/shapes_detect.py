@@ -15,6 +15,7 @@ Choices where the spec leaves room:
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,11 +146,12 @@ def template(shape: str, w: int, h: int) -> np.ndarray:
     return resized >= 0.5
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """(shape, IoU) of the best ideal template for a component mask cropped to its bounding box."""
+def classify_shape(mask: np.ndarray, shapes: Iterable[str] = SHAPES) -> tuple[str, float]:
+    """(shape, IoU) of the best ideal template among `shapes` for a component mask cropped to its bounding
+    box."""
     h, w = mask.shape
     best, best_iou = "", -1.0
-    for shape in SHAPES:
+    for shape in shapes:
         t = template(shape, w, h)
         union = np.count_nonzero(t | mask)
         iou = np.count_nonzero(t & mask) / union if union else 0.0
@@ -158,8 +160,10 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return best, best_iou
 
 
-def detect(image) -> list[Detection]:
-    """All objects in a shapes-world image (uint8 [S, S, 3] array or PIL image), in label order."""
+def detect(image, shapes: Iterable[str] = SHAPES) -> list[Detection]:
+    """All objects in a shapes-world image (uint8 [S, S, 3] array or PIL image), in label order. `shapes`:
+    the candidate shapes (the world's six; add rectiflow.data.shapes_geometry.EXTRA_SHAPES to recognise
+    shapes taught by fine-tuning, such as the heart)."""
     img = as_image(image)
     size = img.shape[0]
     labels, label_class = label_components(classify_pixels(img))
@@ -171,7 +175,7 @@ def detect(image) -> list[Detection]:
             continue
         rows, cols = np.nonzero(labels == k)
         y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-        shape, iou = classify_shape(labels[y0:y1, x0:x1] == k)
+        shape, iou = classify_shape(labels[y0:y1, x0:x1] == k, shapes)
         found.append(Detection(shape, colors[c], (x0 + x1) / 2, (y0 + y1) / 2, float(max(x1 - x0, y1 - y0)),
                                (x0, y0, x1, y1), int(counts[k]), float(iou)))
     return found

@@ -45,7 +45,7 @@ from rectiflow.eval.shapes import (
 )
 from rectiflow.sample.pipeline import DEFAULT
 
-__all__ = ["evaluate_shapes", "geneval_metadata"]
+__all__ = ["evaluate_shapes", "geneval_metadata", "image_grid"]
 
 log = logging.getLogger(__name__)
 USED_KEYS = ("sampler", "shift", "guidance", "cfg_scale")  # generation settings the report records as used
@@ -70,7 +70,7 @@ def geneval_metadata(p: Prompt) -> dict[str, Any]:
     return {"tag": p.task, "include": inc, "prompt": p.text, "held_out": p.held_out}
 
 
-def _grid(images: list[Image.Image], cols: int) -> Image.Image:
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
     w, h = images[0].size
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
@@ -142,7 +142,7 @@ def _run_one(pipe, prompts: list[Prompt], steps: int, seeds: Sequence[int], out:
         with open(out / "results.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        _grid([im for k in _grid_rows(prompts) for im in images[prompts[k].text]], len(seeds)).save(
+        image_grid([im for k in _grid_rows(prompts) for im in images[prompts[k].text]], len(seeds)).save(
             out / "grid.png")
     return summary
 

@@ -114,6 +114,7 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.defaults = defaults or SamplingDefaults()
         self.name, self.model_hash, self.int8 = name, model_hash, int8
+        self.loras: list[dict] = []  # LoRAs applied to the transformer ({"name", "scale"}), for the settings
         ref = next(autoencoder.parameters())
         self.device = torch.device(device) if device is not None else ref.device
         self.dtype = dtype or ref.dtype
@@ -134,13 +135,27 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
-                    int8: bool = False, offload: bool = False) -> Pipeline:
+                    int8: bool = False, offload: bool = False,
+                    loras: Sequence[tuple[str, float]] = (), merge_loras: bool = True) -> Pipeline:
         """Load a bundle directory (see rectiflow.convert.bundle). int8: quantise the transformer's linears
-        (CPU, float32 only); offload: keep transformer blocks on the CPU and stream them to `device`."""
+        (CPU, float32 only); offload: keep transformer blocks on the CPU and stream them to `device`.
+        loras: (LoRA file, scale) pairs applied to the transformer (rectiflow.convert.lora.load_lora), merged
+        into its weights unless merge_loras is False (int8 always merges: it quantises merged weights)."""
         device = torch.device(device)
         if int8 and (device.type != "cpu" or dtype != torch.float32):
             raise RectiflowError("--int8 is a CPU float32 option; drop --dtype/--device or drop --int8")
         b = load_bundle(path, device="cpu" if offload else device, dtype=dtype)
+        applied = []
+        if loras:
+            from rectiflow.convert.lora import load_lora
+            from rectiflow.nn.lora import lora_names, merge_lora, remove_lora
+
+            for lora_path, scale in loras:
+                load_lora(b.transformer, lora_path, scale=scale)
+                applied.append({"name": lora_names(b.transformer)[-1], "scale": float(scale)})
+            if merge_loras or int8:
+                merge_lora(b.transformer)
+                remove_lora(b.transformer)
         if int8:
             from rectiflow.models.quantize import quantize_int8
 
@@ -152,8 +167,10 @@ class Pipeline:
             b.autoencoder.to(device)
             if hasattr(b.text_encoder, "to"):
                 b.text_encoder.to(device)
-        return cls(b.transformer, b.autoencoder, b.text_encoder, b.defaults, name=b.name,
+        pipe = cls(b.transformer, b.autoencoder, b.text_encoder, b.defaults, name=b.name,
                    model_hash=b.model_hash, device=device, dtype=dtype, int8=int8)
+        pipe.loras = applied
+        return pipe
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -257,6 +274,8 @@ class Pipeline:
         base = dict(steps=steps, sampler=sampler, shift=shift, guidance=guidance, cfg_scale=cfg_scale,
                     width=width, height=height, model=self.name, model_hash=self.model_hash,
                     dtype=str(self.dtype).replace("torch.", ""), int8=self.int8)
+        if self.loras:
+            base["loras"] = [dict(x) for x in self.loras]
         settings = [dict(base, prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
                          seed=seeds[i] if seeds else None) for i, p in enumerate(flat)]
         return GenerationResult(images, z.float().cpu(), settings)

@@ -5,10 +5,10 @@
     dump_toml(cfg)                    # the resolved config as TOML (saved beside every checkpoint)
 
 A TOML file has one table per section ([model], [data], [flow], [optim], [ema], [train], [validation],
-[logging], [checkpoint], [export], [distributed]); every key is optional and defaults to the field's value
-here. Unknown sections or keys and values of the wrong type raise a one-line ConfigError. Overrides are
-`section.key=value` with the value parsed as a TOML value (`1e-4`, `true`, `[0.9, 0.95]`, `{m = 0.5}`), or
-taken as a plain string when it does not parse (`model.preset=tiny`).
+[logging], [checkpoint], [export], [distributed], [distill], [lora]); every key is optional and defaults to
+the field's value here. Unknown sections or keys and values of the wrong type raise a one-line ConfigError.
+Overrides are `section.key=value` with the value parsed as a TOML value (`1e-4`, `true`, `[0.9, 0.95]`,
+`{m = 0.5}`), or taken as a plain string when it does not parse (`model.preset=tiny`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ except ModuleNotFoundError:  # pragma: no cover - py3.10
 __all__ = [
     "ModelConfig", "DataConfig", "FlowConfig", "OptimConfig", "EMAConfig", "TrainLoopConfig",
     "ValidationConfig", "LoggingConfig", "CheckpointConfig", "ExportConfig", "DistributedConfig",
-    "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_toml", "apply_overrides",
+    "LoraConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_toml",
+    "apply_overrides",
 ]
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 EXPORT_FORMATS = ("rectiflow", "bfl", "diffusers")
 DIST_MODES = ("none", "ddp", "fsdp2")
+LORA_EXPORT_FORMATS = ("kohya", "diffusers")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -274,6 +276,33 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (rectiflow.nn.lora): with rank > 0 the model (model.init) is frozen and only adapters
+    of this rank on the `targets` (groups attn / mlp / mod / all, or module-name globs) train; the optimizer
+    holds state for them alone, checkpoints hold them plus the base weights' hash, and the export writes the
+    adapter in `formats` (kohya: what ComfyUI / Forge load; diffusers: FluxPipeline.load_lora_weights).
+    alpha 0 = rank (multiplier 1). trigger: the trigger word the captions were cached with (`rectiflow cache
+    --trigger`), recorded in the exported files' metadata."""
+
+    rank: int = 0
+    alpha: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn"])
+    dropout: float = 0.0
+    trigger: str = ""
+    formats: list[str] = field(default_factory=lambda: ["kohya", "diffusers"])
+
+    def __post_init__(self):
+        _check(self.rank >= 0, f"lora.rank={self.rank}; use a positive rank (0 = no LoRA, full fine-tune)")
+        _check(self.alpha >= 0, f"lora.alpha={self.alpha}; use >= 0 (0 = the rank)")
+        _check(0 <= self.dropout < 1, f"lora.dropout={self.dropout}; use a probability in [0, 1)")
+        _check(not self.rank or bool(self.targets),
+               "lora.targets is empty: nothing would train; name groups (attn, mlp, mod, all) or module "
+               "patterns")
+        bad = [f for f in self.formats if f not in LORA_EXPORT_FORMATS]
+        _check(not bad, f"lora.formats has {bad}; choose from {LORA_EXPORT_FORMATS}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -287,6 +316,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         d, v = self.distill, self.validation

@@ -68,6 +68,10 @@ class PlainStateIO:
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
 
+    def state_keys(self, model: torch.nn.Module) -> set[str]:
+        """The keys model_state returns (without gathering anything)."""
+        return set(unwrap(model).state_dict().keys())
+
     def load_model_state(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
         unwrap(model).load_state_dict(sd, strict=True)
 
@@ -163,6 +167,12 @@ class Trainer:
             model = build_transformer(params, device=self.device, dtype=torch.float32)
         self.params = model.params
         self._check_cache_fits()
+        self.lora_base_hash = None
+        if cfg.lora.rank:  # freeze the base, attach the adapters (before checkpointing / compile / DDP wrap)
+            from rectiflow.train.lora import LoraStateIO, apply_training_lora
+
+            self.lora_base_hash = apply_training_lora(model, cfg.lora)
+            self.state_io = LoraStateIO(self.state_io)
         model.train()
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -174,7 +184,11 @@ class Trainer:
                                            betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.ema: dict[str, torch.Tensor] | None = None
         if cfg.ema.enabled:
-            self.ema = {n: p.detach().clone() for n, p in unwrap(self.model).named_parameters()}
+            self.ema = {n: p.detach().clone() for n, p in self._trained_parameters()}
+
+    def _trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of what trains: every parameter, or the adapters of a LoRA run."""
+        return [(n, p) for n, p in unwrap(self.model).named_parameters() if p.requires_grad]
 
     def guidance_input(self, b: int) -> torch.Tensor | None:
         """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
@@ -264,7 +278,7 @@ class Trainer:
     def _update_ema(self) -> None:
         if self.ema is None:
             return
-        model_params = [p.detach() for _, p in unwrap(self.model).named_parameters()]
+        model_params = [p.detach() for _, p in self._trained_parameters()]
         ema = list(self.ema.values())
         if self.step < self.cfg.ema.start:
             # lerp with weight 1 returns `end` exactly (end - diff * 0) and, unlike _foreach_copy_, has a
@@ -302,11 +316,13 @@ class Trainer:
             if self.dist.is_main:
                 state = {"data": self.stream.state_dict(), "bad_total": self.bad_total,
                          "bad_consecutive": self.bad_consecutive, "world_size": self.dist.world_size}
+                if self.lora_base_hash is not None:  # the weights hold the adapters only
+                    state["lora_base_hash"] = self.lora_base_hash
                 path = ckpt.save_checkpoint(
                     self.ckpt_dir, self.step, model=model_sd, ema=ema, optimizer=optim_sd,
                     rng=ckpt.capture_rng({"noise": self.generator}), state=state,
                     config=config_to_dict(self.cfg), config_toml=dump_toml(self.cfg),
-                    model_params=self.params.to_dict())
+                    model_params=None if self.lora_base_hash else self.params.to_dict())
                 ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
         finally:
             self.dist.barrier()
@@ -320,7 +336,11 @@ class Trainer:
             raise RectiflowError(f"no complete checkpoint in {self.ckpt_dir} to resume from; start without "
                                  "--resume")
         c = ckpt.load_checkpoint(path)
-        if c.config.get("model") is not None and c.model.keys() != unwrap(self.model).state_dict().keys():
+        if c.state.get("lora_base_hash") != self.lora_base_hash:
+            raise RectiflowError(f"checkpoint {path} holds adapters for base weights "
+                                 f"{c.state.get('lora_base_hash')} but model.init now has "
+                                 f"{self.lora_base_hash}; resume with the same base")
+        if c.config.get("model") is not None and c.model.keys() != self.state_io.state_keys(self.model):
             raise RectiflowError(f"checkpoint {path} holds a different model than the config; resume with "
                                  f"the config saved beside it ({path / 'config.toml'})")
         for section, key in (("data", "batch_size"), ("data", "cache"), ("train", "seed")):
@@ -411,6 +431,13 @@ class Trainer:
         io = self.state_io
         use_ema = self.cfg.export.ema and self.ema is not None
         sd = {k: io.full_tensor(v) for k, v in self.ema.items()} if use_ema else io.model_state(self.model)
+        if self.lora_base_hash is not None:
+            from rectiflow.train.lora import export_lora
+
+            try:
+                return export_lora(sd, self, self.out_dir / "export") if self.dist.is_main else []
+            finally:
+                self.dist.barrier()
         # leave together, also when writing fails: a rank that exits (and tears its gloo process group down
         # at exit) while the main rank still writes made the other rank abort ("terminate called without an
         # active exception") now and then in the two-process tests; a main rank that raised before the

@@ -1,0 +1,89 @@
+"""LoRA training ([lora]): only the adapters train, optimizer state and checkpoints hold only them (plus the
+base hash), resume is exact, the export writes kohya and diffusers files that load back."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_TOML, assert_same_checkpoint, overrides
+from rectiflow.convert.lora import read_lora
+from rectiflow.convert.transformer import build_transformer, load_transformer, save_transformer
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.train.checkpoint import load_checkpoint
+from rectiflow.train.config import load_config
+from rectiflow.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "micro.safetensors"
+    return save_transformer(build_transformer("micro"), path)
+
+
+def _cfg(cache, out, base, *extra):
+    return load_config(TINY_TOML, overrides(
+        cache, out, "model.preset=micro", f'model.init="{base}"', "lora.rank=2", "lora.alpha=4",
+        'lora.targets=["attn", "mlp"]', "train.steps=6", "checkpoint.every=3", "train.progress=false",
+        "lora.trigger=sks", *extra))
+
+
+def test_only_adapters_train_and_are_checkpointed(tiny_cache, base_file, tmp_path):
+    t = Trainer(_cfg(tiny_cache, tmp_path / "run", base_file))
+    trained = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora.default." in n for n in trained)
+    opt_params = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for n, p in t.model.named_parameters() if p.requires_grad}
+    result = t.fit()
+    base = load_transformer(base_file)
+    from rectiflow.nn.lora import base_state_dict
+
+    after = base_state_dict(t.model)
+    assert all(torch.equal(after[k], v) for k, v in base.state_dict().items())  # the base never moved
+    ckpt = load_checkpoint(result["checkpoint"])
+    assert ckpt.model.keys() == set(trained) and ckpt.ema.keys() == set(trained)
+    assert ckpt.state["lora_base_hash"] == t.lora_base_hash
+    assert len(ckpt.optimizer["state"]) == len(trained)  # AdamW moments for the adapters only
+    ups = [v for k, v in ckpt.model.items() if k.endswith("up.weight")]
+    assert any(v.abs().max() > 0 for v in ups)  # the adapters learned something
+    files = {p.name: p for p in result["exports"]}
+    assert set(files) == {"lora-kohya.safetensors", "lora-diffusers.safetensors"}
+    k = read_lora(files["lora-kohya.safetensors"])
+    d = read_lora(files["lora-diffusers.safetensors"], base.params)
+    assert k.info["base_hash"] == t.lora_base_hash and k.metadata["modelspec.trigger_phrase"] == "sks"
+    assert k.adapters.keys() == d.adapters.keys()
+    for m in k.adapters:
+        assert torch.equal(k.adapters[m].up, d.adapters[m].up) and k.adapters[m].alpha == 4.0
+        assert torch.equal(k.adapters[m].up, ckpt.ema[f"{m}.lora.default.up.weight"])  # the EMA is exported
+
+
+def test_resume_is_exact(tiny_cache, base_file, tmp_path):
+    whole = tmp_path / "whole"
+    Trainer(_cfg(tiny_cache, whole, base_file)).fit()
+    part = tmp_path / "part"
+    Trainer(_cfg(tiny_cache, part, base_file, "train.steps=3")).fit()
+    t = Trainer(_cfg(tiny_cache, part, base_file))
+    t.resume()
+    assert t.step == 3
+    t.fit()
+    name = "checkpoints/step-000000006"
+    assert_same_checkpoint(part / name, whole / name)
+    assert load_file(str(part / name / "model.safetensors")).keys() == \
+        load_file(str(whole / name / "model.safetensors")).keys()
+
+
+def test_resume_onto_other_base_is_refused(tiny_cache, base_file, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(tiny_cache, out, base_file, "train.steps=3")).fit()
+    torch.manual_seed(1)
+    other = save_transformer(build_transformer("micro"), tmp_path / "other.safetensors")
+    t = Trainer(_cfg(tiny_cache, out, other))
+    with pytest.raises(RectiflowError, match="holds adapters for base weights"):
+        t.resume()
+
+
+def test_empty_target_set_is_a_config_error(tiny_cache, base_file, tmp_path):
+    with pytest.raises(ConfigError, match="lora.targets is empty"):
+        _cfg(tiny_cache, tmp_path, base_file, "lora.targets=[]")
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        Trainer(_cfg(tiny_cache, tmp_path, base_file, 'lora.targets=["no_such_layer"]'))
