@@ -17,13 +17,18 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-column", action="append", dest="caption_columns", metavar="NAME",
                    help="caption column / json key; repeat for several caption fields")
     p.add_argument("--template", help='caption template for class folders (default "a photo of a {class}")')
+    p.add_argument("--trigger", metavar="WORD", help='a LoRA trigger word put into every caption ("WORD, '
+                                                     'caption", or in place of "[trigger]")')
 
 
 def open_source_from_args(args, on_error: str = "skip"):
     from rectiflow.data.sources import open_source
 
-    return open_source(args.data if hasattr(args, "data") else args.path, kind=args.kind,
-                       caption_columns=args.caption_columns, template=args.template, on_error=on_error)
+    source = open_source(args.data if hasattr(args, "data") else args.path, kind=args.kind,
+                         caption_columns=args.caption_columns, template=args.template, on_error=on_error)
+    if getattr(args, "trigger", None):
+        source.add_trigger(args.trigger)
+    return source
 
 
 def register(subparsers) -> None:

@@ -140,3 +140,19 @@ class CaptionPolicy:
         rng = sample_rng(seed, epoch, index)
         f, caption = self.choose(captions, rng)
         return {"field": f, "caption": caption, "text": self.drop(caption, rng)}
+
+
+TRIGGER_PLACEHOLDER = "[trigger]"  # ai-toolkit's placeholder for the trigger word inside a caption
+
+
+def add_trigger(caption: str, trigger: str) -> str:
+    """The caption with a LoRA trigger word: "[trigger]" replaced by it when present, else "trigger, caption"
+    unless the caption already contains the word (ai-toolkit's trigger_word rule)."""
+    trigger = trigger.strip()
+    if not trigger:
+        return caption
+    if TRIGGER_PLACEHOLDER in caption:
+        return caption.replace(TRIGGER_PLACEHOLDER, trigger)
+    if trigger.lower() in caption.lower():
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger

@@ -115,6 +115,15 @@ class Source:
     def describe(self) -> dict:
         return {"kind": self.kind}
 
+    def add_trigger(self, trigger: str) -> None:
+        """Put a LoRA trigger word into every caption (rectiflow.data.captions.add_trigger)."""
+        from dataclasses import replace
+
+        from rectiflow.data.captions import add_trigger
+
+        self.samples = [replace(s, captions={f: tuple(add_trigger(c, trigger) for c in caps)
+                                             for f, caps in s.captions.items()}) for s in self.samples]
+
     def report(self, kind: str, location: str, detail: str) -> None:
         """Log a problem; raise it if on_error == "raise", else remember it and go on."""
         problem = Problem(kind, location, detail)
