@@ -63,6 +63,8 @@ def register(sub) -> None:
     s.add_argument("--limit", type=_positive, default=None, help="at most N prompts per task (quick look)")
     s.add_argument("--batch-prompts", type=_positive, default=16, help="prompts per model batch")
     s.add_argument("--int8", action="store_true", help="int8 transformer (CPU)")
+    s.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="evaluate with a LoRA applied (repeatable), as `rectiflow generate --lora`")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--out", required=True, help="output directory for reports, grids and images")
     s.set_defaults(func=run)
@@ -70,11 +72,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.convert.lora import parse_lora_arg
     from rectiflow.eval.shapes import commonest_failure
     from rectiflow.eval.shapes_eval import evaluate_shapes
     from rectiflow.sample.pipeline import DEFAULT, Pipeline
 
-    pipe = Pipeline.from_bundle(args.model or default_bundle_path(), int8=args.int8)
+    pipe = Pipeline.from_bundle(args.model or default_bundle_path(), int8=args.int8,
+                                loras=[parse_lora_arg(a) for a in args.lora])
     report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler,
                              shift=shift_setting(args.shift, DEFAULT), cfg_scale=args.cfg,
                              guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
