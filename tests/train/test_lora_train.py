@@ -87,3 +87,21 @@ def test_empty_target_set_is_a_config_error(tiny_cache, base_file, tmp_path):
         _cfg(tiny_cache, tmp_path, base_file, "lora.targets=[]")
     with pytest.raises(ConfigError, match="matches no linear layer"):
         Trainer(_cfg(tiny_cache, tmp_path, base_file, 'lora.targets=["no_such_layer"]'))
+
+
+@pytest.mark.slow
+def test_ddp_lora_matches_one_process(tiny_cache, base_file, tmp_path):
+    """2 processes (torchrun, gloo) train the same adapters as 1 process with the same global batch."""
+    from test_distributed import _assert_losses_close, _losses, _one_process, torchrun
+
+    args = ("model.preset=micro", f'model.init="{base_file}"', "lora.rank=2", "train.steps=7",
+            "checkpoint.every=0", 'lora.formats=["kohya"]')
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _one_process(tiny_cache, single, args)
+    r = torchrun(overrides(tiny_cache, ddp, *args, "distributed.mode=ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_losses_close(_losses(ddp), _losses(single), rtol=1e-6)
+    a = load_file(str(single / "checkpoints" / "step-000000007" / "model.safetensors"))
+    b = load_file(str(ddp / "checkpoints" / "step-000000007" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(".lora.default." in k for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
