@@ -105,3 +105,13 @@ def test_ddp_lora_matches_one_process(tiny_cache, base_file, tmp_path):
     b = load_file(str(ddp / "checkpoints" / "step-000000007" / "model.safetensors"))
     assert a.keys() == b.keys() and all(".lora.default." in k for k in a)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_validation_with_ema_adapters(tiny_cache, base_file, tmp_path):
+    t = Trainer(_cfg(tiny_cache, tmp_path / "run", base_file, "validation.every=3", "validation.holdout=4",
+                     "validation.use_ema=true", "train.steps=3"))
+    t.fit()
+    assert t.validator is not None
+    from rectiflow.train.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl", "val")] == [3]

@@ -66,7 +66,8 @@ class Validator:
         model = tr.model
         backup = None
         if self.cfg.use_ema and tr.ema is not None:
-            backup = {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
+            # EMA covers what trains (every parameter, or a LoRA run's adapters alone)
+            backup = {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if n in tr.ema}
             self._copy_params(unwrap(model), tr.ema)
         was_training = model.training
         model.eval()
@@ -87,7 +88,8 @@ class Validator:
     @torch.no_grad()
     def _copy_params(model, src: dict[str, torch.Tensor]) -> None:
         for n, p in model.named_parameters():
-            p.copy_(src[n])
+            if n in src:
+                p.copy_(src[n])
 
     def times(self) -> list[float]:
         """The validation timesteps: SD3's bucket centres, or the student's grid when distilling."""
