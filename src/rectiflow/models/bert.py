@@ -146,7 +146,10 @@ def load_bert(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    model = BertEncoder(config)  # (not on the meta device: initialising there imports torch._dynamo)
+    # On the meta device: no time spent initialising weights that the checkpoint replaces. (The embedding
+    # tables are created from empty tensors: initialising one there, normal_, would import torch._dynamo.)
+    with torch.device("meta"):
+        model = BertEncoder(config)
     state = load_file(str(folder / "model.safetensors"))
     state = {k.removeprefix("bert."): v for k, v in state.items() if not k.endswith("position_ids")}
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
