@@ -242,3 +242,17 @@ def test_the_request_schema_knows_every_sampler():
     from rectiflow.web.schemas import SAMPLER_NAMES
 
     assert sorted(SAMPLER_NAMES) == sorted(METHODS)
+
+
+def test_jobs_carry_the_shapes_world_verdict_of_shapes_prompts(make_app):
+    from rectiflow.eval.compare import verdict
+
+    app, _ = make_app(annotate=verdict)
+    with TestClient(app) as client:
+        job = _done(client, client.post("/v1/generate", json={"prompt": PROMPT, "n": 2}).json()["id"])
+        assert len(job["verdicts"]) == 2
+        for url, v in zip(job["images"], job["verdicts"]):
+            with Image.open(io.BytesIO(client.get(url).content)) as im:
+                assert v == verdict(PROMPT, im.convert("RGB"))
+        other = _done(client, client.post("/v1/generate", json={"prompt": "a fox in the snow"}).json()["id"])
+        assert other["verdicts"] == [None]

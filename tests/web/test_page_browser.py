@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (`make setup` installs it); playwright downloads nothing
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-PROMPT = "a photo of a red circle above a blue square"
+PROMPT = "a photo of a green circle and a pink square"  # a shapes-world prompt: the scorer judges it
 
 
 def _free_port() -> int:
@@ -76,8 +76,9 @@ def test_page_generates_and_compares_in_chromium(live_server):
                 expect(card.locator(".prompt")).to_have_text(PROMPT)
                 expect(card.locator(".settings-line")).to_contain_text(f"seed {i}")
                 expect(card.locator("a.download")).to_have_attribute("download", f"rectiflow-{i}.png")
+                expect(card.locator(".verdict")).to_have_count(1)  # the shapes-world scorer's
                 assert card.locator("img").evaluate("img => img.complete && img.naturalWidth") == 64
-            page.screenshot(path=str(DOCS / "serve-generate.png"))
+            page.screenshot(path=str(DOCS / "serve-generate.png"), full_page=True)
 
             page.click("#tab-compare")
             expect(page.locator("#compare-prompts")).to_have_value(PROMPT)
@@ -91,6 +92,7 @@ def test_page_generates_and_compares_in_chromium(live_server):
             expect(grid.locator("tbody td img")).to_have_count(4, timeout=60_000)
             page.wait_for_function("[...document.querySelectorAll('table.grid img')]"
                                    ".every(img => img.complete && img.naturalWidth === 64)")
+            expect(grid.locator("tbody td .verdict")).to_have_count(4)
             last = grid.locator("tbody td .settings-line").nth(3)
             expect(last).to_contain_text("8 steps \u00b7 euler \u00b7 seed 1")
             page.screenshot(path=str(DOCS / "serve-compare.png"), full_page=True)

@@ -144,7 +144,8 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
             "id": job.id, "status": job.status, "progress": round(job.progress, 4), "model": job.model,
             "prompt": job.prompt, "n": job.n, "seed": job.seed,
             "images": [f"{request_base}/v1/images/{key}.png" for key in job.images],
-            "settings": job.settings, "error": job.error, "queue_position": manager.queue_position(job),
+            "settings": job.settings, "verdicts": job.verdicts, "error": job.error,
+            "queue_position": manager.queue_position(job),
             "created": job.created, "started": job.started, "finished": job.finished,
         }
 

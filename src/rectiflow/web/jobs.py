@@ -107,6 +107,7 @@ class Job:
     progress: float = 0.0
     images: list[str] = field(default_factory=list)  # ImageStore keys
     settings: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[dict[str, Any] | None] = field(default_factory=list)  # JobManager.annotate's, per image
     error: str | None = None
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -125,7 +126,8 @@ class JobManager:
     def __init__(self, pipelines: dict[str, Any], store: ImageStore, *, queue_size: int = 16,
                  workers: int = 1, max_batch: int = 1, max_jobs: int = 10_000,
                  encode_png: Callable[[Any, dict[str, Any]], bytes] | None = None,
-                 settings_extra: dict[str, Any] | None = None):
+                 settings_extra: dict[str, Any] | None = None,
+                 annotate: Callable[[str, Any], dict[str, Any] | None] | None = None):
         if queue_size < 1 or workers < 1 or max_batch < 1 or max_jobs < queue_size:
             raise RectiflowError("queue size, workers and batch size must be >= 1 and max jobs >= queue size")
         if encode_png is None:
@@ -135,6 +137,7 @@ class JobManager:
         self.max_batch, self.max_jobs = max_batch, max_jobs
         self.encode_png = encode_png
         self.settings_extra = dict(settings_extra or {})
+        self.annotate = annotate  # annotate(prompt, image) -> e.g. the shapes-world verdict, or None
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -299,6 +302,8 @@ class JobManager:
             pngs = [self.encode_png(image, dict(s, **self.settings_extra))
                     for image, s in zip(result.images, result.settings)]
             keys = [self.store.put(p) for p in pngs]
+            notes = [self.annotate(s["prompt"], image) if self.annotate else None
+                     for image, s in zip(result.images, result.settings)]
         except JobCancelled:
             with self._cond:
                 for job in batch:
@@ -317,6 +322,7 @@ class JobManager:
             for job in batch:
                 job.images = keys[i:i + job.n]
                 job.settings = [dict(s, **self.settings_extra) for s in result.settings[i:i + job.n]]
+                job.verdicts = notes[i:i + job.n]
                 i += job.n
                 self._finish(job, CANCELLED if job.cancel_requested else DONE,
                              error="cancelled" if job.cancel_requested else None)

@@ -28,12 +28,13 @@ def serve(pipelines: dict[str, Any], *, host: str = "127.0.0.1", port: int = 800
     import uvicorn
 
     from rectiflow import __version__
+    from rectiflow.eval.compare import verdict
     from rectiflow.web.app import create_app
     from rectiflow.web.jobs import ImageStore, JobManager
 
     manager = JobManager(pipelines, ImageStore(int(store_mb * 2**20)), queue_size=queue_size,
                          workers=workers, max_batch=max_batch,
-                         settings_extra={"rectiflow_version": __version__})
+                         settings_extra={"rectiflow_version": __version__}, annotate=verdict)
     app = create_app(manager, limits)
     if not is_loopback(host):
         log.warning("listening on %s: anyone who can reach this machine can use the server (there is no "

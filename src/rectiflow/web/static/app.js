@@ -132,13 +132,21 @@ function formBody() {
   return body;
 }
 
-function imageCard(url, settings) {
+// The shapes-world scorer's verdict on an image of a shapes-world prompt (null for other prompts).
+function verdictBadge(verdict) {
+  if (!verdict) return null;
+  return el("div", { class: `verdict ${verdict.correct ? "good" : "bad"}`,
+                     text: verdict.correct ? "\u2713 correct" : `\u2717 ${verdict.failure}` });
+}
+
+function imageCard(url, settings, verdict) {
   const name = `rectiflow-${settings.seed}.png`;
   return el("figure", { class: "card" },
     el("a", { href: url, target: "_blank", class: "frame" }, el("img", { src: url, alt: settings.prompt })),
     el("figcaption", {},
       el("div", { class: "prompt", text: settings.prompt }),
       el("div", { class: "settings-line", text: settingsLines(settings) }),
+      verdictBadge(verdict),
       el("a", { href: url, download: name, class: "download", text: "download" })));
 }
 
@@ -160,7 +168,7 @@ async function generate(ev) {
         ? `queued (${j.queue_position} ahead)` : `${j.status} ${Math.round(j.progress * 100)}%`;
     });
     if (job.status !== "done") throw new Error(job.error || job.status);
-    const cards = job.images.map((url, i) => imageCard(url, job.settings[i]));
+    const cards = job.images.map((url, i) => imageCard(url, job.settings[i], (job.verdicts || [])[i]));
     pending.replaceWith(...cards);
   } catch (e) {
     pending.remove();
@@ -233,7 +241,8 @@ async function compare(ev) {
         const s = job.settings[0];
         t.cell.replaceChildren(
           el("a", { href: url, target: "_blank", class: "frame" }, el("img", { src: url, alt: s.prompt })),
-          el("div", { class: "settings-line", text: settingsLines(s) }));
+          el("div", { class: "settings-line", text: settingsLines(s) }),
+          verdictBadge((job.verdicts || [])[0]) || "");
       }).catch((e) => { t.cell.replaceChildren(el("div", { class: "error", text: e.message })); }));
     } catch (e) {
       t.cell.replaceChildren(el("div", { class: "error", text: e.message }));
