@@ -1,6 +1,7 @@
 """The page in a real browser: Debian's chromium driven by playwright against a live `rectiflow serve` on
 127.0.0.1 (the bundled model). Types a prompt, generates, sees the image with its settings, opens compare and
-sees a labelled 2 x 2 grid. Saves the screenshots that docs/serve.md shows."""
+sees a labelled 2 x 2 grid (1 and 8 steps, without and with a LoRA chosen by its server-side id). Saves the
+screenshots that docs/serve.md shows."""
 
 import socket
 import subprocess
@@ -25,9 +26,29 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live_server(cli_env):
+def lora_file(tmp_path):
+    """A LoRA for the bundled model with random adapters: it changes the images, which is all we need."""
+    import torch
+
+    from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.convert.lora import save_lora
+    from rectiflow.convert.transformer import load_transformer
+    from rectiflow.nn.lora import add_lora, lora_modules
+
+    model = load_transformer(default_bundle_path() / "transformer.safetensors")
+    add_lora(model, "x", rank=4, targets="attn")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, adapter in lora_modules(model, "x"):
+            adapter.up.weight.copy_(torch.randn(adapter.up.weight.shape, generator=g) * 0.3)
+    return save_lora(model, tmp_path / "noise.safetensors")
+
+
+@pytest.fixture
+def live_server(cli_env, lora_file):
     port = _free_port()
-    cmd = [sys.executable, "-m", "rectiflow", "serve", "--port", str(port), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "rectiflow", "serve", "--port", str(port), "--device", "cpu",
+           "--lora", f"noise={lora_file}"]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,19 +103,23 @@ def test_page_generates_and_compares_in_chromium(live_server):
 
             page.click("#tab-compare")
             expect(page.locator("#compare-prompts")).to_have_value(PROMPT)
+            expect(page.locator("input[name=compare-lora]")).to_have_count(2)  # none, noise
+            page.check("input[name=compare-lora][value=noise]")
             page.fill("#compare-steps", "1,8")
-            page.fill("#compare-seeds", "0,1")
+            page.fill("#compare-seeds", "0")
             page.click("#compare")
             grid = page.locator("table.grid")
             expect(grid).to_have_count(1)
             expect(grid.locator("thead th")).to_have_text(["", "1 step", "8 steps"])
-            expect(grid.locator("tbody th")).to_have_text(["default \u00b7 seed 0", "default \u00b7 seed 1"])
+            rows = ["default \u00b7 seed 0", "default + noise \u00b7 seed 0"]
+            expect(grid.locator("tbody th")).to_have_text(rows)
             expect(grid.locator("tbody td img")).to_have_count(4, timeout=60_000)
             page.wait_for_function("[...document.querySelectorAll('table.grid img')]"
                                    ".every(img => img.complete && img.naturalWidth === 64)")
             expect(grid.locator("tbody td .verdict")).to_have_count(4)
             last = grid.locator("tbody td .settings-line").nth(3)
-            expect(last).to_contain_text("8 steps \u00b7 euler \u00b7 seed 1")
+            expect(last).to_contain_text("8 steps \u00b7 euler \u00b7 seed 0")
+            expect(last).to_contain_text("LoRA noise 1")
             page.screenshot(path=str(DOCS / "serve-compare.png"), full_page=True)
             assert errors == []
         finally:

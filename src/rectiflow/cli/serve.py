@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", action="append", default=[], metavar="[ID=]PATH",
                    help="a bundle directory, served under ID (default: the directory name); repeatable. "
                         "`default` is the bundled model (also what is served without --model)")
+    p.add_argument("--lora", action="append", default=[], metavar="[ID=]PATH",
+                   help="a LoRA file, loaded onto every served model it fits and switched on per request by "
+                        "ID (default: the file name); repeatable")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p.add_argument("--queue", type=int, default=16, help="jobs that may wait; more are answered 429 (16)")
@@ -60,5 +63,5 @@ def run(args) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     pipelines = load_pipelines(args.model, device, dtype, resolve_default=lambda: _model_path(None))
     serve(pipelines, host=args.host, port=args.port, queue_size=args.queue, workers=args.workers,
-          max_batch=args.max_batch, store_mb=args.store_mb, limits=limits)
+          max_batch=args.max_batch, store_mb=args.store_mb, limits=limits, loras=args.lora)
     return 0

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from rectiflow.nn.lora import lora_names
 from rectiflow.web.jobs import FINISHED, Job, JobManager, QueueFull
 from rectiflow.web.schemas import Limits, request_model
 
@@ -162,6 +163,13 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
         if model not in manager.pipelines:
             return validation_error(["body", "model"], f"unknown model {model!r}; this server has: "
                                     f"{', '.join(model_ids)}", "unknown_model")
+        available = lora_names(manager.pipelines[model].transformer)
+        for i, ref in enumerate(body.loras):
+            if ref.id not in available:
+                msg = f"unknown LoRA {ref.id!r} for model {model!r}; it has: {', '.join(available) or 'none'}"
+                return validation_error(["body", "loras", i, "id"], msg, "unknown_lora")
+        if len({ref.id for ref in body.loras}) != len(body.loras):
+            return validation_error(["body", "loras"], "a LoRA is named twice", "duplicate_lora")
         d = manager.pipelines[model].defaults
         options = {
             "steps": body.steps or d.steps, "width": body.width or d.width, "height": body.height or d.height,
@@ -180,7 +188,8 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
                 "the size", "cost_limit")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
         job = Job(model=model, prompt=body.prompt, seed=seed, n=body.n, options=options,
-                  negative_prompt=body.negative_prompt)
+                  negative_prompt=body.negative_prompt,
+                  loras=tuple((ref.id, float(ref.scale)) for ref in body.loras))
         try:
             manager.submit(job)
         except QueueFull as e:
@@ -241,7 +250,8 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
     @app.get("/v1/models")
     def models():
         return {"models": [
-            {"id": mid, "name": p.name, "model_hash": p.model_hash, "defaults": p.defaults.to_dict()}
+            {"id": mid, "name": p.name, "model_hash": p.model_hash, "defaults": p.defaults.to_dict(),
+             "loras": lora_names(p.transformer)}
             for mid, p in manager.pipelines.items()
         ]}
 

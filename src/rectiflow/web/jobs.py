@@ -2,9 +2,10 @@
 byte-bounded LRU store of the PNGs they make. No HTTP here (rectiflow.web.app is the HTTP face), so the
 queue and the store are tested on their own.
 
-- A job is one request: one prompt, `n` images with seeds seed .. seed + n - 1, one model. Alone it runs as
+- A job is one request: one prompt, `n` images with seeds seed .. seed + n - 1, one model, optionally
+  LoRAs by server-side id (rectiflow.web.loras switches them on for the job). Alone it runs as
   exactly the pipeline call `rectiflow generate` makes, so its PNGs are byte-identical to the command's.
-  With `max_batch > 1` a worker also takes later queued jobs whose settings match (model, size, steps,
+  With `max_batch > 1` a worker also takes later queued jobs whose settings match (model, LoRAs, size, steps,
   sampler, shift, CFG, guidance) into the same model call, up to `max_batch` images: faster under load, but
   images then equal a lone run only to float rounding (Pipeline's batch-independence, ~1e-5).
 - The queue holds at most `queue_size` waiting jobs; `submit` raises QueueFull with a retry estimate.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import threading
@@ -102,6 +104,7 @@ class Job:
     n: int
     options: dict[str, Any]
     negative_prompt: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (server-side LoRA id, scale) switched on for this job
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = QUEUED
     progress: float = 0.0
@@ -116,7 +119,7 @@ class Job:
     cancel_requested: bool = False
 
     def batch_key(self) -> tuple:
-        return (self.model, *(repr(self.options.get(k)) for k in BATCH_KEYS))
+        return (self.model, self.loras, *(repr(self.options.get(k)) for k in BATCH_KEYS))
 
 
 class JobManager:
@@ -143,6 +146,8 @@ class JobManager:
         self._cond = threading.Condition()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._threads: list[threading.Thread] = []
+        # a model whose transformer carries LoRAs runs one job at a time: the adapters' switches are per job
+        self._model_locks = {mid: threading.Lock() for mid in pipelines}
         self._stopping = False
         self._running = 0
         self.seconds_per_image = 1.0  # running estimate for Retry-After, updated after each batch
@@ -336,7 +341,15 @@ class JobManager:
                 self._finish(job, FAILED, error=message)
 
     def _generate(self, batch: list[Job]):
+        from rectiflow.nn.lora import has_lora
+        from rectiflow.web.loras import activated
+
         pipe = self.pipelines[batch[0].model]
+        lock = self._model_locks[batch[0].model] if has_lora(pipe.transformer) else contextlib.nullcontext()
+        with lock, activated(pipe, batch[0].loras):
+            return self._call(pipe, batch)
+
+    def _call(self, pipe, batch: list[Job]):
         options = dict(batch[0].options)
 
         def on_step(done: int, total: int) -> None:

@@ -33,6 +33,7 @@ class Limits:
     max_side: int = 2048
     max_cost: int = 1024 * 1024 * 16
     max_body_bytes: int = 2 * 2**20  # a request body above this is refused (413) before it is parsed
+    max_loras: int = 4
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -43,6 +44,15 @@ class Limits:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class LoraRef(BaseModel):
+    """A LoRA the server was started with (`--lora ID=PATH`), by id, and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, Field(pattern=MODEL_ID_PATTERN)]
+    scale: Annotated[float, Field(ge=-10, le=10)] = 1.0
 
 
 def request_model(limits: Limits) -> type[BaseModel]:
@@ -71,6 +81,8 @@ def request_model(limits: Limits) -> type[BaseModel]:
         n: Annotated[int, Field(ge=1, le=limits.max_n)] = 1
         model: Annotated[str, Field(pattern=MODEL_ID_PATTERN)] | None = Field(
             None, description="a model id from GET /v1/models (unset: the first one)")
+        loras: Annotated[list[LoraRef], Field(max_length=limits.max_loras)] = Field(
+            default_factory=list, description="LoRAs by the ids GET /v1/models lists for the model")
 
         @model_validator(mode="after")
         def _last_seed_fits(self):

@@ -23,7 +23,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(pipelines: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000, queue_size: int = 16,
           workers: int = 1, max_batch: int = 1, store_mb: float = 256, limits: Limits | None = None,
-          log_level: str = "info") -> None:
+          loras: list[str] = (), log_level: str = "info") -> None:
     """Run the server until interrupted (Ctrl-C stops it after the running batch)."""
     import uvicorn
 
@@ -31,6 +31,9 @@ def serve(pipelines: dict[str, Any], *, host: str = "127.0.0.1", port: int = 800
     from rectiflow.eval.compare import verdict
     from rectiflow.web.app import create_app
     from rectiflow.web.jobs import ImageStore, JobManager
+    from rectiflow.web.loras import load_server_loras
+
+    load_server_loras(pipelines, list(loras))
 
     manager = JobManager(pipelines, ImageStore(int(store_mb * 2**20)), queue_size=queue_size,
                          workers=workers, max_batch=max_batch,

@@ -68,6 +68,7 @@ function settingsLines(s) {
   if (s.cfg_scale !== 1) parts.push(`CFG ${s.cfg_scale}`);
   if (s.shift !== null && s.shift !== undefined) parts.push(`shift ${s.shift}`);
   if (s.guidance !== null && s.guidance !== undefined) parts.push(`guidance ${s.guidance}`);
+  for (const l of s.loras || []) parts.push(`LoRA ${l.name} ${l.scale}`);
   return parts.join(" \u00b7 ");
 }
 
@@ -95,6 +96,27 @@ function fillModels() {
   }
   select.addEventListener("change", showDefaults);
   showDefaults();
+  const all = [...new Set(state.models.flatMap((m) => m.loras || []))];
+  const axis = $("#compare-loras");
+  axis.hidden = all.length === 0;
+  for (const id of ["", ...all]) {
+    const box = el("input", { type: "checkbox", value: id, name: "compare-lora" });
+    if (id === "") box.checked = true;
+    axis.append(el("label", { class: "check" }, box, ` ${id || "none"}`));
+  }
+}
+
+// The chosen model's LoRAs, each with a checkbox and a scale.
+function showLoras(model) {
+  const box = $("#loras");
+  box.replaceChildren(el("legend", { text: "LoRAs (scale)" }));
+  const ids = (model && model.loras) || [];
+  box.hidden = ids.length === 0;
+  for (const id of ids) {
+    box.append(el("label", { class: "check" },
+      el("input", { type: "checkbox", name: "lora", value: id }), ` ${id} `,
+      el("input", { type: "number", step: "0.1", value: "1", class: "scale", "data-lora": id })));
+  }
 }
 
 function showDefaults() {
@@ -105,6 +127,7 @@ function showDefaults() {
   $("#cfg").placeholder = String(d.cfg_scale);
   $("#shift").placeholder = d.shift === null ? "none" : String(d.shift);
   $("#sampler").options[0].textContent = `${d.sampler} (default)`;
+  showLoras(m);
 }
 
 async function refreshStatus() {
@@ -127,6 +150,9 @@ function formBody() {
   if (text("sampler")) body.sampler = text("sampler");
   for (const k of ["steps", "width", "height", "seed", "n"]) if (text(k) !== "") body[k] = Number(text(k));
   for (const k of ["cfg", "guidance"]) if (text(k) !== "") body[k] = Number(text(k));
+  body.loras = [...document.querySelectorAll("input[name=lora]:checked")].map((b) => ({
+    id: b.value, scale: Number(document.querySelector(`input.scale[data-lora="${b.value}"]`).value || 1),
+  }));
   const shift = text("shift");
   if (shift) body.shift = ["none", "flux"].includes(shift) ? shift : Number(shift);
   return body;
@@ -200,7 +226,12 @@ async function compare(ev) {
   } catch (e) { error.textContent = e.message; return; }
   const models = [...document.querySelectorAll("input[name=compare-model]:checked")].map((b) => b.value);
   if (!models.length) { error.textContent = "models: choose at least one"; return; }
-  const cells = prompts.length * models.length * steps.length * seeds.length;
+  const loraChoices = [...document.querySelectorAll("input[name=compare-lora]:checked")].map((b) => b.value);
+  const loras = loraChoices.length ? loraChoices : [""];
+  const rows = models.flatMap((model) => loras
+    .filter((l) => l === "" || (state.models.find((m) => m.id === model).loras || []).includes(l))
+    .map((l) => ({ model, lora: l })));
+  const cells = prompts.length * rows.length * steps.length * seeds.length;
   if (cells > 64) { error.textContent = `${cells} images: a comparison is limited to 64`; return; }
   const extra = {};
   for (const [k, id] of [["cfg", "compare-cfg"], ["width", "compare-width"], ["height", "compare-height"]]) {
@@ -214,14 +245,16 @@ async function compare(ev) {
     for (const s of steps) head.append(el("th", { scope: "col", text: `${s} step${s === 1 ? "" : "s"}` }));
     table.append(el("thead", {}, head));
     const tbody = el("tbody");
-    for (const model of models) {
+    for (const { model, lora } of rows) {
       for (const seed of seeds) {
-        const row = el("tr", {}, el("th", { scope: "row", text: `${model} \u00b7 seed ${seed}` }));
+        const label = `${model}${lora ? ` + ${lora}` : ""} \u00b7 seed ${seed}`;
+        const row = el("tr", {}, el("th", { scope: "row", text: label }));
         for (const s of steps) {
           const bar = progressBar();
           const cell = el("td", {}, el("div", { class: "frame" }, bar));
           row.append(cell);
-          tasks.push({ body: { prompt, model, steps: s, seed, ...extra }, bar, cell });
+          const body = { prompt, model, steps: s, seed, loras: lora ? [{ id: lora, scale: 1 }] : [], ...extra };
+          tasks.push({ body, bar, cell });
         }
         tbody.append(row);
       }
