@@ -100,3 +100,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys, content, args, message):
     assert main(["compare", str(prompts), "-o", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_lora_adds_a_row_per_model(bundle, pipe, tmp_path, capsys):
+    from rectiflow.convert.lora import save_lora
+    from rectiflow.nn.lora import add_lora, lora_modules, remove_lora
+
+    add_lora(pipe.transformer, "x", rank=4, targets="attn")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, adapter in lora_modules(pipe.transformer, "x"):
+            adapter.up.weight.copy_(torch.randn(adapter.up.weight.shape, generator=g) * 2.0)
+    lora = save_lora(pipe.transformer, tmp_path / "heart.safetensors")
+    remove_lora(pipe.transformer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{SHAPES_PROMPT}\n")
+    out = tmp_path / "grid"
+    assert main(["compare", str(prompts), "--model", f"tiny={bundle}", "--lora", f"heart={lora}:0.5",
+                 "--steps", "2", "-o", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["models"]) == ["tiny", "tiny+heart"]
+    plain, styled = (r["settings"] for r in report["images"])
+    assert "loras" not in plain and styled["loras"] == [{"name": "heart", "scale": 0.5}]
+    files = [(out / r["file"]).read_bytes() for r in report["images"]]
+    assert files[0] != files[1]

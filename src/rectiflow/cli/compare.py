@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", action="append", default=[], metavar="[ID=]PATH",
                    help="a bundle directory, labelled ID (default: the directory name); repeatable; "
                         "`default` is the bundled model (also what is used without --model)")
+    p.add_argument("--lora", action="append", default=[], metavar="[ID=]PATH[:SCALE]",
+                   help="a LoRA file: every model is compared without it and with it (merged), as rows "
+                        "MODEL+ID; repeatable")
     p.add_argument("--steps", type=int_list, default=[1, 4], help="step counts, comma-separated (1,4)")
     p.add_argument("--seeds", type=int_list, default=[0], help="seeds, comma-separated (0)")
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
@@ -59,6 +62,25 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def lora_variants(model_specs: list[str], lora_specs: list[str], device, dtype) -> dict:
+    """{"MODEL+LORA": the model with the LoRA merged} for every model and LoRA (a second copy of the model
+    in memory per LoRA: simple, and fine for models that fit twice)."""
+    from rectiflow.cli.generate import _model_path
+    from rectiflow.convert.lora import parse_lora_arg
+    from rectiflow.sample import Pipeline
+    from rectiflow.sample.model_ids import DEFAULT_ID, parse_model_spec
+
+    variants = {}
+    for lora in lora_specs:
+        path, scale = parse_lora_arg(lora)  # a bad scale fails before any model loads
+        lora_id, path = parse_model_spec(path)
+        for spec in model_specs or [DEFAULT_ID]:
+            model_id, model_path = parse_model_spec(spec)
+            variants[f"{model_id}+{lora_id}"] = Pipeline.from_bundle(
+                model_path or _model_path(None), device=device, dtype=dtype, loras=[(path, scale)])
+    return variants
+
+
 def run(args) -> int:
     from rectiflow import __version__
     from rectiflow.cli.generate import _model_path, device_and_dtype
@@ -74,6 +96,7 @@ def run(args) -> int:
         raise RectiflowError(f"--seeds must all be >= 0, got {args.seeds}")
     device, dtype = device_and_dtype(args.device, args.dtype)
     pipelines = load_pipelines(args.model, device, dtype, resolve_default=lambda: _model_path(None))
+    pipelines.update(lora_variants(args.model, args.lora, device, dtype))
     options = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("sampler", args.sampler),
                                  ("width", args.width), ("height", args.height)) if v is not None}
     if args.shift is not None:
