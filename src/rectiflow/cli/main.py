@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "serve",
     "compare",
     "lora",
+    "study",
 ]
 
 

@@ -372,9 +372,11 @@ class Trainer:
         log.warning("interrupt: finishing step %d, then writing a checkpoint (Ctrl-C again to abort)",
                     self.step)
 
-    def fit(self) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict:
         """Train until cfg.train.steps (or an interrupt); checkpoint, validate, log; export at the end.
-        Returns {"step", "loss", "interrupted", "checkpoint", "exports"}."""
+        stop_at: pause at this step instead (a checkpoint, no export); the learning-rate schedule still runs
+        to cfg.train.steps, so pausing and resuming equals one uninterrupted run (`rectiflow study` scores
+        runs part-way this way). Returns {"step", "loss", "interrupted", "checkpoint", "exports"}."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -384,7 +386,8 @@ class Trainer:
                    disable=not (self.dist.is_main and cfg.train.progress))
         last, saved, t0, samples = None, None, time.perf_counter(), 0
         try:
-            while self.step < cfg.train.steps and self._stop_signal is None:
+            end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+            while self.step < end and self._stop_signal is None:
                 last = self.train_step()
                 samples += last.samples
                 bar.update(1)
@@ -401,7 +404,7 @@ class Trainer:
             if saved is None or saved.name != ckpt.checkpoint_name(self.step):
                 saved = self.save_checkpoint()
             interrupted = self._stop_signal is not None
-            exports = [] if interrupted else self.export()
+            exports = [] if interrupted or self.step < cfg.train.steps else self.export()
         finally:
             bar.close()
             self.metrics.close()
