@@ -242,3 +242,46 @@ def test_changed_variant_config_is_refused(tmp_path, world, capsys):
     assert main(["study", str(p), "--only", "rf/uniform"]) == 2
     err = capsys.readouterr().err
     assert "holds a run of another config" in err and err.count("\n") == 1
+
+
+def test_cpu_minutes_budget_calibrates_once(tmp_path, world, capsys):
+    """A CPU-time budget: each variant's steps = budget / its measured CPU seconds per step, measured once
+    and kept, so that a resumed study trains to the same step."""
+    import math
+
+    from rectiflow.eval.study import load_run_state
+
+    out = tmp_path / "out"
+    text = SPEC_TOML.replace("samples = 16", "cpu_minutes = 0.002\ncalibration_steps = 3").replace(
+        "at = [0.5, 1.0]", "at = [1.0]").replace("steps = [1, 2]", "steps = [1]")
+    p = _write_spec(tmp_path / "s", world, out, text)
+    assert main(["study", str(p), "--only", "rf/uniform", "--dry-run"]) == 0
+    assert "rf/uniform seed 0: new; calibrate, then train 0.002 training CPU minutes per run" in \
+        capsys.readouterr().out
+    assert main(["study", str(p), "--only", "rf/uniform"]) == 0
+    state = load_run_state(out / "runs" / "rf-uniform" / "seed-0")
+    per_step = state["calibration"]["cpu_s_per_step"]
+    assert per_step > 0 and state["calibration"]["steps"] == 3
+    assert state["steps"] == max(1, math.floor(0.002 * 60 / per_step))
+    assert not (out / "runs" / "rf-uniform" / "seed-0" / "calibration").exists()  # scratch removed
+    capsys.readouterr()
+    assert main(["study", str(p), "--only", "rf/uniform", "--dry-run"]) == 0
+    assert f"rf/uniform seed 0: done; {state['steps']} steps" in capsys.readouterr().out
+
+
+def test_a_run_locked_by_a_live_process_is_skipped(tmp_path, world, capsys):
+    """Two `rectiflow study` processes never work on the same run; a dead owner's lock is taken over."""
+    import os
+
+    out = tmp_path / "out"
+    p = _write_spec(tmp_path / "s", world, out, SPEC_TOML.replace("samples = 16", "samples = 4"))
+    lock = out / "runs" / "rf-uniform" / "seed-0" / "study-run.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(str(os.getppid()))  # alive, and not this process
+    assert main(["study", str(p), "--only", "rf/uniform"]) == 0
+    assert "rf/uniform seed 0: another process is working on it (skipped)" in capsys.readouterr().out
+    assert not (lock.parent / "train").exists() and lock.is_file()
+    lock.write_text("999999999")  # no such process
+    assert main(["study", str(p), "--only", "rf/uniform"]) == 0
+    assert "rf/uniform seed 0: step 1:" in capsys.readouterr().out
+    assert not lock.exists()

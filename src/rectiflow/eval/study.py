@@ -82,6 +82,52 @@ def _save_run_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path / STATE_FILE)
 
 
+class _RunLock:
+    """`study-run.lock` (the owner's pid) in a run folder while a process trains or scores it, so that two
+    `rectiflow study` processes (e.g. one per --only group on a machine with cores to spare) never work on
+    the same run; a lock whose process is gone is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "study-run.lock"
+        self.held = False
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._owner_alive():
+                    return False
+                self.path.unlink(missing_ok=True)  # a dead owner's lock
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return True
+        return False
+
+    def _owner_alive(self) -> bool:
+        try:
+            pid = int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return False
+        if pid <= 0 or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
 def _latest_step(ckpt_dir: Path) -> int:
     from rectiflow.train.checkpoint import find_latest
 
@@ -217,6 +263,20 @@ def train_cost(state: dict[str, Any], steps: int) -> tuple[float, float]:
 def _run(spec: StudySpec, variant: Variant, seed: int, dry_run: bool, say: Callable[[str], None]
          ) -> dict[str, Any]:
     where = run_dir(spec, variant, seed)
+    if dry_run:
+        return _run_locked(spec, variant, seed, where, True, say)
+    lock = _RunLock(where)
+    if not lock.acquire():
+        say(f"{variant.name} seed {seed}: another process is working on it (skipped)")
+        return load_run_state(where)
+    try:
+        return _run_locked(spec, variant, seed, where, False, say)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: StudySpec, variant: Variant, seed: int, where: Path, dry_run: bool,
+                say: Callable[[str], None]) -> dict[str, Any]:
     state = load_run_state(where)
     steps = _planned_steps(spec, variant, seed, state, where, dry_run)
     label = f"{variant.name} seed {seed}"
