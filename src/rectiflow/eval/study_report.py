@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,16 @@ def _plots(summary: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Written beside and renamed into place: several study processes may rewrite the report at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_report(spec: StudySpec, summary: dict[str, Any]) -> list[Path]:
     """study.json, study.md and the plots under spec.out."""
     spec.out.mkdir(parents=True, exist_ok=True)
-    (spec.out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (spec.out / "study.md").write_text(report_markdown(summary))
+    _write_text(spec.out / "study.json", json.dumps(summary, indent=2) + "\n")
+    _write_text(spec.out / "study.md", report_markdown(summary))
     return [spec.out / "study.md", spec.out / "study.json", *_plots(summary, spec.out)]
