@@ -241,7 +241,20 @@ def test_changed_variant_config_is_refused(tmp_path, world, capsys):
     p.write_text(p.read_text().replace('flow.timesteps = "uniform"', changed))
     assert main(["study", str(p), "--only", "rf/uniform"]) == 2
     err = capsys.readouterr().err
-    assert "holds a run of another config" in err and err.count("\n") == 1
+    assert "holds a run of another config (optim.lr: 0.001 -> 0.002)" in err and err.count("\n") == 1
+
+
+def test_config_changes_ignore_fields_a_newer_rectiflow_added():
+    """Runs stay resumable across versions: a key only one side has at its default is no change."""
+    from rectiflow.eval.study import config_changes
+    from rectiflow.train.config import RunConfig, config_to_dict
+
+    new = config_to_dict(RunConfig().replace(train={"steps": 50}))
+    old = config_to_dict(RunConfig())
+    del old["optim"]["min_lr_ratio"]  # a field the older version did not have, at its default now
+    assert config_changes(old, new) == []  # train.steps is not a change either
+    new["optim"]["min_lr_ratio"] = 0.5
+    assert config_changes(old, new) == ["optim.min_lr_ratio: None -> 0.5"]
 
 
 def test_cpu_minutes_budget_calibrates_once(tmp_path, world, capsys):

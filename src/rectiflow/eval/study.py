@@ -57,11 +57,24 @@ def eval_key(settings: EvalSettings) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _fingerprint(cfg: RunConfig) -> str:
-    """The run's identity: its resolved config without train.steps (a constant-schedule run may go on)."""
-    d = config_to_dict(cfg)
-    d["train"].pop("steps")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`section.key: old -> new` for every key of two resolved configs that differs, except train.steps (a
+    constant-schedule run may go on), keys only one side has at their default value (a field added or
+    removed by a newer rectiflow, not by the spec) and train.progress (display only)."""
+    defaults = config_to_dict(RunConfig())
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if (section, key) in (("train", "steps"), ("train", "progress")):
+                continue
+            if key not in a or key not in b:
+                present = b if key in b else a
+                if present[key] == defaults.get(section, {}).get(key, present[key]):
+                    continue
+            if a.get(key) != b.get(key):
+                changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
 
 
 def load_run_state(path: Path) -> dict[str, Any]:
@@ -133,6 +146,16 @@ def _latest_step(ckpt_dir: Path) -> int:
 
     latest = find_latest(ckpt_dir)
     return int(latest.name.rsplit("-", 1)[-1]) if latest is not None else 0
+
+
+def _trained_config(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The resolved config saved beside the newest checkpoint (None without one)."""
+    from rectiflow.train.checkpoint import find_latest
+
+    latest = find_latest(ckpt_dir)
+    if latest is None or not (latest / "config.json").is_file():
+        return None
+    return json.loads((latest / "config.json").read_text())
 
 
 def milestones(steps: int, at: Sequence[float]) -> list[int]:
@@ -284,16 +307,19 @@ def _run_locked(spec: StudySpec, variant: Variant, seed: int, where: Path, dry_r
         say(f"{label}: new; calibrate, then train {spec.budget_text()} and score")
         return state
     cfg = spec.run_config(variant, seed, where / "train", steps)
-    fp = _fingerprint(cfg)
-    if state.get("fingerprint") not in (None, fp):
-        raise ConfigError(f"{where} holds a run of another config (the spec's {variant.name!r} changed); "
-                          "delete that folder or set study.out to a new directory")
+    trained = _trained_config(where / "train" / "checkpoints")
+    changed = config_changes(trained, config_to_dict(cfg)) if trained is not None else []
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise ConfigError(f"{where} holds a run of another config ({changed[0]}{more}); delete that folder "
+                          "or set study.out to a new directory")
     done = _latest_step(where / "train" / "checkpoints")
     if state.get("steps") not in (None, steps) and done and cfg.optim.schedule != "constant":
         raise ConfigError(f"{where} was trained toward {state['steps']} steps, the budget now asks for "
                           f"{steps}; its {cfg.optim.schedule} learning-rate schedule depends on that, so set "
                           "study.out to a new directory (or use optim.schedule = \"constant\")")
-    state.update(variant=variant.name, seed=seed, fingerprint=fp, steps=steps,
+    state.pop("fingerprint", None)  # written by the first version of this module
+    state.update(variant=variant.name, seed=seed, steps=steps,
                  batch_size=cfg.data.batch_size, flow_path=cfg.flow.path)
     key = eval_key(variant.eval)
     scored = state.setdefault("evals", {}).setdefault(key, {})
