@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "compare",
     "lora",
     "study",
+    "reflow",
 ]
 
 

@@ -227,12 +227,13 @@ def _read_json(p: Path) -> dict[str, Any]:
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Bundle:
-    """Load every component of a bundle directory (any layout) onto `device` in `dtype`."""
+                dtype: torch.dtype = torch.float32, *, with_text_encoder: bool = True) -> Bundle:
+    """Load every component of a bundle directory (any layout) onto `device` in `dtype`.
+    with_text_encoder=False leaves Bundle.text_encoder None (callers that bring cached text embeddings)."""
     root = Path(path)
     layout = bundle_layout(root)
     loader = {"rectiflow": _load_ours, "bfl": _load_bfl, "diffusers": _load_diffusers}[layout]
-    bundle = loader(root, torch.device(device), dtype)
+    bundle = loader(root, torch.device(device), dtype, with_text_encoder)
     for m in (bundle.transformer, bundle.autoencoder):
         m.eval().requires_grad_(False)
     log.info("model %s (%s layout, hash %s)", bundle.name, layout, bundle.model_hash)
@@ -247,7 +248,7 @@ def _resolve_spec_paths(spec: dict[str, Any], root: Path) -> dict[str, Any]:
     return out
 
 
-def _load_ours(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
+def _load_ours(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
     card = _read_json(root / CARD_FILE)
     where = str(root / CARD_FILE)
     if card.get("format") != CARD_FORMAT:
@@ -268,8 +269,8 @@ def _load_ours(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
     transformer = load_transformer(files["transformer"], device=device, dtype=dtype)
     autoencoder = load_autoencoder(files["autoencoder"], device=device, dtype=dtype)
     spec = _resolve_spec_paths(card["text_encoder"], root)
-    text_encoder = load_text_encoder(spec, device=device, dtype=dtype)
-    if "text_encoder_weights" in files:
+    text_encoder = load_text_encoder(spec, device=device, dtype=dtype) if with_text else None
+    if with_text and "text_encoder_weights" in files:
         text_encoder.load_state_dict(load_tensors(files["text_encoder_weights"], device, dtype), strict=True)
     if hasattr(text_encoder, "eval"):
         text_encoder.eval()
@@ -292,17 +293,18 @@ def _flux_text_encoder(root: Path, max_length: int, device: torch.device, dtype:
     return load_text_encoder(spec, device=device, dtype=dtype)
 
 
-def _load_bfl(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
+def _load_bfl(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
     tfile = _bfl_transformer_file(root)
     transformer = load_transformer(tfile, device=device, dtype=dtype)
     autoencoder = load_autoencoder(root / "ae.safetensors", device=device, dtype=dtype)
     dev = transformer.params.guidance_embed
-    text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype)
+    text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype) \
+        if with_text else None
     return Bundle(transformer, autoencoder, text_encoder, defaults_for_model(dev), tfile.stem,
                   weights_hash([tfile, root / "ae.safetensors"]), "bfl", root)
 
 
-def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype) -> Bundle:
+def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
     index = _read_json(root / "model_index.json")
     cls = index.get("_class_name")
     if cls is not None and "Flux" not in str(cls):
@@ -316,7 +318,8 @@ def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype) -> Bun
     dev = transformer.params.guidance_embed
     sched_file = root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(sched_file) if sched_file.is_file() else None
-    text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype)
+    text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype) \
+        if with_text else None
     files = _weight_files(root / "transformer") + _weight_files(root / "vae")
     return Bundle(transformer, autoencoder, text_encoder, defaults_for_model(dev, scheduler), root.name,
                   weights_hash(files), "diffusers", root)

@@ -32,6 +32,11 @@ atol=1e-5, max_steps=10000) -> (x, nfe)`; `solver_nfe(method, timesteps)`. veloc
 tensor on x's device (float64 for float64 x, else float32); broadcast it to [B] in the model wrapper.
 NFE: euler N, midpoint 2N, heun 2N - 1 when the grid ends at 0 (last step Euler, Karras 2022), rk4 4N.
 
+Straightness (rectiflow.flow.straightness, Liu et al. 2022 eq. 8): `straightness(velocity_fn, noise,
+steps=64, buckets=8) -> Straightness(value, per_sample, by_bucket, endpoint, steps)`: S = E_t E ||(z_1 - z_0)
+- v(z_t, t)||^2 on the model's own Euler trajectory, averaged over elements; `endpoint_errors(velocity_fn,
+noise, reference, steps=(1, 2, 4)) -> {n: mean RMS distance}`; `rms_distance(a, b) -> [B]`.
+
 Guidance (rectiflow.flow.guidance): `cfg(v_cond, v_uncond, scale)`; `cfg_velocity_fn(model_fn, scale)` where
 model_fn(cat([x, x]), t) returns [uncond; cond] halves; `guidance_vector(value, batch, device, dtype) -> [B]`
 (FLUX-dev's raw guidance scale, the x1000 lives in the embedder).
@@ -53,6 +58,7 @@ from rectiflow.flow.paths import (
 )
 from rectiflow.flow.schedules import flux_mu, linear_grid, sd3_shift, time_shift, timestep_grid
 from rectiflow.flow.solvers import METHODS, solve, solve_adaptive, solver_nfe
+from rectiflow.flow.straightness import Straightness, endpoint_errors, rms_distance, straightness
 from rectiflow.flow.timesteps import (
     LOSS_WEIGHTS,
     SAMPLERS,
@@ -69,9 +75,10 @@ from rectiflow.flow.timesteps import (
 )
 
 __all__ = [
-    "EDM", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow", "VCosine",
-    "cfg", "cfg_velocity_fn", "cosmap", "cosmap_pdf", "equivalent_rf_weight", "flux_mu", "get_path",
-    "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
-    "sample_timesteps", "sd3_shift", "solve", "solve_adaptive", "solver_nfe", "t_from_log_snr", "time_shift",
-    "timestep_grid", "training_pair", "uniform", "uniform_pdf", "velocity_fn_from_model",
+    "EDM", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
+    "Straightness", "VCosine", "cfg", "cfg_velocity_fn", "cosmap", "cosmap_pdf", "endpoint_errors",
+    "equivalent_rf_weight", "flux_mu", "get_path", "guidance_vector", "linear_grid", "logit_normal",
+    "logit_normal_pdf", "loss_weight", "mode", "mode_pdf", "rms_distance", "sample_timesteps", "sd3_shift",
+    "solve", "solve_adaptive", "solver_nfe", "straightness", "t_from_log_snr", "time_shift", "timestep_grid",
+    "training_pair", "uniform", "uniform_pdf", "velocity_fn_from_model",
 ]

@@ -317,10 +317,13 @@ class Pipeline:
             raise RectiflowError(f"got {len(negs)} negative prompts for {n} prompts; give one or one each")
         return negs
 
-    def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
-                 step_done=None):
-        x = pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> [B, L_img, 4C]
-        b = x.shape[0]
+    def velocity_fn(self, cond: tuple[torch.Tensor, torch.Tensor],
+                    uncond: tuple[torch.Tensor, torch.Tensor] | None, lh: int, lw: int,
+                    guidance: float | None = None, cfg_scale: float = 1.0):
+        """The sampling ODE's velocity over packed latents, velocity(x [B, L_img, 4C], t 0-d) -> [B, L_img,
+        4C] for `rectiflow.flow.solve`, with text cond = (txt [B, L, D], vec [B, Dv]) and, when uncond is
+        given, classifier-free guidance at cfg_scale (one doubled batch per evaluation); lh, lw: latent size
+        """
         txt, vec = cond
         if uncond is not None:  # [B, ...] x 2 -> [2B, ...]
             txt, vec = torch.cat([uncond[0], txt]), torch.cat([uncond[1], vec])
@@ -339,7 +342,13 @@ class Pipeline:
                                      "(same memory, float32 range) or fp32")
             return v
 
-        velocity = cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
+        return cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
+
+    def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
+                 step_done=None):
+        x = pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> [B, L_img, 4C]
+        b = x.shape[0]
+        velocity = self.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale)
         with torch.inference_mode():
             x = solve(velocity, x, ts, method=sampler, progress=progress, callback=step_done)
         if not torch.isfinite(x).all():

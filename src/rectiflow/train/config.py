@@ -70,9 +70,12 @@ class DataConfig:
     accumulation micro-batches together); it must be divisible by world_size * optim.accumulation.
     caption_mix: field -> probability (None: all fields equally; SD3 uses 50/50 original/synthetic);
     caption_dropout: probability that a sample's caption is replaced by the cached "" embedding (CFG; 0.1 is
-    the usual single-encoder value, Ho & Salimans 2022)."""
+    the usual single-encoder value, Ho & Salimans 2022). couplings: a directory of `rectiflow reflow pairs`
+    (reflow, Liu et al. 2022): train on its fixed (noise, endpoint) pairs, x_t = (1 - t) z_0 + t z_1 with the
+    PAIRED noise, instead of on `cache` with fresh noise (caption dropout applies to it too)."""
 
     cache: str = ""
+    couplings: str = ""
     batch_size: int = 8
     caption_mix: dict[str, float] | None = None
     caption_dropout: float = 0.1
@@ -320,6 +323,9 @@ class RunConfig:
 
     def __post_init__(self):
         d, v = self.distill, self.validation
+        if self.data.couplings and v.holdout:
+            raise ConfigError("validation.holdout > 0 reads data.cache, but data.couplings is set: set "
+                              "validation.holdout=0 (evaluate the reflowed model with `rectiflow eval`)")
         if d.teacher and d.shift != 1.0 and v.shift_value != d.shift:
             raise ConfigError(
                 f"distill.shift={d.shift} but validation.shift={v.shift!r}: the exported bundle samples with "

@@ -22,6 +22,7 @@ import torch
 
 from rectiflow.convert.transformer import build_transformer, load_transformer
 from rectiflow.data.captions import CaptionPolicy
+from rectiflow.data.couplings import CouplingsDataset
 from rectiflow.data.latent_cache import LatentCache
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
@@ -143,10 +144,14 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        if not cfg.data.cache:
-            raise ConfigError("data.cache is empty; set it to a cache directory made with `rectiflow cache`")
-        policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
-        self.cache = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
+        if cfg.data.couplings:  # reflow: a teacher's fixed (noise, endpoint) pairs (rectiflow.data.couplings)
+            self.cache = CouplingsDataset(cfg.data.couplings, cfg.data.caption_dropout, seed=cfg.train.seed)
+        elif not cfg.data.cache:
+            raise ConfigError("data.cache is empty; set it to a cache directory made with `rectiflow cache` "
+                              "(or data.couplings to one made with `rectiflow reflow pairs`)")
+        else:
+            policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
+            self.cache = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
         if cfg.model.autoencoder:  # validation grids and the bundle decode with it: it must be the cache's
             from rectiflow.convert.autoencoder import load_autoencoder
 
@@ -202,7 +207,9 @@ class Trainer:
         got = (item["latents"].shape[0] * 4, item["txt"].shape[-1], item["vec"].shape[-1])
         want = (p.in_channels, p.context_in_dim, p.vec_in_dim)
         if got != want:
-            raise ConfigError(f"cache {self.cfg.data.cache} does not fit the model: packed latent / text / "
+            what = f"couplings {self.cfg.data.couplings}" if self.cfg.data.couplings else \
+                f"cache {self.cfg.data.cache}"
+            raise ConfigError(f"{what} does not fit the model: packed latent / text / "
                               f"pooled widths {got}, model expects {want}; pick a matching preset or cache")
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -216,6 +223,8 @@ class Trainer:
         dev = self.device
         lat = batch["latents"].to(dev, torch.float32)
         b, _, h, w = lat.shape
+        if "noise" in batch:  # reflow couplings: the noise paired with this endpoint, not fresh noise
+            eps = batch["noise"]
         x0, noise = pack(lat), pack(eps.to(dev))  # [b, (h/2)(w/2), 4C]
         t = t.to(dev)
         x_t, target = training_pair(self.path, x0, noise, t)

@@ -1,0 +1,82 @@
+"""k-RF training (data.couplings): x_t on the straight line between the PAIRED noise and endpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TEST_OVERRIDES, TINY_TOML, cli_train
+from rectiflow.errors import ConfigError
+from rectiflow.models.transformer import image_ids, pack, text_ids
+from rectiflow.sample import Pipeline, random_bundle
+from rectiflow.sample.couplings import PromptSource, make_couplings
+from rectiflow.train.config import load_config
+from rectiflow.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return random_bundle(tmp_path_factory.mktemp("teacher") / "b", transformer="micro", seed=1)
+
+
+@pytest.fixture(scope="module")
+def couplings(teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("couplings")
+    (root / "prompts.txt").write_text("a photo of a red circle\na photo of two squares\n")
+    pipe = Pipeline.from_bundle(teacher)
+    make_couplings(pipe, PromptSource.from_file(root / "prompts.txt", pipe.text_encoder), root / "c", 8,
+                   steps=2, width=32, height=32, progress=False)
+    return root / "c"
+
+
+def _overrides(couplings, out, *extra):
+    return [*TEST_OVERRIDES, f'data.couplings="{couplings}"', f'train.out_dir="{out}"', "model.preset=micro",
+            "checkpoint.every=0", *extra]
+
+
+def test_the_loss_uses_the_paired_noise(couplings, teacher, tmp_path):
+    tr = Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, "data.caption_dropout=0",
+                                                   f'model.init="{teacher / "transformer.safetensors"}"')))
+    batch = tr.load_batch([0, 3, 5, 6])
+    t = torch.tensor([1.0, 0.7, 0.3, 0.05])
+    fresh = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = tr.forward_loss(batch, t, fresh)
+        assert float(tr.forward_loss(batch, t, torch.zeros_like(fresh))) == float(loss)  # eps is ignored
+        z0, z1 = pack(batch["latents"]), pack(batch["noise"])
+        x_t = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
+        b, _, h, w = batch["latents"].shape
+        out = tr.model(x_t, image_ids(b, h, w), batch["txt"], text_ids(b, batch["txt"].shape[1]), t,
+                       batch["vec"], None)
+        want = ((out - (z1 - z0)) ** 2).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    # initialised from the teacher: the couplings' data is its own ODE's endpoints
+    assert tr.cache.teacher["hash"] and len(tr.cache) == 8
+
+
+def test_caption_dropout_uses_the_stored_empty_embedding(couplings, tmp_path):
+    tr = Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, "data.caption_dropout=1.0")))
+    batch = tr.load_batch([0, 1])
+    txt0, vec0 = tr.cache.text(tr.cache.empty_caption_index)
+    assert torch.equal(batch["txt"][1], txt0) and torch.equal(batch["vec"][0], vec0)
+
+
+def test_couplings_of_another_latent_shape_are_refused(couplings, tmp_path):
+    bad = 'model.params={in_channels = 32, out_channels = 32}'
+    with pytest.raises(ConfigError, match=r"^couplings .* does not fit the model: packed latent"):
+        Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, bad)))
+
+
+def test_couplings_exclude_cache_validation(couplings, tmp_path):
+    with pytest.raises(ConfigError, match="validation.holdout"):
+        load_config(TINY_TOML, _overrides(couplings, tmp_path, "validation.holdout=2"))
+
+
+def test_cli_reflow_training_exports_a_bundle(couplings, teacher, tmp_path, train_env):
+    out = tmp_path / "run"
+    init = f'model.init="{teacher / "transformer.safetensors"}"'
+    r = cli_train(_overrides(couplings, out, "train.steps=3", init,
+                             f'model.autoencoder="{teacher / "ae.safetensors"}"'), train_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "export" / "bundle" / "model.json").is_file()
+    Pipeline.from_bundle(out / "export" / "bundle")
