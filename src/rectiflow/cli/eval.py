@@ -1,6 +1,7 @@
 """`rectiflow eval shapes --model M --steps 1,2,4,8 [--sampler euler] [--shift none|flux|A] [--cfg X]
 [--guidance G] [--size S] [--split seen,heldout] [--limit N] --out DIR`: the shapes-world benchmark
-(rectiflow.eval.shapes_eval)."""
+(rectiflow.eval.shapes_eval). `rectiflow eval straightness --model M [--n N] [--reference euler|dopri5]`:
+straightness and few-step endpoint errors (rectiflow.eval.straightness)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,54 @@ def register(sub) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--out", required=True, help="output directory for reports, grids and images")
     s.set_defaults(func=run)
+
+    r = bench.add_parser("straightness", help="straightness S of the model's ODE paths and few-step endpoint "
+                                               "errors (rectiflow.eval.straightness)")
+    r.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
+    r.add_argument("--n", type=_positive, default=64, help="number of samples (64)")
+    r.add_argument("--steps", type=_positive, default=64, help="Euler steps of the trajectory (64)")
+    r.add_argument("--buckets", type=_positive, default=8, help="t buckets of S (8)")
+    r.add_argument("--few-steps", type=_steps, default=[1, 2, 4], help="few-step endpoints compared (1,2,4)")
+    r.add_argument("--reference", choices=("euler", "dopri5"), default="euler",
+                   help="reference endpoint: the --steps Euler one or an adaptive dopri5 solve")
+    r.add_argument("--shift", type=parse_shift, default=None, help="grid shift of the few-step endpoints "
+                                                                   "(default: the model's)")
+    r.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    r.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
+    r.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
+    r.add_argument("--prompts", default=None,
+                   help="text file, one prompt per line (default: the shapes-world benchmark's seen prompts)")
+    r.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i (0)")
+    r.add_argument("--batch-size", type=_positive, default=32, help="samples per model batch (32)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    r.set_defaults(func=run_straightness)
+
+
+def run_straightness(args) -> int:
+    from pathlib import Path
+
+    from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.errors import RectiflowError
+    from rectiflow.eval.straightness import evaluate_straightness, format_straightness, write_report
+    from rectiflow.sample.pipeline import DEFAULT, Pipeline
+
+    prompts = None
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise RectiflowError(f"prompt file {p} not found; give a text file with one prompt per line")
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    pipe = Pipeline.from_bundle(args.model or default_bundle_path())
+    report = evaluate_straightness(pipe, n=args.n, prompts=prompts, seed=args.seed, steps=args.steps,
+                                   buckets=args.buckets, few_steps=args.few_steps, reference=args.reference,
+                                   shift=shift_setting(args.shift, DEFAULT), cfg_scale=args.cfg,
+                                   guidance=DEFAULT if args.guidance is None else args.guidance,
+                                   size=args.size, batch_size=args.batch_size, progress=not args.no_progress)
+    print(format_straightness(report))
+    if args.out:
+        print(f"report: {write_report(report, args.out)}")
+    return 0
 
 
 def run(args) -> int:
