@@ -80,3 +80,18 @@ def test_cli_reflow_training_exports_a_bundle(couplings, teacher, tmp_path, trai
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "export" / "bundle" / "model.json").is_file()
     Pipeline.from_bundle(out / "export" / "bundle")
+
+
+def test_cli_guidance_distilled_student_is_steered_by_generate_guidance(couplings, teacher, tmp_path,
+                                                                        train_env):
+    out, weights = tmp_path / "run", teacher / "transformer.safetensors"
+    r = cli_train(_overrides(couplings, out, "train.steps=3", f'model.init="{weights}"', "optim.lr=1e-2",
+                             f'guidance_distill.teacher="{weights}"', "model.guidance=2.5",
+                             f'model.autoencoder="{teacher / "ae.safetensors"}"'), train_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pipe = Pipeline.from_bundle(out / "export" / "bundle")
+    assert pipe.transformer.params.guidance_embed and pipe.defaults.guidance == 2.5
+    assert pipe.defaults.cfg_scale == 1.0
+    kw = {"steps": 2, "width": 32, "height": 32, "progress": False}
+    low, high = (pipe("a photo of a red circle", guidance=g, **kw).latents for g in (1.0, 5.0))
+    assert (low - high).abs().max() > 1e-4

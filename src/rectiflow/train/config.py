@@ -32,8 +32,8 @@ except ModuleNotFoundError:  # pragma: no cover - py3.10
 __all__ = [
     "ModelConfig", "DataConfig", "FlowConfig", "OptimConfig", "EMAConfig", "TrainLoopConfig",
     "ValidationConfig", "LoggingConfig", "CheckpointConfig", "ExportConfig", "DistributedConfig",
-    "LoraConfig", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "dump_toml",
-    "apply_overrides",
+    "DistillConfig", "GuidanceDistillConfig", "LoraConfig", "RunConfig", "load_config", "config_from_dict",
+    "config_to_dict", "dump_toml", "apply_overrides",
 ]
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -306,6 +306,24 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class GuidanceDistillConfig:
+    """Guidance distillation (rectiflow.train.guidance_distill; Meng et al. 2023, FLUX.1 [dev]'s guidance
+    embedding). With `teacher` set (a model without guidance embedding, usually model.init too) the model gets
+    a guidance embedding (guidance_embed on) and learns the teacher's CFG velocity v_u + g (v_c - v_u) for g
+    drawn uniformly from [scale_min, scale_max] per sample; model.guidance is then the exported bundle's
+    default --guidance. The default range 1..5 covers the shapes models' useful CFG scales (2..5,
+    docs/training.md); Meng et al. use w in [0, 4] (their w + 1 in our convention: 1..5)."""
+
+    teacher: str = ""
+    scale_min: float = 1.0
+    scale_max: float = 5.0
+
+    def __post_init__(self):
+        _check(0 <= self.scale_min <= self.scale_max, f"guidance_distill scale range [{self.scale_min}, "
+               f"{self.scale_max}]; use 0 <= scale_min <= scale_max")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -320,9 +338,13 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    guidance_distill: GuidanceDistillConfig = field(default_factory=GuidanceDistillConfig)
 
     def __post_init__(self):
         d, v = self.distill, self.validation
+        if d.teacher and self.guidance_distill.teacher:
+            raise ConfigError("distill.teacher and guidance_distill.teacher are both set; distil the "
+                              "guidance first, then the steps (two runs)")
         if self.data.couplings and v.holdout:
             raise ConfigError("validation.holdout > 0 reads data.cache, but data.couplings is set: set "
                               "validation.holdout=0 (evaluate the reflowed model with `rectiflow eval`)")

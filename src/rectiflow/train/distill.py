@@ -25,7 +25,43 @@ from rectiflow.train.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Distiller"]
+__all__ = ["Distiller", "Teacher"]
+
+
+class Teacher:
+    """A frozen fp32 teacher transformer (any file load_transformer reads) and the unconditional text input
+    of its CFG (the data's "" embedding, `uncond` = (txt [L, D], vec [Dv])). `autocast()` is the Trainer's
+    precision context."""
+
+    def __init__(self, path: str, uncond: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                 autocast: Callable[[], AbstractContextManager]):
+        self.device, self.autocast = device, autocast
+        self.model = load_transformer(path, device=device, dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self._uncond = (uncond[0].to(device, torch.float32), uncond[1].to(device, torch.float32))
+
+    @torch.no_grad()
+    def velocity(self, x, t, txt, vec, h: int, w: int, guidance, scale) -> torch.Tensor:
+        """The teacher's velocity at (x [b, L, C], t [b]) with CFG at `scale`: a float (1 = no CFG, one
+        forward) or a tensor [b] of per-sample scales; `guidance`: the teacher's own guidance input or
+        None."""
+        b, dev = x.shape[0], self.device
+        plain = not torch.is_tensor(scale) and scale == 1.0
+        if not plain:
+            txt0, vec0 = self._uncond
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            txt = torch.cat([txt, txt0.expand(b, *txt0.shape)])
+            vec = torch.cat([vec, vec0.expand(b, *vec0.shape)])
+            guidance = None if guidance is None else torch.cat([guidance, guidance])
+        n = x.shape[0]
+        with self.autocast():
+            v = self.model(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
+                           guidance).float()
+        if plain:
+            return v
+        if torch.is_tensor(scale):
+            scale = scale.to(v)[:, None, None]  # [b] -> [b, 1, 1]
+        return guided(v[:b], v[b:], scale)  # CFG (Ho & Salimans 2022): v_u + scale (v_c - v_u)
 
 
 class Distiller:
@@ -40,10 +76,8 @@ class Distiller:
         d = cfg.distill
         self.steps, self.cfg_scale, self.shift = d.student_steps, d.teacher_cfg, d.shift
         self.device, self.autocast = device, autocast
-        self.teacher = load_transformer(d.teacher, device=device, dtype=torch.float32)
-        self.teacher.eval().requires_grad_(False)
-        txt0, vec0 = cache.text(cache.empty_caption_index)
-        self._uncond = (txt0.to(device, torch.float32), vec0.to(device, torch.float32))
+        self._teacher = Teacher(d.teacher, cache.text(cache.empty_caption_index), device, autocast)
+        self.teacher = self._teacher.model
         log.info("distilling %s (CFG %g) into %d-step Euler (time shift %g)", d.teacher, d.teacher_cfg,
                  d.student_steps, d.shift)
 
@@ -59,21 +93,9 @@ class Distiller:
         """t [n] drawn uniformly from the student's grid."""
         return self.grid()[torch.randint(self.steps, (n,), generator=generator)]
 
-    @torch.no_grad()
     def velocity(self, x, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
         """The teacher's velocity at (x [b, L, C], t [b]), CFG at teacher_cfg."""
-        b, dev, scale = x.shape[0], self.device, self.cfg_scale
-        if scale != 1.0:
-            txt0, vec0 = self._uncond
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            txt = torch.cat([txt, txt0.expand(b, *txt0.shape)])
-            vec = torch.cat([vec, vec0.expand(b, *vec0.shape)])
-            guidance = None if guidance is None else torch.cat([guidance, guidance])
-        n = x.shape[0]
-        with self.autocast():
-            v = self.teacher(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
-                             guidance).float()
-        return guided(v[:b], v[b:], scale) if scale != 1.0 else v  # CFG (Ho & Salimans 2022)
+        return self._teacher.velocity(x, t, txt, vec, h, w, guidance, self.cfg_scale)
 
     def target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
         """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):

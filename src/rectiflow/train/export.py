@@ -64,7 +64,8 @@ def _bundle(model: Flux, path: Path, cfg, cache) -> Path:
     width, height = (int(v) for v in shards[0]["size"])
     v = cfg.validation
     defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=v.shift_value,
-                                cfg_scale=v.cfg_scale, width=width, height=height)
+                                cfg_scale=v.cfg_scale, width=width, height=height,
+                                guidance=cfg.model.guidance if model.params.guidance_embed else None)
     p = save_bundle(path, model, ae, spec, defaults, card_extra={"training": {"steps": cfg.train.steps,
                                                                     "cache": str(cfg.data.cache)}})
     log.info("exported bundle %s", p)

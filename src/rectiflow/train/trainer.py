@@ -11,6 +11,7 @@ counted; too many stop the run with a RectiflowError.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -24,13 +25,14 @@ from rectiflow.convert.transformer import build_transformer, load_transformer
 from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.couplings import CouplingsDataset
 from rectiflow.data.latent_cache import LatentCache
-from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
 from rectiflow.train import checkpoint as ckpt
 from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
 from rectiflow.train.data import BatchStream, local_slice, split_holdout
 from rectiflow.train.distill import Distiller
+from rectiflow.train.guidance_distill import GuidanceDistiller, init_guidance_embedding
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_fns import apply_activation_checkpointing, apply_regional_compile, unwrap
 
@@ -129,6 +131,9 @@ class Trainer:
         self.distiller = None  # few-step distillation: the teacher and the student's targets
         if cfg.distill.teacher:
             self.distiller = Distiller(cfg, self.cache, self.device, self._autocast)
+        self.guidance_distiller = None  # guidance distillation: the teacher's CFG velocity as the target
+        if cfg.guidance_distill.teacher:
+            self.guidance_distiller = GuidanceDistiller(cfg, self.cache, self.device, self._autocast)
         self.generator = torch.Generator("cpu").manual_seed(cfg.train.seed)  # t and eps of every step
         self.step = 0
         self.bad_consecutive = self.bad_total = 0
@@ -163,11 +168,12 @@ class Trainer:
     def _setup_model(self, parallelize) -> None:
         cfg = self.cfg
         params = transformer_params(cfg.model.preset)
-        if cfg.model.params:
-            params = transformer_params({**params.to_dict(), **cfg.model.params})
+        if cfg.model.params or cfg.guidance_distill.teacher:  # a guidance-distilled student embeds g
+            extra = {"guidance_embed": True} if cfg.guidance_distill.teacher else {}
+            params = transformer_params({**params.to_dict(), **cfg.model.params, **extra})
         torch.manual_seed(cfg.train.seed)  # the random init is a function of the seed
         if cfg.model.init:
-            model = load_transformer(cfg.model.init, config=params, device=self.device, dtype=torch.float32)
+            model = self._load_init(params)
         else:
             model = build_transformer(params, device=self.device, dtype=torch.float32)
         self.params = model.params
@@ -195,6 +201,24 @@ class Trainer:
         """(name, parameter) of what trains: every parameter, or the adapters of a LoRA run."""
         return [(n, p) for n, p in unwrap(self.model).named_parameters() if p.requires_grad]
 
+    def _load_init(self, params):
+        """model.init's weights; a guidance-distillation student may start from a teacher without guidance
+        embedding: its weights, and guidance_in initialised to add nothing."""
+        init = self.cfg.model.init
+        try:
+            return load_transformer(init, config=params, device=self.device, dtype=torch.float32)
+        except FormatError:
+            if not self.cfg.guidance_distill.teacher:
+                raise
+        base = load_transformer(init, config=dataclasses.replace(params, guidance_embed=False),
+                                device=self.device, dtype=torch.float32)
+        model = build_transformer(params, device=self.device, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("guidance_in.") for k in missing), (missing, unexpected)
+        init_guidance_embedding(model)
+        log.info("student initialised from %s with a new guidance embedding", init)
+        return model
+
     def guidance_input(self, b: int) -> torch.Tensor | None:
         """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
         if not self.params.guidance_embed:
@@ -218,8 +242,10 @@ class Trainer:
         """Cache items stacked: latents [b, C, h, w], txt [b, L, D], vec [b, Dv], id (list). (A test seam.)"""
         return self.cache.get_batch(indices)
 
-    def forward_loss(self, batch: dict, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Weighted flow-matching loss of one micro-batch (mean over it); t [b], eps [b, C, h, w]."""
+    def forward_loss(self, batch: dict, t: torch.Tensor, eps: torch.Tensor,
+                     guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted flow-matching loss of one micro-batch (mean over it); t [b], eps [b, C, h, w]; guidance
+        [b]: per-sample guidance inputs (guidance distillation), else model.guidance for guided models."""
         dev = self.device
         lat = batch["latents"].to(dev, torch.float32)
         b, _, h, w = lat.shape
@@ -229,9 +255,11 @@ class Trainer:
         t = t.to(dev)
         x_t, target = training_pair(self.path, x0, noise, t)
         txt, vec = batch["txt"].to(dev, torch.float32), batch["vec"].to(dev, torch.float32)
-        guidance = self.guidance_input(b)
+        guidance = self.guidance_input(b) if guidance is None else guidance.to(dev)
         if self.distiller is not None:
             target = self.distiller.target(x_t, t, txt, vec, h, w, guidance)
+        if self.guidance_distiller is not None:
+            target = self.guidance_distiller.target(x_t, t, txt, vec, h, w, guidance)
         with self._autocast():
             out = self.model(self.path.model_input(x_t, t), image_ids(b, h, w, dev), txt,
                              text_ids(b, txt.shape[1], dev), t, vec, guidance)
@@ -255,12 +283,13 @@ class Trainer:
             t = sample_timesteps(cfg.flow.timesteps, n, self.generator, **cfg.flow.timestep_params)  # [B]
         shape = self.cache.latents(indices[0]).shape
         eps = torch.randn((n, *shape), generator=self.generator)  # [B, C, h, w]
+        scales = self.guidance_distiller.scales(n, self.generator) if self.guidance_distiller else None
         losses, ids = [], []
         for m in range(cfg.optim.accumulation):
             sl = local_slice(n, m, cfg.optim.accumulation, dist.rank, dist.world_size)
             batch = self.load_batch(indices[sl])
             ids += batch["id"]
-            loss = self.forward_loss(batch, t[sl], eps[sl])
+            loss = self.forward_loss(batch, t[sl], eps[sl], None if scales is None else scales[sl])
             (loss / cfg.optim.accumulation).backward()
             losses.append(loss.detach())
         loss = dist.all_reduce_mean(torch.stack(losses).mean())
