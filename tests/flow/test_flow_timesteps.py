@@ -127,3 +127,14 @@ def test_bad_inputs():
         loss_weight("cosmap", torch.rand(3), s=1.0)
     with pytest.raises(ConfigError, match="no parameters"):
         loss_weight("none", torch.rand(3), s=1.0)
+
+
+def test_grid_sampler_draws_the_euler_start_times():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps("grid", 4000, g, steps=4)
+    assert set(t.tolist()) == {1.0, 0.75, 0.5, 0.25}
+    counts = torch.stack([(t == v).sum() for v in (1.0, 0.75, 0.5, 0.25)]).float()
+    assert counts.min() > 900  # about uniform: 1000 each
+    assert torch.equal(sample_timesteps("grid", 5, g, steps=1), torch.ones(5))
+    with pytest.raises(ConfigError, match="steps >= 1"):
+        sample_timesteps("grid", 4, g, steps=0)

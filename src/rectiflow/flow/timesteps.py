@@ -11,6 +11,7 @@ torch.Generator), so a seed gives the same t on every device; the result is then
                                           (-1 <= s <= 2/(pi-2) keeps f_mode monotone)
                                           pdf |d f_mode^{-1}(t) / dt| = 1 / |f_mode'(u)|
     cosmap         t = 1 - 1 / (tan(pi u / 2) + 1)    pdf 2 / (pi - 2 pi t + 2 pi t^2)
+    grid           t = 1 - k / N, k ~ U{0..N-1}        discrete (steps = N; N = 1: t = 1 only)
 
 SD3's defaults are logit_normal(m=0, s=1) (their best "rf/lognorm(0.00, 1.00)") and mode(s=1.29).
 
@@ -126,8 +127,22 @@ def cosmap_pdf(t: Tensor) -> Tensor:
     return 2.0 / (math.pi - 2.0 * math.pi * t + 2.0 * math.pi * t * t)
 
 
+def grid(n: int, *, generator: torch.Generator, device=None, dtype=torch.float32, steps: int = 4) -> Tensor:
+    """t uniform on the start times of an N-step Euler sampler on the linear grid: 1, 1 - 1/N, ..., 1/N
+    (N = steps). steps = 1 gives t = 1 only: with reflow couplings the model then learns the one-step map
+    z_1 -> z_0 (the RF paper's distillation, Liu et al. 2022 sec. 2.3). A discrete law: no density."""
+    _check_generator(generator)
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"grid sampling needs an integer steps >= 1, got {steps!r}")
+    if n < 0:
+        raise ConfigError(f"number of timesteps must be >= 0, got {n}")
+    k = torch.randint(steps, (n,), generator=generator)
+    return _out(1.0 - k.double() / steps, device, dtype)
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform,
+    "grid": grid,
     "logit_normal": logit_normal,
     "mode": mode,
     "cosmap": cosmap,
