@@ -135,6 +135,8 @@ def test_grid_sampler_draws_the_euler_start_times():
     assert set(t.tolist()) == {1.0, 0.75, 0.5, 0.25}
     counts = torch.stack([(t == v).sum() for v in (1.0, 0.75, 0.5, 0.25)]).float()
     assert counts.min() > 900  # about uniform: 1000 each
-    assert torch.equal(sample_timesteps("grid", 5, g, steps=1), torch.ones(5))
+    assert torch.equal(sample_timesteps("grid", 5, g, steps=1.0), torch.ones(5))  # as a TOML config gives it
     with pytest.raises(ConfigError, match="steps >= 1"):
         sample_timesteps("grid", 4, g, steps=0)
+    with pytest.raises(ConfigError, match="integer"):
+        sample_timesteps("grid", 4, g, steps=2.5)

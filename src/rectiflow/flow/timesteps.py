@@ -132,8 +132,9 @@ def grid(n: int, *, generator: torch.Generator, device=None, dtype=torch.float32
     (N = steps). steps = 1 gives t = 1 only: with reflow couplings the model then learns the one-step map
     z_1 -> z_0 (the RF paper's distillation, Liu et al. 2022 sec. 2.3). A discrete law: no density."""
     _check_generator(generator)
-    if not isinstance(steps, int) or steps < 1:
+    if not float(steps).is_integer() or steps < 1:  # TOML configs give floats: {steps = 1} -> 1.0
         raise ConfigError(f"grid sampling needs an integer steps >= 1, got {steps!r}")
+    steps = int(steps)
     if n < 0:
         raise ConfigError(f"number of timesteps must be >= 0, got {n}")
     k = torch.randint(steps, (n,), generator=generator)
