@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TEST_OVERRIDES, TINY_TOML, cli_train
-from rectiflow.errors import ConfigError
+from conftest import TEST_OVERRIDES, TINY_TOML, _item, cli_train
+from rectiflow.data.cache import build_cache
+from rectiflow.data.sources import ArraySource
+from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.models.transformer import image_ids, pack, text_ids
 from rectiflow.sample import Pipeline, random_bundle
 from rectiflow.sample.couplings import PromptSource, make_couplings
@@ -95,3 +97,23 @@ def test_cli_guidance_distilled_student_is_steered_by_generate_guidance(coupling
     kw = {"steps": 2, "width": 32, "height": 32, "progress": False}
     low, high = (pipe("a photo of a red circle", guidance=g, **kw).latents for g in (1.0, 5.0))
     assert (low - high).abs().max() > 1e-4
+
+
+def test_mixing_in_the_real_data_loss(couplings, teacher, tiny_cache, tmp_path):
+    with pytest.raises(RectiflowError, match="text encoder"):  # the test cache's hash-word embeddings
+        Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, f'data.cache="{tiny_cache}"')))
+    pipe = Pipeline.from_bundle(teacher)  # a cache of the same encoders as the couplings
+    cache = build_cache(ArraySource(6, _item, name="squares"), pipe.autoencoder, pipe.text_encoder,
+                        tmp_path / "cache", size=32, batch_size=6, shard_size=6)
+    tr = Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, f'data.cache="{cache}"',
+                                                   "data.caption_dropout=0")))
+    pairs = 8
+    assert len(tr.cache) == pairs + 6 and len(tr.stream.indices) == pairs + 6
+    batch = tr.load_batch([1, pairs + 2])  # a pair, then a cache row with fresh (seeded) noise
+    assert torch.equal(batch["noise"][0], tr.cache.noise[1])
+    assert torch.equal(batch["latents"][1], tr.cache.data.latents(2))
+    again = tr.load_batch([pairs + 2])["noise"][0]
+    assert torch.equal(batch["noise"][1], again)  # the same noise within an epoch (resumable) ...
+    tr.cache.set_epoch(1)
+    assert not torch.equal(tr.load_batch([pairs + 2])["noise"][0], again)  # ... and new noise the next
+    tr.train_step()

@@ -39,7 +39,7 @@ from rectiflow.data.captions import sample_rng
 from rectiflow.errors import FormatError, RectiflowError
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "EMPTY_FILE", "shard_name", "read_manifest", "write_manifest",
-           "write_shard", "CouplingsDataset"]
+           "write_shard", "CouplingsDataset", "CouplingsWithData"]
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +178,50 @@ class CouplingsDataset:
         if problem:
             raise RectiflowError(f"couplings {self.path} live in another latent space: {problem}; use the "
                                  "teacher bundle's autoencoder")
+
+
+class CouplingsWithData(CouplingsDataset):
+    """Couplings followed by the samples of a latent cache (`data.couplings` and `data.cache` both set): the
+    real-data flow-matching loss mixed into reflow, in proportion to the two sizes. Indices [0, P) are pairs,
+    [P, P + N) cache rows, whose noise is fresh each epoch, drawn from a generator seeded by (seed, epoch, i)
+    (so a resumed run sees the same noise)."""
+
+    def __init__(self, path, cache, caption_dropout: float = 0.0, seed: int = 0):
+        super().__init__(path, caption_dropout, seed)
+        self.data = cache
+        shape = tuple(cache.latents(0).shape)
+        if shape != tuple(self.z0.shape[1:]) or len(set(cache.bucket_ids())) != 1:
+            raise RectiflowError(f"cache {cache.path} latents {shape} do not match the couplings' "
+                                 f"{tuple(self.z0.shape[1:])}; mix couplings with a cache of the same size")
+        problem = _mismatch("text encoder", self.manifest["text_encoder"], cache.manifest["text_encoder"])
+        if problem:
+            raise RectiflowError(f"cache {cache.path} and couplings {self.path} differ: {problem}; mix "
+                                 "couplings with a cache made by the teacher's text encoder")
+
+    def __len__(self) -> int:
+        return self.z0.shape[0] + len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.data.set_epoch(epoch)
+
+    def latents(self, i: int) -> torch.Tensor:
+        p = self.z0.shape[0]
+        return self.z0[i] if i < p else self.data.latents(i - p)
+
+    def __getitem__(self, i: int) -> dict:
+        p = self.z0.shape[0]
+        if i < p:
+            return super().__getitem__(i)
+        item = self.data[i - p]
+        g = torch.Generator().manual_seed(int(sample_rng(self.seed, self.epoch, i, salt=1).integers(2**62)))
+        noise = torch.randn(item["latents"].shape, generator=g)
+        return {"latents": item["latents"], "noise": noise, "txt": item["txt"], "vec": item["vec"],
+                "id": item["id"], "index": i}
+
+    def bucket_ids(self) -> list[int]:
+        return [0] * len(self)
+
+    def require_compatible(self, autoencoder=None, text_encoder=None) -> None:
+        super().require_compatible(autoencoder)
+        self.data.require_compatible(autoencoder=autoencoder)

@@ -23,7 +23,7 @@ import torch
 
 from rectiflow.convert.transformer import build_transformer, load_transformer
 from rectiflow.data.captions import CaptionPolicy
-from rectiflow.data.couplings import CouplingsDataset
+from rectiflow.data.couplings import CouplingsDataset, CouplingsWithData
 from rectiflow.data.latent_cache import LatentCache
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
@@ -149,13 +149,16 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        if cfg.data.couplings:  # reflow: a teacher's fixed (noise, endpoint) pairs (rectiflow.data.couplings)
+        policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
+        if cfg.data.couplings and cfg.data.cache:  # reflow with the real-data loss mixed in
+            real = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
+            self.cache = CouplingsWithData(cfg.data.couplings, real, cfg.data.caption_dropout, cfg.train.seed)
+        elif cfg.data.couplings:  # reflow: a teacher's fixed (noise, endpoint) pairs
             self.cache = CouplingsDataset(cfg.data.couplings, cfg.data.caption_dropout, seed=cfg.train.seed)
         elif not cfg.data.cache:
             raise ConfigError("data.cache is empty; set it to a cache directory made with `rectiflow cache` "
                               "(or data.couplings to one made with `rectiflow reflow pairs`)")
         else:
-            policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
             self.cache = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
         if cfg.model.autoencoder:  # validation grids and the bundle decode with it: it must be the cache's
             from rectiflow.convert.autoencoder import load_autoencoder
