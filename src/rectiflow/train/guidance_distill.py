@@ -15,17 +15,20 @@ teacher without guidance embedding) starts with a zero output layer, so v_studen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
 
+from rectiflow.convert.transformer import build_transformer, load_transformer
+from rectiflow.errors import FormatError
 from rectiflow.train.distill import Teacher
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GuidanceDistiller", "init_guidance_embedding"]
+__all__ = ["GuidanceDistiller", "init_guidance_embedding", "load_student"]
 
 
 class GuidanceDistiller:
@@ -48,6 +51,21 @@ class GuidanceDistiller:
         """The teacher's guided velocity v_u + g (v_c - v_u) at (x_t [b, L, C], t [b]), g = scale [b]."""
         teacher_g = scale if self.teacher.model.params.guidance_embed else None
         return self.teacher.velocity(x_t, t, txt, vec, h, w, teacher_g, scale)
+
+
+def load_student(init: str, params, device: torch.device) -> torch.nn.Module:
+    """A student with guidance embedding (params.guidance_embed) from a teacher file without one: the
+    teacher's weights, and guidance_in initialised to add nothing (init_guidance_embedding)."""
+    base = load_transformer(init, config=dataclasses.replace(params, guidance_embed=False), device=device,
+                            dtype=torch.float32)
+    model = build_transformer(params, device=device, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("guidance_in.") for k in missing):
+        raise FormatError(f"{init} does not fit the student beyond its guidance embedding (missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}); use the teacher's architecture")
+    init_guidance_embedding(model)
+    log.info("student initialised from %s with a new guidance embedding", init)
+    return model
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ counted; too many stop the run with a RectiflowError.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import signal
@@ -32,7 +31,7 @@ from rectiflow.train import checkpoint as ckpt
 from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
 from rectiflow.train.data import BatchStream, local_slice, split_holdout
 from rectiflow.train.distill import Distiller
-from rectiflow.train.guidance_distill import GuidanceDistiller, init_guidance_embedding
+from rectiflow.train.guidance_distill import GuidanceDistiller, load_student
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_fns import apply_activation_checkpointing, apply_regional_compile, unwrap
 
@@ -205,22 +204,15 @@ class Trainer:
         return [(n, p) for n, p in unwrap(self.model).named_parameters() if p.requires_grad]
 
     def _load_init(self, params):
-        """model.init's weights; a guidance-distillation student may start from a teacher without guidance
-        embedding: its weights, and guidance_in initialised to add nothing."""
+        """model.init's weights (a guidance-distillation student may start from a teacher without the
+        guidance embedding: rectiflow.train.guidance_distill.load_student)."""
         init = self.cfg.model.init
         try:
             return load_transformer(init, config=params, device=self.device, dtype=torch.float32)
         except FormatError:
             if not self.cfg.guidance_distill.teacher:
                 raise
-        base = load_transformer(init, config=dataclasses.replace(params, guidance_embed=False),
-                                device=self.device, dtype=torch.float32)
-        model = build_transformer(params, device=self.device, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("guidance_in.") for k in missing), (missing, unexpected)
-        init_guidance_embedding(model)
-        log.info("student initialised from %s with a new guidance embedding", init)
-        return model
+        return load_student(init, params, self.device)
 
     def guidance_input(self, b: int) -> torch.Tensor | None:
         """The guidance input [b] of guidance-distilled models (model.guidance), else None."""
