@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from _common import interleaved_medians, print_machine_info
-from rectiflow.data.cache import MANIFEST, _atomic_write_bytes, _ManifestWriter
+from rectiflow.data.cache_writer import MANIFEST, _ManifestWriter
+from rectiflow.io.atomic import write_bytes
 
 
 def synthetic_manifest(n: int, shard_size: int) -> dict:
@@ -49,7 +50,7 @@ def main() -> None:
 
         def before():  # what build_cache did per shard until 2026-11-27
             full = {**m, "done": sorted(done), "status": "in_progress"}
-            _atomic_write_bytes(out / MANIFEST, json.dumps(full, indent=1).encode())
+            write_bytes(out / MANIFEST, json.dumps(full, indent=1).encode())
 
         med = interleaved_medians({"before": before, "now": lambda: writer.write(done, "in_progress")},
                                   runs=args.runs, warmup=1)

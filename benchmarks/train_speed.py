@@ -92,7 +92,7 @@ def make_fixtures(args, work: Path) -> None:
     import numpy as np
     from safetensors.torch import save_file
 
-    from rectiflow.data.cache import build_cache
+    from rectiflow.data.cache_writer import build_cache
     from rectiflow.data.sources import ArraySource
     from rectiflow.models.transformer import TRANSFORMER_PRESETS
 
@@ -154,7 +154,7 @@ def _ours(args, work: Path, device: torch.device, ac: bool):
 def _plain(args, work: Path, device: torch.device):
     from safetensors.torch import load_file
 
-    from rectiflow.data.latent_cache import LatentCache
+    from rectiflow.data.cache_reader import LatentCache
     from rectiflow.models.transformer import TRANSFORMER_PRESETS, image_ids, pack, text_ids
 
     model = diffusers_model(TRANSFORMER_PRESETS[args.preset]).to(device).train()

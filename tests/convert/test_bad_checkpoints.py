@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rectiflow.convert import safetensors_io as sio
 from rectiflow.convert.transformer import build_transformer, load_transformer, save_transformer
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.io import safetensors_io as sio
 
 
 def one_line(excinfo) -> str:

@@ -9,9 +9,9 @@ import torch
 
 from rectiflow.cli.convert import parse_size
 from rectiflow.cli.main import main
-from rectiflow.convert import safetensors_io as sio
 from rectiflow.convert.transformer import load_transformer, save_transformer
 from rectiflow.errors import ConfigError
+from rectiflow.io import safetensors_io as sio
 
 
 def test_round_trip_via_cli_is_bit_exact(tmp_path, tiny, tiny_model, assert_same, capsys):

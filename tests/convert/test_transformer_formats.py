@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 
-from rectiflow.convert import safetensors_io as sio
 from rectiflow.convert.identify import flux_dims, flux_variant
 from rectiflow.convert.transformer import (
     build_transformer,
@@ -19,6 +18,7 @@ from rectiflow.convert.transformer import (
     save_transformer,
 )
 from rectiflow.errors import ConfigError, FormatError
+from rectiflow.io import safetensors_io as sio
 from rectiflow.models.transformer import TRANSFORMER_PRESETS, image_ids, text_ids
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rectiflow.data.cache import _ManifestWriter, build_cache
+from rectiflow.data.cache_writer import _ManifestWriter, build_cache
 from rectiflow.data.sources import open_source
 from rectiflow.errors import RectiflowError
 

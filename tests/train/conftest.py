@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectiflow.data.cache import build_cache
+from rectiflow.data.cache_writer import build_cache
 from rectiflow.data.sources import ArraySource
 
 ROOT = Path(__file__).resolve().parents[2]

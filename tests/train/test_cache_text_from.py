@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import N_SAMPLES, HashTextEncoder, PoolAutoEncoder, _item
-from rectiflow.data.cache import CachedText, build_cache
+from rectiflow.data.cache_writer import CachedText, build_cache
 from rectiflow.data.sources import ArraySource
 from rectiflow.errors import FormatError, RectiflowError
 

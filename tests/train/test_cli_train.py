@@ -30,7 +30,7 @@ def test_train_cli_smoke(tiny_cache, tmp_path, capsys):
     # the checkpoint's weights are a loadable rectiflow transformer file carrying the run config
     m = load_transformer(ckpt / "model.safetensors")
     assert all(torch.equal(v, c.model[k]) for k, v in m.state_dict().items())
-    from rectiflow.convert.safetensors_io import read_metadata
+    from rectiflow.io.safetensors_io import read_metadata
 
     saved = json.loads(read_metadata(ckpt / "model.safetensors")["rectiflow.train_config"])
     assert saved["data"]["batch_size"] == 4

@@ -15,8 +15,9 @@ from conftest import PYTHON, ROOT, TINY_TOML, assert_same_checkpoint, overrides
 from rectiflow.errors import ConfigError
 from rectiflow.train import distributed
 from rectiflow.train.config import DistributedConfig, load_config
+from rectiflow.train.distributed import LocalContext, PlainStateIO
 from rectiflow.train.metrics import read_metrics
-from rectiflow.train.trainer import LocalContext, PlainStateIO, run_training
+from rectiflow.train.run import run_training
 
 # 7 steps with checkpoints at 3 and 6, then the final one at 7; EMA copies the weights for the first 2 steps
 # (the warm-up path has to work on FSDP2's DTensors too), then averages.

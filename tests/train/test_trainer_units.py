@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_TOML, overrides
+from rectiflow.train.batches import local_slice
 from rectiflow.train.checkpoint import (
     capture_rng,
     find_latest,
@@ -20,8 +21,8 @@ from rectiflow.train.checkpoint import (
     unflatten_optimizer_state,
 )
 from rectiflow.train.config import load_config
-from rectiflow.train.data import local_slice
-from rectiflow.train.trainer import LocalContext, Trainer, lr_factor
+from rectiflow.train.distributed import LocalContext
+from rectiflow.train.trainer import Trainer, lr_factor
 
 
 def test_lr_factor():

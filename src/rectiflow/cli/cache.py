@@ -65,13 +65,13 @@ def load_encoders(autoencoder: str, text_encoder: str, device, dtype):
 def run(args) -> int:
     import torch
 
-    from rectiflow.data.cache import build_cache
+    from rectiflow.data.cache_writer import build_cache
     from rectiflow.data.transforms import Buckets
 
     source = open_source_from_args(args, on_error=args.on_error)
     dtype = getattr(torch, args.dtype)
     if args.text_from:
-        from rectiflow.data.cache import CachedText
+        from rectiflow.data.cache_writer import CachedText
 
         text_encoder = CachedText(args.text_from)
         ae = load_autoencoder_arg(args.autoencoder, torch.device(args.device), dtype)

@@ -11,8 +11,8 @@ import importlib
 import logging
 import sys
 
-# Subcommand modules, in the order `rectiflow --help` lists them. A module that is not present yet is
-# skipped, so work on one subcommand never breaks the others.
+# Subcommand modules, in the order `rectiflow --help` lists them. Each is imported when the parser is built:
+# a missing or broken one fails every command loudly (a silent skip hid a broken subcommand).
 SUBCOMMANDS = [
     "generate",
     "convert",
@@ -40,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"rectiflow.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"rectiflow.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"rectiflow.cli.{name}").register(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from rectiflow.train.config import dump_toml, load_config
-    from rectiflow.train.trainer import run_training
+    from rectiflow.train.run import run_training
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

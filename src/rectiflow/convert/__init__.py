@@ -1,6 +1,6 @@
-"""rectiflow.convert: checkpoint formats (safetensors only; never pickles).
+"""rectiflow.convert: checkpoint formats (safetensors only, through rectiflow.io.safetensors_io; never
+pickles).
 
-- convert.safetensors_io: generic validated / streamed / atomic safetensors I/O (see its docstring).
 - convert.identify: what a checkpoint is, from key names and shapes.
 - convert.transformer: FLUX transformer build / load / save in the rectiflow, BFL and diffusers formats.
 - convert.flux_keys: exact BFL <-> diffusers state-dict key conversion.

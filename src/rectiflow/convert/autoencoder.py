@@ -23,15 +23,15 @@ from typing import Any
 import torch
 
 from rectiflow.convert.identify import find_prefix, guess_checkpoint
-from rectiflow.convert.safetensors_io import (
-    atomic_dir,
+from rectiflow.errors import FormatError
+from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.safetensors_io import (
     iter_tensors,
     read_diffusers_weights,
     read_header,
     save_safetensors,
     state_dict_mismatch,
 )
-from rectiflow.errors import FormatError
 from rectiflow.models.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams, autoencoder_params
 
 __all__ = ["build_autoencoder", "load_autoencoder", "save_autoencoder", "bfl_to_diffusers_ae",

@@ -43,9 +43,10 @@ from typing import Any
 import torch
 
 from rectiflow.convert.autoencoder import load_autoencoder, save_autoencoder
-from rectiflow.convert.safetensors_io import atomic_dir, load_tensors, save_safetensors
 from rectiflow.convert.transformer import load_transformer, save_transformer
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.safetensors_io import load_tensors, save_safetensors
 from rectiflow.models.text import load_text_encoder
 
 __all__ = [

@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rectiflow.convert.identify import ANCHORS, find_prefix, flux_dims, flux_variant, guess_checkpoint
-from rectiflow.convert.safetensors_io import (
+from rectiflow.errors import ConfigError, FormatError
+from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.safetensors_io import (
     TensorInfo,
-    atomic_dir,
     iter_tensors,
     read_diffusers_weights,
     read_header,
@@ -39,7 +40,6 @@ from rectiflow.convert.safetensors_io import (
     save_sharded,
     state_dict_mismatch,
 )
-from rectiflow.errors import ConfigError, FormatError
 from rectiflow.models.transformer import TRANSFORMER_PRESETS, Flux, FluxParams, transformer_params
 
 __all__ = [

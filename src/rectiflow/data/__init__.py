@@ -16,7 +16,7 @@ _EXPORTS = {
     "CenterCrop": "transforms", "Buckets": "transforms", "make_buckets": "transforms",
     "ImageCaptionDataset": "datasets", "ResumableSampler": "datasets", "BucketBatchSampler": "datasets",
     "check_dataset": "check", "CheckReport": "check", "phash": "check",
-    "build_cache": "cache", "LatentCache": "latent_cache",
+    "build_cache": "cache_writer", "LatentCache": "cache_reader",
 }
 
 __all__ = sorted(_EXPORTS)

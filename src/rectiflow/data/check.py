@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from rectiflow.data.sources import Problem, Source
 from rectiflow.data.transforms import IMAGE_ERRORS
 from rectiflow.errors import ConfigError
+from rectiflow.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,9 @@ class CheckReport:
         """jsonl of the kept samples (paths relative to the manifest), readable by `open_source(path)`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for i in self.kept:
                 f.write(json.dumps(self.source[i].to_json(path.parent.resolve())) + "\n")
-        os.replace(tmp, path)
         return path
 
 

@@ -58,6 +58,7 @@ from rectiflow.data.shapes_grammar import (  # noqa: F401  (re-exported: the wor
     sample_prompt,
 )
 from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +339,8 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
     out.mkdir(parents=True, exist_ok=True)
     weights = None if task_weights is None else dict(task_weights)
     jobs = ((str(out), int(size), int(seed), weights, i) for i in range(n))
-    tmp = out / "metadata.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f, \
+    # metadata.jsonl is the commit point: written atomically after every image exists
+    with atomic_write(meta) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             tqdm(total=n, desc="shapes world", unit="img", disable=not progress) as bar:
         if workers == 1:
             rows = map(_write_item, jobs)
@@ -355,6 +356,5 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
         finally:
             if workers > 1:
                 pool.shutdown(cancel_futures=True)
-    os.replace(tmp, meta)
     logger.info("wrote %d shapes-world images (%dpx, seed %d) to %s", n, size, seed, out)
     return out

@@ -10,10 +10,11 @@ A checkpoint is a directory `<out_dir>/checkpoints/step-000000100/`:
                             non-tensor state), python/numpy RNG states, the list of files
     config.toml, config.json  the resolved run config (`rectiflow train .../config.toml` reruns it)
 
-It is written into a temporary directory `.step-000000100.tmp-XXXX` beside it; every file is fsynced, then
-the directory, then it is renamed into place and the parent fsynced. A crash at any point leaves earlier
-checkpoints intact; `find_latest` only considers complete `step-N` directories whose state.json lists files
-that all exist. Tensors are checked to be finite before anything is written.
+It is written into a temporary directory `.step-000000100.tmp-XXXX` beside it (rectiflow.io.atomic's
+atomic_dir): every file is fsynced, then the directory, then it is renamed into place and the parent fsynced.
+A crash at any point leaves earlier checkpoints intact; `find_latest` only considers complete `step-N`
+directories whose state.json lists files that all exist. Tensors are checked to be finite before anything
+is written.
 
 Fault injection for tests (off unless set): RECTIFLOW_CHECKPOINT_FAULT=exit-midway[:STEP] makes the process
 `os._exit(17)` after model.safetensors is written into the temporary directory (of STEP's checkpoint only,
@@ -22,25 +23,23 @@ when given), simulating a crash or kill in the middle of a save.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from rectiflow.convert.safetensors_io import save_safetensors
 from rectiflow.convert.transformer import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION, MODEL_KIND
 from rectiflow.errors import FormatError, RectiflowError
+from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.safetensors_io import load_tensors, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +149,6 @@ def _require_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
                                  "diverged run?); resume from the previous checkpoint with a lower lr")
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _fault_now(step: int) -> bool:
     """RECTIFLOW_CHECKPOINT_FAULT=exit-midway[:STEP]: die inside the save (of STEP only, if given)."""
     kind, _, at = os.environ.get(FAULT_ENV, "").partition(":")
@@ -194,8 +184,7 @@ def save_checkpoint(root: str | Path, step: int, *, model: dict[str, torch.Tenso
     root.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(config, sort_keys=True)
     meta = _model_metadata(model_params, config_json)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with atomic_dir(final, replace=False) as tmp:  # `.step-N.tmp-XXXX`, renamed to step-N when complete
         files = ["model.safetensors"]
         save_safetensors(model, tmp / "model.safetensors", meta)
         if _fault_now(step):
@@ -212,14 +201,6 @@ def save_checkpoint(root: str | Path, step: int, *, model: dict[str, torch.Tenso
         doc = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step), "files": files,
                "optimizer": opt_json, "rng": rng[1], "state": state}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync(tmp)
-        os.replace(tmp, final)
-        _fsync(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved checkpoint %s", final)
     return final
 
@@ -269,9 +250,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if doc.get("version") != STATE_VERSION:
         raise FormatError(f"{d}: checkpoint version {doc.get('version')} is not supported "
                           f"(this rectiflow reads version {STATE_VERSION})")
-    opt = unflatten_optimizer_state(load_file(str(d / "optimizer.safetensors")), doc["optimizer"])
-    ema = load_file(str(d / "ema.safetensors")) if "ema.safetensors" in doc["files"] else None
-    return Checkpoint(path=d, step=int(doc["step"]), model=load_file(str(d / "model.safetensors")), ema=ema,
-                      optimizer=opt, rng_tensors=load_file(str(d / "rng.safetensors")), rng_json=doc["rng"],
+    opt = unflatten_optimizer_state(load_tensors(d / "optimizer.safetensors"), doc["optimizer"])
+    ema = load_tensors(d / "ema.safetensors") if "ema.safetensors" in doc["files"] else None
+    return Checkpoint(path=d, step=int(doc["step"]), model=load_tensors(d / "model.safetensors"), ema=ema,
+                      optimizer=opt, rng_tensors=load_tensors(d / "rng.safetensors"), rng_json=doc["rng"],
                       state=doc["state"],
                       config=json.loads((d / "config.json").read_text()))

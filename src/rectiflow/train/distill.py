@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from rectiflow.convert.transformer import load_transformer
-from rectiflow.data.latent_cache import LatentCache
+from rectiflow.data.cache_reader import LatentCache
 from rectiflow.errors import ConfigError
 from rectiflow.flow import cfg as guided
 from rectiflow.flow import sd3_shift

@@ -14,8 +14,9 @@
     torch.distributed.checkpoint.state_dict APIs (full_state_dict + cpu_offload) so that a checkpoint is the
     same single-file safetensors layout as a 1-process run (optimizer state keyed by parameter index, as
     torch.optim's own state_dict) and loads, or resumes, in any number of processes.
-Every rank draws the same global batch and noise and trains on its slice (rectiflow.train.data.local_slice),
-so N ranks reproduce one process with the same global batch (tests/train/test_distributed.py).
+Every rank draws the same global batch and noise and trains on its slice
+(rectiflow.train.batches.local_slice), so N ranks reproduce one process with the same global batch
+(tests/train/test_distributed.py).
 Run as a single process (no torchrun, or WORLD_SIZE=1) everything here is a no-op: LocalContext, the model
 unchanged, PlainStateIO.
 """
@@ -35,12 +36,12 @@ from torch import nn
 
 from rectiflow.errors import ConfigError
 from rectiflow.train.config import DistributedConfig, RunConfig
-from rectiflow.train.model_fns import transformer_blocks
-from rectiflow.train.trainer import LocalContext, PlainStateIO
+from rectiflow.train.model_transforms import transformer_blocks, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "FSDP2StateIO", "launch_env", "init_distributed", "parallelize", "trainer_kwargs"]
+__all__ = ["DistContext", "FSDP2StateIO", "LocalContext", "PlainStateIO", "launch_env", "init_distributed",
+           "parallelize", "trainer_kwargs"]
 
 
 # ---- process group ----------------------------------------------------------------------------------------
@@ -67,6 +68,59 @@ def launch_env(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
         raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} are inconsistent; launch "
                           "with torchrun --nproc_per_node N")
     return rank, world, local
+
+
+@dataclass
+class LocalContext:
+    """The single-process `dist` seam of Trainer (DistContext below is the N-process one)."""
+
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+class PlainStateIO:
+    """Full state dicts of an unsharded (or DDP-wrapped) model and its optimizer. FSDP2 swaps in one that
+    gathers full state on save and scatters it on load; every rank calls these (they may be collectives)."""
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+    def state_keys(self, model: torch.nn.Module) -> set[str]:
+        """The keys model_state returns (without gathering anything)."""
+        return set(unwrap(model).state_dict().keys())
+
+    def load_model_state(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        unwrap(model).load_state_dict(sd, strict=True)
+
+    def optim_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optim_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+        optimizer.load_state_dict(sd)
+
+    def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def load_ema(self, ema: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+        """ema[k] <- full[k] in place (full: CPU tensors of a checkpoint)."""
+        for k, v in ema.items():
+            v.copy_(full[k])
 
 
 @dataclass
@@ -146,9 +200,6 @@ def init_distributed(cfg: RunConfig) -> DistContext | LocalContext:
 
 # ---- parallelize ------------------------------------------------------------------------------------------
 
-_IMPLICIT_REPLICATION = None
-
-
 def parallelize(model: nn.Module, dist_cfg: DistributedConfig, *,
                 device: torch.device | None = None) -> nn.Module:
     """The `parallelize` seam: DDP-wrap or FSDP2-shard a built fp32 model (after activation checkpointing /
@@ -163,7 +214,6 @@ def parallelize(model: nn.Module, dist_cfg: DistributedConfig, *,
     if dist_cfg.mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor.experimental import implicit_replication
 
         mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
         # One FSDP unit per block (its parameters are all-gathered just before its forward / backward and
@@ -171,13 +221,6 @@ def parallelize(model: nn.Module, dist_cfg: DistributedConfig, *,
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        # Trainer.resume copies full checkpoint tensors into the EMA (DTensors here) with Tensor.copy_, which
-        # DTensor refuses for plain tensors unless they are treated as replicated; implicit replication does
-        # exactly that (each rank keeps its own shard). FSDP2StateIO.copy_full_ is the explicit way.
-        global _IMPLICIT_REPLICATION
-        if _IMPLICIT_REPLICATION is None:  # held for the process lifetime (exiting it would reset the flag)
-            _IMPLICIT_REPLICATION = implicit_replication()
-            _IMPLICIT_REPLICATION.__enter__()
         return model
     raise ConfigError(f"distributed.mode={dist_cfg.mode!r}; choose ddp or fsdp2")
 
@@ -235,14 +278,16 @@ class FSDP2StateIO(PlainStateIO):
                "param_groups": [{**g, "params": [fqn(k) for k in g["params"]]} for g in sd["param_groups"]]}
         set_optimizer_state_dict(model, optimizer, osd, options=self._options())
 
-    @staticmethod
-    def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        """dst (a sharded DTensor or a plain tensor) <- the full tensor `full`; each rank keeps its shard."""
-        if hasattr(dst, "device_mesh"):
-            from torch.distributed.tensor import distribute_tensor
+    @torch.no_grad()
+    def load_ema(self, ema: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+        """ema[k] (a sharded DTensor) <- the full CPU tensor full[k]; each rank keeps its own shard."""
+        # copy_ from a plain tensor into a DTensor is refused unless the plain tensor is treated as
+        # replicated; implicit_replication does exactly that, entered for this copy only
+        from torch.distributed.tensor.experimental import implicit_replication
 
-            full = distribute_tensor(full.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
-        return dst.copy_(full)
+        with implicit_replication():
+            for k, v in ema.items():
+                v.copy_(full[k].to(v.device))
 
 
 # ---- the seam ---------------------------------------------------------------------------------------------

@@ -21,70 +21,24 @@ from pathlib import Path
 import torch
 
 from rectiflow.convert.transformer import build_transformer, load_transformer
+from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.couplings import CouplingsDataset, CouplingsWithData
-from rectiflow.data.latent_cache import LatentCache
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
 from rectiflow.train import checkpoint as ckpt
+from rectiflow.train.batches import BatchStream, local_slice, split_holdout
 from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
-from rectiflow.train.data import BatchStream, local_slice, split_holdout
 from rectiflow.train.distill import Distiller
+from rectiflow.train.distributed import LocalContext, PlainStateIO
 from rectiflow.train.guidance_distill import GuidanceDistiller, load_student
 from rectiflow.train.metrics import MetricsLogger
-from rectiflow.train.model_fns import apply_activation_checkpointing, apply_regional_compile, unwrap
+from rectiflow.train.model_transforms import apply_activation_checkpointing, apply_regional_compile, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "LocalContext", "PlainStateIO", "StepResult", "lr_factor", "run_training"]
-
-
-@dataclass
-class LocalContext:
-    """The single-process `dist_ctx` (rectiflow.train.distributed.DistContext has the same interface)."""
-
-    device: torch.device = torch.device("cpu")
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        pass
-
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def broadcast_object(self, obj):
-        return obj
-
-
-class PlainStateIO:
-    """Full state dicts of an unsharded (or DDP-wrapped) model and its optimizer. FSDP2 swaps in one that
-    gathers full state on save and scatters it on load; every rank calls these (they may be collectives)."""
-
-    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
-
-    def state_keys(self, model: torch.nn.Module) -> set[str]:
-        """The keys model_state returns (without gathering anything)."""
-        return set(unwrap(model).state_dict().keys())
-
-    def load_model_state(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-        unwrap(model).load_state_dict(sd, strict=True)
-
-    def optim_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_optim_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
-        optimizer.load_state_dict(sd)
-
-    def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().to("cpu", copy=True)
+__all__ = ["Trainer", "StepResult", "lr_factor"]
 
 
 @dataclass
@@ -384,10 +338,7 @@ class Trainer:
         self.state_io.load_model_state(self.model, c.model)
         self.state_io.load_optim_state(self.model, self.optimizer, c.optimizer)
         if self.ema is not None:
-            src = c.ema if c.ema is not None else c.model
-            with torch.no_grad():
-                for k, v in self.ema.items():
-                    v.copy_(src[k])
+            self.state_io.load_ema(self.ema, c.ema if c.ema is not None else c.model)
         ckpt.restore_rng(c.rng_tensors, c.rng_json, {"noise": self.generator})
         self.stream.load_state_dict(c.state["data"])
         self.bad_total = int(c.state.get("bad_total", 0))
@@ -483,21 +434,3 @@ class Trainer:
                 if self.dist.is_main else []
         finally:
             self.dist.barrier()
-
-
-def run_training(cfg: RunConfig, resume: str | Path | None = None, allow_existing: bool = False) -> dict:
-    """Everything `rectiflow train` does: set up (distributed when cfg.distributed.mode != "none", via
-    rectiflow.train.distributed.trainer_kwargs(cfg) -> {"dist", "parallelize", "state_io"}), resume
-    ("latest" = the newest complete checkpoint of out_dir, or a checkpoint path), train, export."""
-    kwargs = {}
-    if cfg.distributed.mode != "none":
-        from rectiflow.train import distributed
-
-        kwargs = distributed.trainer_kwargs(cfg)
-    trainer = Trainer(cfg, **kwargs)
-    if resume:
-        trainer.resume(None if resume == "latest" else resume)
-    elif ckpt.find_latest(trainer.ckpt_dir) is not None and not allow_existing:
-        raise RectiflowError(f"{trainer.ckpt_dir} already has checkpoints; pass --resume to continue that "
-                             "run or set train.out_dir to a new directory")
-    return trainer.fit()

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.captions import CaptionPolicy
-from rectiflow.data.latent_cache import LatentCache
 from rectiflow.flow import cfg as cfg_combine
 from rectiflow.flow import solve, timestep_grid, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
-from rectiflow.train.model_fns import unwrap
+from rectiflow.train.model_transforms import unwrap
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Checkpoint I/O shared by the convert layer: safetensors only, validated before use, written atomically.
+"""The project's one safetensors stack: validated before use, read tensor by tensor, written atomically.
 
-Public API (reused by convert/transformer.py and convert/autoencoder.py):
+Every safetensors file rectiflow reads or writes (model weights, bundles, checkpoints, latent caches) goes
+through here. Public API:
 
 - `refuse_pickle(path)`: raise `FormatError` if `path` is a pickle / torch zip checkpoint, judged from its
   suffix and its first bytes only. Nothing is ever unpickled.
@@ -14,9 +15,8 @@ Public API (reused by convert/transformer.py and convert/autoencoder.py):
   own buffer (one `readinto` per tensor, no second copy of the file in memory), converting floating-point
   tensors to `dtype` per tensor.
 - `save_safetensors(tensors, path, metadata)`: stream tensors to a temporary file in the destination
-  directory, fsync, rename into place (an interrupted save leaves the previous file intact).
+  directory, fsync, rename into place (rectiflow.io.atomic; an interrupted save leaves the previous file).
 - `save_sharded(tensors, folder, name, max_shard_bytes, metadata)`: the diffusers layout, with index.
-- `atomic_dir(path)`: context manager for writing a whole folder, swapped into place at the end.
 - `state_dict_mismatch(expected, found) -> Mismatch`: readable missing / unexpected / mis-shaped report.
 
 Why our own reader rather than `safetensors.safe_open`: we must validate the header (truncation, offsets)
@@ -30,14 +30,11 @@ library.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +42,7 @@ from pathlib import Path
 import torch
 
 from rectiflow.errors import FormatError
+from rectiflow.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +286,6 @@ def load_tensors(infos: Iterable[TensorInfo] | str | os.PathLike, device: str | 
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets one fsync a directory
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
     # Same order as the safetensors library: larger items first (keeps every tensor aligned), then by name.
     names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
@@ -325,24 +314,6 @@ def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping
             f.write(memoryview(flat.numpy()))
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike):
-    """Yield a temporary path next to `path`; on success fsync it and rename it to `path`."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        _fsync_dir(p.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> Path:
     """Write `tensors` to `path` atomically (temp file in the same dir, fsync, rename). Streams per tensor."""
@@ -350,31 +321,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     with atomic_write(p) as tmp, open(tmp, "wb") as f:
         _write_safetensors(f, tensors, metadata)
     return p
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder next to `path`; on success it replaces `path` (kept intact on failure)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
-    old = None
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if p.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".old", dir=p.parent))
-            os.replace(p, old / p.name)
-        os.replace(tmp, p)
-        _fsync_dir(p.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sharded(tensors: Mapping[str, torch.Tensor], folder: str | os.PathLike,

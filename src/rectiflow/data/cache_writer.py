@@ -1,4 +1,5 @@
-"""Precomputed latents and text embeddings: `build_cache` writes them once, `LatentCache` reads them.
+"""Writing a latent cache: `build_cache` precomputes latents and text embeddings once (`LatentCache` in
+rectiflow.data.cache_reader reads them); `CachedText` reuses another cache's text table.
 
 Layout of a cache directory:
     manifest.json               what made it (encoders, preprocessing, source), the plan, completed shards
@@ -24,16 +25,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from rectiflow.data.sources import Source
 from rectiflow.data.transforms import IMAGE_ERRORS, Buckets, CenterCrop, resize_center_crop, to_tensor
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.io.atomic import write_bytes
+from rectiflow.io.safetensors_io import load_tensors, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,12 @@ class CachedText:
         if m.get("format") != FORMAT or missing:
             raise FormatError(f"{manifest_path} is not a {FORMAT} manifest with text embeddings "
                               f"(missing: {', '.join(missing) or 'format'})")
-        from safetensors.torch import load_file
-
         txt, vec = [], []
         for shard in m["text_shards"]:
             f = self.path / shard["file"]
             if not f.is_file():
                 raise RectiflowError(f"--text-from {self.path}: text shard {shard['file']} is missing")
-            t = load_file(str(f))
+            t = load_tensors(f)
             txt.append(t["txt"].float())
             vec.append(t["vec"].float())
         self.txt, self.vec = torch.cat(txt), torch.cat(vec)  # [U, L, D], [U, Dv]
@@ -136,23 +135,6 @@ class CachedText:
 # ---- writing -------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _ManifestWriter:
     """Rewrites manifest.json after every shard. The plan (ids, captions, caption indices, shards: ~100 bytes
     a sample) is serialised once; each write only appends "done" and "status". (Serialising the whole
@@ -165,7 +147,7 @@ class _ManifestWriter:
 
     def write(self, done, status: str) -> None:
         tail = f',\n "done": {json.dumps(sorted(done))},\n "status": {json.dumps(status)}\n}}'
-        _atomic_write_bytes(self.path, (self.prefix + tail).encode())
+        write_bytes(self.path, (self.prefix + tail).encode())
 
 
 def plan_cache(source: Source, resize: CenterCrop | Buckets, shard_size: int, on_error: str = "skip") -> dict:
@@ -308,7 +290,7 @@ def _encode_text_shard(text_encoder, captions: list[str], path: Path, batch_size
     if len(lengths) > 1:
         raise RectiflowError(f"text encoder returned sequence lengths {sorted(lengths)} for different "
                              "batches; it must pad to a fixed length to be cached")
-    _atomic_save({"txt": torch.cat(txts), "vec": torch.cat(vecs)}, path)
+    save_safetensors({"txt": torch.cat(txts), "vec": torch.cat(vecs)}, path)
 
 
 def _encode_latent_shard(source, autoencoder, indices, size, path, batch_size, device, dtype,
@@ -320,4 +302,4 @@ def _encode_latent_shard(source, autoencoder, indices, size, path, batch_size, d
         x = torch.stack([_load_image(source, i, width, height) for i in batch])  # [b, 3, H, W]
         z = autoencoder.encode(x.to(device, dtype))  # [b, C, H/8, W/8]
         lats.append(_cast(z, storage_dtype))
-    _atomic_save({"latents": torch.cat(lats)}, path)
+    save_safetensors({"latents": torch.cat(lats)}, path)

@@ -1,8 +1,8 @@
-"""`LatentCache`: random access to a cache written by `rectiflow.data.cache.build_cache`.
+"""`LatentCache`: random access to a cache written by `rectiflow.data.cache_writer.build_cache`.
 
-Shards are read with safetensors. A cache up to `max_ram_bytes` (default 2 GiB) is loaded whole into RAM on
-first use; a larger one keeps the `max_shards` most recently used shards (use `BucketBatchSampler` over
-`bucket_ids()` and `get_batch`, which groups indices by shard).
+Shards are read with rectiflow.io.safetensors_io. A cache up to `max_ram_bytes` (default 2 GiB) is loaded
+whole into RAM on first use; a larger one keeps the `max_shards` most recently used shards (use
+`BucketBatchSampler` over `bucket_ids()` and `get_batch`, which groups indices by shard).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from rectiflow.data.cache import (
+from rectiflow.data.cache_writer import (
     FORMAT,
     MANIFEST,
     VERSION,
@@ -25,6 +24,7 @@ from rectiflow.data.cache import (
 )
 from rectiflow.data.captions import CaptionPolicy, sample_rng
 from rectiflow.errors import FormatError, RectiflowError
+from rectiflow.io.safetensors_io import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class LatentCache:
         if file in self._loaded:
             self._loaded.move_to_end(file)
         else:
-            self._loaded[file] = load_file(str(self.path / file))
+            self._loaded[file] = load_tensors(self.path / file)
             while len(self._loaded) > self._max_shards:
                 self._loaded.popitem(last=False)
         return self._loaded[file]
