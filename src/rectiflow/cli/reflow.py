@@ -69,7 +69,7 @@ def load_teacher(model: str | None, device: str, with_text_encoder: bool):
         raise RectiflowError(f"the model's text encoder is unavailable ({str(e).splitlines()[0]}); pass "
                              "--from-cache CACHE to use a cache's caption embeddings instead") from None
     return Pipeline(b.transformer, b.autoencoder, b.text_encoder, b.defaults, name=b.name,
-                    model_hash=b.model_hash, device=device, dtype=torch.float32)
+                    model_hash=b.model_hash, device=device, dtype=torch.float32, flow_path=b.flow_path)
 
 
 def run_pairs(args) -> int:

@@ -8,9 +8,13 @@ sampling defaults), in one of three layouts.
        "text_encoder_weights": "text_encoder.safetensors" (only for encoders with trained weights),
        "defaults": {"steps": 4, "sampler": "euler", "shift": null, "guidance": null, "cfg_scale": 1.0,
                     "width": 256, "height": 256},
+       "flow": {"path": "rectified_flow", "params": {...}, "prediction": "velocity", "timestep_input": "t"}
+               (rectiflow.flow.path_record: how to turn the network output into the ODE velocity),
        ... any extra card fields (description, training data, license) ...}
   Weight files are our safetensors files (config in their metadata). Relative paths inside the
-  text-encoder spec are relative to the bundle directory.
+  text-encoder spec are relative to the bundle directory. A card without "flow" is rectified flow (cards
+  written before paths were recorded) unless its transformer's training config says otherwise, which is
+  refused: sampling another path as rectified flow gives wrong images without any error.
 - "bfl" (BFL's release repos): `flux1-*.safetensors` (transformer), `ae.safetensors`, and the text encoders as
   in the official repos: `text_encoder/` (CLIP-L) + `tokenizer/`, `text_encoder_2/` (T5-XXL) + `tokenizer_2/`.
 - "diffusers": `model_index.json` (a FluxPipeline), `transformer/`, `vae/`, `text_encoder/`,
@@ -19,8 +23,9 @@ sampling defaults), in one of three layouts.
 
 When a directory has several, model.json wins, then BFL files, then model_index.json (BFL's own repos
 carry both BFL files and diffusers folders). Sampling defaults for BFL / diffusers bundles follow the
-published models: schnell (no guidance embedding) 4 steps, unshifted; dev 28 steps (diffusers FluxPipeline
-default), guidance 3.5 (BFL cli.py / diffusers default), FLUX sequence-length shift; both 1024x1024.
+published models (all rectified flow): schnell (no guidance embedding) 4 steps, unshifted; dev 28 steps
+(diffusers FluxPipeline default), guidance 3.5 (BFL cli.py / diffusers default), FLUX sequence-length
+shift; both 1024x1024.
 
 The model identity is the bundle name plus `weights_hash` of its weight files.
 
@@ -43,10 +48,12 @@ from typing import Any
 import torch
 
 from rectiflow.convert.autoencoder import load_autoencoder, save_autoencoder
-from rectiflow.convert.transformer import load_transformer, save_transformer
+from rectiflow.convert.transformer import META_TRAIN_CONFIG, load_transformer, save_transformer
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.flow import Path as FlowPath
+from rectiflow.flow import RectifiedFlow, path_from_record, path_record
 from rectiflow.io.atomic import atomic_dir
-from rectiflow.io.safetensors_io import load_tensors, save_safetensors
+from rectiflow.io.safetensors_io import load_tensors, read_metadata, save_safetensors
 from rectiflow.models.text import load_text_encoder
 
 __all__ = [
@@ -148,6 +155,7 @@ class Bundle:
     layout: str
     path: Path
     card: dict[str, Any] = field(default_factory=dict)
+    flow_path: FlowPath = field(default_factory=RectifiedFlow)  # how the transformer was trained
 
 
 # --------------------------------------------------------------------------------------------- identity
@@ -267,6 +275,7 @@ def _load_ours(root: Path, device: torch.device, dtype: torch.dtype, with_text: 
             if not p.is_file():
                 raise FormatError(f"{where} names {key} file {card[key]!r}, which is missing from {root}")
             files[key] = p
+    flow_path = _card_flow_path(card, files["transformer"], where)  # refuse before loading any weights
     transformer = load_transformer(files["transformer"], device=device, dtype=dtype)
     autoencoder = load_autoencoder(files["autoencoder"], device=device, dtype=dtype)
     spec = _resolve_spec_paths(card["text_encoder"], root)
@@ -277,7 +286,22 @@ def _load_ours(root: Path, device: torch.device, dtype: torch.dtype, with_text: 
         text_encoder.eval()
     defaults = SamplingDefaults.from_dict(card.get("defaults", {}), where=f"{where} defaults")
     return Bundle(transformer, autoencoder, text_encoder, defaults, str(card.get("name") or root.name),
-                  weights_hash(list(files.values())), "rectiflow", root, card)
+                  weights_hash(list(files.values())), "rectiflow", root, card, flow_path)
+
+
+def _card_flow_path(card: dict[str, Any], transformer_file: Path, where: str) -> FlowPath:
+    """The card's "flow" record; without one, rectified flow unless the weights' training config (safetensors
+    metadata, written by `rectiflow train`'s export) names another path, which is refused."""
+    if "flow" in card:
+        return path_from_record(card["flow"], f"{where} flow")
+    try:
+        trained = json.loads(read_metadata(transformer_file).get(META_TRAIN_CONFIG, "{}"))["flow"]["path"]
+    except (KeyError, TypeError, ValueError):
+        trained = "rectified_flow"
+    if trained != "rectified_flow":
+        raise FormatError(f"{where} records no flow path but its transformer was trained with flow.path = "
+                          f"{trained!r}; add \"flow\": {{\"path\": \"{trained}\"}} to it or export it again")
+    return RectifiedFlow()
 
 
 def _flux_text_encoder(root: Path, max_length: int, device: torch.device, dtype: torch.dtype):
@@ -331,8 +355,14 @@ def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, with_t
 
 def save_bundle(path: str | os.PathLike, transformer: torch.nn.Module, autoencoder: torch.nn.Module,
                 text_encoder_spec: Any, defaults: SamplingDefaults | dict[str, Any] | None = None,
-                card_extra: dict[str, Any] | None = None, name: str | None = None) -> Path:
+                card_extra: dict[str, Any] | None = None, name: str | None = None, *,
+                flow_path: FlowPath | None = None,
+                transformer_metadata: dict[str, str] | None = None) -> Path:
     """Write a "rectiflow" bundle directory (atomically: built beside `path`, then renamed into place).
+
+    `flow_path`: the path the transformer was trained on (default rectified flow), recorded as the card's
+    "flow"; `transformer_metadata`: extra safetensors metadata of transformer.safetensors (e.g. the training
+    config).
 
     `text_encoder_spec` is a text encoder's spec() dict, or the encoder itself: its spec() is recorded and,
     when it has trainable weights (an nn.Module with parameters, e.g. TrainableTextEncoder), its state dict
@@ -353,6 +383,7 @@ def save_bundle(path: str | os.PathLike, transformer: torch.nn.Module, autoencod
     card: dict[str, Any] = {
         "format": CARD_FORMAT, "format_version": CARD_VERSION, "name": name or root.name,
         "transformer": "transformer.safetensors", "autoencoder": "ae.safetensors", "text_encoder": spec,
+        "flow": path_record(flow_path or RectifiedFlow()),
     }
     extra = dict(card_extra or {})
     clash = sorted(set(extra) & (set(card) | {"defaults", "text_encoder_weights"}))
@@ -360,7 +391,8 @@ def save_bundle(path: str | os.PathLike, transformer: torch.nn.Module, autoencod
         raise ConfigError(f"save_bundle: card_extra may not override {clash}")
     with atomic_dir(root) as tmp:
         tmp = Path(tmp)
-        save_transformer(transformer, tmp / card["transformer"], format="rectiflow")
+        save_transformer(transformer, tmp / card["transformer"], format="rectiflow",
+                         metadata=transformer_metadata)
         save_autoencoder(autoencoder, tmp / card["autoencoder"], format="rectiflow")
         if isinstance(encoder, torch.nn.Module) and any(True for _ in encoder.parameters()):
             sd = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}

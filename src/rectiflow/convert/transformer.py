@@ -55,6 +55,7 @@ FORMAT_VERSION = "1"
 META_VERSION = "rectiflow.format_version"
 META_MODEL = "rectiflow.model"
 META_CONFIG = "rectiflow.config"
+META_TRAIN_CONFIG = "rectiflow.train_config"  # the resolved run config of trained weights (JSON)
 MODEL_KIND = "flux-transformer"
 DIFFUSERS_CLASS = "FluxTransformer2DModel"
 # diffusers ModelMixin.save_pretrained(max_shard_size="10GB"); huggingface_hub parses "GB" as 10**9 bytes.

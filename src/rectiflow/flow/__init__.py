@@ -1,7 +1,8 @@
 """rectiflow.flow: all flow math of the project, as pure vectorised functions (no state, no device probing).
 
-Convention (DESIGN.md section 1): t in [0, 1], t = 0 data, t = 1 noise; x_t = (1 - t) x0 + t eps for rectified
-flow, whose network predicts v = eps - x0; sampling integrates t: 1 -> 0 with x <- x + (t_next - t) v.
+Convention (docs/design.md section 1): t in [0, 1], t = 0 data, t = 1 noise; x_t = (1 - t) x0 + t eps for
+rectified flow, whose network predicts v = eps - x0; sampling integrates t: 1 -> 0 with
+x <- x + (t_next - t) v.
 
 Paths (rectiflow.flow.paths): frozen dataclasses, `get_path(name, **params)`, names "rectified_flow",
 "eps_linear", "v_cosine", "edm" (SD3 section 3.1 formulations). t is a tensor [B] (broadcast over x [B, ...]),
@@ -13,6 +14,8 @@ a 0-d tensor or a float; coefficient math runs in float64 and is cast to x's dty
     training_pair(path, x0, eps, t) -> (x_t, target)
     velocity_fn_from_model(path, model_fn) -> velocity_fn(x, t) for the solvers (model_fn(net_in, t) -> out)
     equivalent_rf_weight(path, t) -> per-sample RF-loss weight reproducing `path`'s objective
+    path_record(path) -> JSON-able record (name, params, prediction, timestep input) a bundle stores;
+    path_from_record(record, where) -> path, refusing a record without a path or one it cannot sample
   Training step:  x_t, tgt = training_pair(path, x0, eps, t); out = model(path.model_input(x_t, t), t);
                   loss = ((out - tgt) ** 2 * loss_weight(...)[:, None, None]).mean()
 
@@ -52,6 +55,8 @@ from rectiflow.flow.paths import (
     VCosine,
     equivalent_rf_weight,
     get_path,
+    path_from_record,
+    path_record,
     t_from_log_snr,
     training_pair,
     velocity_fn_from_model,
@@ -78,7 +83,8 @@ __all__ = [
     "EDM", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
     "Straightness", "VCosine", "cfg", "cfg_velocity_fn", "cosmap", "cosmap_pdf", "endpoint_errors",
     "equivalent_rf_weight", "flux_mu", "get_path", "guidance_vector", "linear_grid", "logit_normal",
-    "logit_normal_pdf", "loss_weight", "mode", "mode_pdf", "rms_distance", "sample_timesteps", "sd3_shift",
-    "solve", "solve_adaptive", "solver_nfe", "straightness", "t_from_log_snr", "time_shift", "timestep_grid",
-    "training_pair", "uniform", "uniform_pdf", "velocity_fn_from_model",
+    "logit_normal_pdf", "loss_weight", "mode", "mode_pdf", "path_from_record", "path_record",
+    "rms_distance", "sample_timesteps", "sd3_shift", "solve", "solve_adaptive", "solver_nfe", "straightness",
+    "t_from_log_snr", "time_shift", "timestep_grid", "training_pair", "uniform", "uniform_pdf",
+    "velocity_fn_from_model",
 ]

@@ -20,13 +20,19 @@ a clamp is needed: the VP/EDM derivatives diverge like 1/sqrt(t) or faster at an
 
 The network is always conditioned on the raw t in [0, 1] (the x1000 scale lives in the timestep embedder),
 also for EDM, where t is a monotone reparameterisation of Karras' c_noise = ln(sigma) / 4.
+
+A trained model is only meaningful with its path: `path_record(path)` is what a bundle stores (name,
+parameters, what the network predicts, the timestep it is fed) and `path_from_record` restores it, refusing
+records it cannot honour, so that sampling converts the network output with `to_velocity` of the right path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -35,6 +41,8 @@ from rectiflow.errors import ConfigError
 
 # Endpoint clamp for paths whose coefficients or derivatives diverge at t = 0 or t = 1 (see module doc).
 T_EPS = 1e-5
+# The timestep every path feeds the network: t in [0, 1], 1 = noise (the x1000 lives in the embedder).
+TIMESTEP_INPUT = "t"
 
 
 def _as_t(t: Tensor | float, like: Tensor | None = None) -> Tensor:
@@ -62,6 +70,7 @@ class Path:
     t_min: float = 0.0
     t_max: float = 1.0
     name: str = field(default="", init=False)
+    prediction: ClassVar[str] = ""  # what the network output is, e.g. "velocity" (eps - x0) or "eps"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
@@ -127,6 +136,7 @@ class RectifiedFlow(Path):
     """
 
     name: str = field(default="rectified_flow", init=False)
+    prediction: ClassVar[str] = "velocity"
 
     def _coeffs(self, t):
         return 1.0 - t, t, -torch.ones_like(t), torch.ones_like(t)
@@ -168,6 +178,7 @@ class EpsLinear(Path):
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     name: str = field(default="eps_linear", init=False)
+    prediction: ClassVar[str] = "eps"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,6 +233,7 @@ class VCosine(Path):
     """
 
     name: str = field(default="v_cosine", init=False)
+    prediction: ClassVar[str] = "v"
 
     def _coeffs(self, t):
         h = 0.5 * math.pi
@@ -268,6 +280,7 @@ class EDM(Path):
     p_std: float = 1.2
     sigma_data: float = 0.5
     name: str = field(default="edm", init=False)
+    prediction: ClassVar[str] = "edm_f"  # Karras' F, preconditioned
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -337,6 +350,32 @@ def get_path(name: str, **params) -> Path:
         return PATHS[name](**params)
     except TypeError as e:
         raise ConfigError(f"bad parameters {sorted(params)} for path {name!r}: {e}") from None
+
+
+def path_record(path: Path) -> dict[str, Any]:
+    """What sampling needs to know about a trained model's path (JSON-able; stored in bundles):
+    {"path": name, "params": its dataclass parameters, "prediction": what the network outputs,
+    "timestep_input": the timestep convention the network was trained with}."""
+    params = {f.name: getattr(path, f.name) for f in dataclasses.fields(path) if f.init}
+    return {"path": path.name, "params": params, "prediction": path.prediction,
+            "timestep_input": TIMESTEP_INPUT}
+
+
+def path_from_record(record: Any, where: str = "flow") -> Path:
+    """The path of a `path_record`; ConfigError (one line, prefixed by `where`) for a record without a path,
+    an unknown path, bad parameters, or a prediction / timestep convention this rectiflow cannot sample."""
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        raise ConfigError(f"{where} names no flow path (e.g. \"path\": \"rectified_flow\"): the network "
+                          "output cannot be converted to a velocity without it; re-export the model")
+    try:
+        path = get_path(record["path"], **(record.get("params") or {}))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    for key, want in (("prediction", path.prediction), ("timestep_input", TIMESTEP_INPUT)):
+        if record.get(key, want) != want:
+            raise ConfigError(f"{where}: path {path.name!r} has {key} {want!r}, the record says "
+                              f"{record[key]!r}; re-export the model")
+    return path
 
 
 def t_from_log_snr(path: Path, lam: Tensor, iters: int = 64) -> Tensor:

@@ -17,6 +17,9 @@ guidance pluggable:
 - Guidance: `guidance` is the guidance-embedding input of guidance-distilled models (FLUX dev; ignored with
   a warning on other models). `cfg_scale != 1` runs true classifier-free guidance: the unconditional
   (negative prompt, or "") and conditional inputs go through the model as one doubled batch.
+- Flow path: the network output is turned into the ODE velocity by the path the model was trained on
+  (`flow_path`, from the bundle; rectiflow.flow's velocity_fn_from_model). For rectified flow (FLUX, SD3)
+  that is the identity; eps / v / EDM models get their own conversion and input preconditioning.
 - fp16: every velocity evaluation is checked for non-finite values, which raises a one-line error
   recommending bf16 (fp16's range, 65504, is too small for some FLUX activations); any dtype: non-finite
   final latents or images raise too.
@@ -35,7 +38,16 @@ from PIL import Image
 
 from rectiflow.convert.bundle import SamplingDefaults, load_bundle
 from rectiflow.errors import ConfigError, RectiflowError
-from rectiflow.flow import METHODS, cfg_velocity_fn, guidance_vector, solve, timestep_grid
+from rectiflow.flow import (
+    METHODS,
+    RectifiedFlow,
+    cfg_velocity_fn,
+    guidance_vector,
+    solve,
+    timestep_grid,
+    velocity_fn_from_model,
+)
+from rectiflow.flow import Path as FlowPath
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
 
 __all__ = ["DEFAULT", "GenerationResult", "Pipeline", "initial_noise"]
@@ -103,13 +115,15 @@ def _step_counter(callback: Callable[[int, int], None] | None, total: int):
 
 
 class Pipeline:
-    """transformer (Flux) + autoencoder + text encoder + sampling defaults; `pipe(prompts, ...)` generates."""
+    """transformer (Flux) + autoencoder + text encoder + sampling defaults + the flow path the transformer
+    was trained on (default rectified flow); `pipe(prompts, ...)` generates."""
 
     def __init__(self, transformer: torch.nn.Module, autoencoder: torch.nn.Module, text_encoder: Any,
                  defaults: SamplingDefaults | None = None, *, name: str = "custom", model_hash: str = "",
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 int8: bool = False):
+                 int8: bool = False, flow_path: FlowPath | None = None):
         self.transformer = transformer
+        self.flow_path = flow_path or RectifiedFlow()
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.defaults = defaults or SamplingDefaults()
@@ -168,7 +182,7 @@ class Pipeline:
             if hasattr(b.text_encoder, "to"):
                 b.text_encoder.to(device)
         pipe = cls(b.transformer, b.autoencoder, b.text_encoder, b.defaults, name=b.name,
-                   model_hash=b.model_hash, device=device, dtype=dtype, int8=int8)
+                   model_hash=b.model_hash, device=device, dtype=dtype, int8=int8, flow_path=b.flow_path)
         pipe.loras = applied
         return pipe
 
@@ -342,7 +356,10 @@ class Pipeline:
                                      "(same memory, float32 range) or fp32")
             return v
 
-        return cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
+        # CFG combines network outputs: every path's to_velocity is affine in the output (a x + b out) and
+        # CFG's weights (1 - s, s) sum to 1, so that equals combining velocities (rectified flow: identity)
+        guided = cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
+        return velocity_fn_from_model(self.flow_path, guided)
 
     def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
                  step_done=None):

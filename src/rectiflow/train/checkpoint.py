@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rectiflow.convert.transformer import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION, MODEL_KIND
+from rectiflow.convert.transformer import (
+    FORMAT_VERSION,
+    META_CONFIG,
+    META_MODEL,
+    META_TRAIN_CONFIG,
+    META_VERSION,
+    MODEL_KIND,
+)
 from rectiflow.errors import FormatError, RectiflowError
 from rectiflow.io.atomic import atomic_dir
 from rectiflow.io.safetensors_io import load_tensors, save_safetensors
@@ -47,7 +54,6 @@ __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "find_latest", "l
            "capture_rng", "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state",
            "META_TRAIN_CONFIG", "FAULT_ENV"]
 
-META_TRAIN_CONFIG = "rectiflow.train_config"
 FAULT_ENV = "RECTIFLOW_CHECKPOINT_FAULT"
 STATE_FORMAT = "rectiflow-train-checkpoint"
 STATE_VERSION = 1

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rectiflow.convert.transformer import save_transformer
+from rectiflow.convert.transformer import META_TRAIN_CONFIG, save_transformer
+from rectiflow.flow import get_path
 from rectiflow.models.transformer import Flux, FluxParams
-from rectiflow.train.checkpoint import META_TRAIN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out:
         elif cache is None:
             log.info("no bundle exported: the text encoder is unknown without a cache")
         else:
-            paths.append(_bundle(model, out / "bundle", cfg, cache))
+            paths.append(_bundle(model, out / "bundle", cfg, cache, meta))
     return paths
 
 
-def _bundle(model: Flux, path: Path, cfg, cache) -> Path:
+def _bundle(model: Flux, path: Path, cfg, cache, metadata: dict[str, str] | None = None) -> Path:
     from rectiflow.convert.autoencoder import load_autoencoder
     from rectiflow.convert.bundle import SamplingDefaults, save_bundle
 
@@ -66,7 +66,10 @@ def _bundle(model: Flux, path: Path, cfg, cache) -> Path:
     defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=v.shift_value,
                                 cfg_scale=v.cfg_scale, width=width, height=height,
                                 guidance=cfg.model.guidance if model.params.guidance_embed else None)
+    # the card records the flow path (the pipeline converts the network output with it) and the weights
+    # carry the run config, as the checkpoint's do
     p = save_bundle(path, model, ae, spec, defaults, card_extra={"training": {"steps": cfg.train.steps,
-                                                                    "cache": str(cfg.data.cache)}})
+                                                                    "cache": str(cfg.data.cache)}},
+                    flow_path=get_path(cfg.flow.path), transformer_metadata=metadata)
     log.info("exported bundle %s", p)
     return p
