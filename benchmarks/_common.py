@@ -1,8 +1,8 @@
 """Shared helpers for benchmarks/: machine description, measured fp32 matmul peak, interleaved median timing.
 
-Benchmarks are scripts, never timed tests (DESIGN.md section 5). They compare against a peer measured in the
-same process, interleaved (A, B, A, B, ...) so that drifting machine load affects both sides alike, and report
-medians of >= 7 runs.
+Benchmarks are scripts, never timed tests (docs/design.md, "Benchmarks"). They compare against a peer
+measured in the same process, interleaved (A, B, A, B, ...) so that drifting machine load affects both sides
+alike, and report medians of >= 7 runs.
 """
 
 from __future__ import annotations

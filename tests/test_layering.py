@@ -1,4 +1,4 @@
-"""The import layering of DESIGN.md section 2, enforced with import-linter."""
+"""The import layering of docs/design.md section 2, enforced with import-linter."""
 
 import subprocess
 import sys
@@ -18,7 +18,7 @@ def test_import_layers():
 
 
 def test_transformers_imported_in_one_module():
-    """DESIGN.md: `transformers` is imported in one module only (rectiflow.models.text)."""
+    """docs/design.md: `transformers` is imported in one module only (rectiflow.models.text)."""
     offenders = []
     for path in (ROOT / "src" / "rectiflow").rglob("*.py"):
         text = path.read_text()

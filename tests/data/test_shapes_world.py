@@ -1,4 +1,4 @@
-"""The shapes world against its spec (/work/shared/specs/shapes-world.md): no held-out combination in any
+"""The shapes world against its spec (docs/shapes-world.md): no held-out combination in any
 training image, placement rules, grammar and articles, captions parse back, determinism, imagefolder."""
 
 import itertools

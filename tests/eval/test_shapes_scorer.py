@@ -1,4 +1,4 @@
-"""The shapes-world scorer against the spec (/work/shared/specs/shapes-world.md): ground-truth renders,
+"""The shapes-world scorer against the spec (docs/shapes-world.md): ground-truth renders,
 clause rules on hand-built scenes, the detector against scipy / brute force, prompt sets."""
 
 import hashlib

@@ -168,8 +168,8 @@ def test_gradients_reach_every_parameter(pooled_text):
 
 
 def test_every_linear_is_called_as_a_module():
-    """LoRA and int8 are applied by swapping / wrapping nn.Linear modules (DESIGN.md section 3): a forward
-    that read a linear's weight directly would silently bypass them."""
+    """LoRA and int8 are applied by swapping / wrapping nn.Linear modules (docs/design.md section 3): a
+    forward that read a linear's weight directly would silently bypass them."""
     p = dataclasses.replace(MICRO, guidance_embed=True)
     model = Flux(p)
     called = set()

@@ -1,6 +1,6 @@
 """The shapes world: a procedural text-to-image world (scenes, held-out rules, rendering, datasets).
 
-Normative spec: /work/shared/specs/shapes-world.md. Constants below carry the spec's numbers. The vocabulary
+Normative spec: docs/shapes-world.md. Constants below carry the spec's numbers. The vocabulary
 and caption grammar (re-exported here) are in rectiflow.data.shapes_grammar; the scorer (detector + clause
 rules) in rectiflow.eval.shapes; the geometry of the six shapes in rectiflow.data.shapes_geometry.
 

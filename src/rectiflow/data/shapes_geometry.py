@@ -1,6 +1,6 @@
 """Geometry of the shapes world: exact inside-tests of the six shapes, anti-aliased coverage, ideal masks.
 
-Normative source: /work/shared/specs/shapes-world.md ("Shapes" table). Every shape lives in its square
+Normative source: docs/shapes-world.md ("Shapes" table). Every shape lives in its square
 bounding box of side s centred at (cx, cy); y grows downwards. Inside-tests work in *box coordinates*
 u = (x - cx) / s, v = (y - cy) / s, so the box is [-1/2, 1/2]^2 and every shape is scale-free.
 

@@ -1,7 +1,7 @@
 """The shapes world's vocabulary and caption grammar: colours, shapes, the six templates, held-out
 combinations, prompt parsing and the position rule (GenEval's).
 
-Normative spec: /work/shared/specs/shapes-world.md ("Colours", "Shapes", "Captions", "Held-out
+Normative spec: docs/shapes-world.md ("Colours", "Shapes", "Captions", "Held-out
 combinations"). Scenes, rendering and datasets are in rectiflow.data.shapes, which re-exports all of this.
 `parse_prompt` accepts either article ("a"/"an"), any case, extra spaces and a final period; `.text` is the
 canonical form with correct articles.

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from rectiflow.errors import ConfigError
 
-MULTIPLE = 16  # 8x autoencoder downsampling * 2x2 token packing (DESIGN.md sec. 1)
+MULTIPLE = 16  # 8x autoencoder downsampling * 2x2 token packing (docs/design.md sec. 1)
 
 # Errors PIL raises on broken or hostile files (truncated data, bad headers, decompression bombs).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

@@ -1,6 +1,6 @@
 """The shapes-world scorer: prompt sets, the six clause rules, per-task and overall accuracy.
 
-Normative spec: /work/shared/specs/shapes-world.md ("Scoring" 4-5, "Evaluation protocol"). The detector
+Normative spec: docs/shapes-world.md ("Scoring" 4-5, "Evaluation protocol"). The detector
 (pixel classes, components, shape classification) is rectiflow.eval.shapes_detect; the world itself
 (grammar, held-out combinations, the position rule) is rectiflow.data.shapes.
 

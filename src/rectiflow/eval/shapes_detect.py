@@ -1,6 +1,6 @@
 """The shapes-world detector: pixel classes, 8-connected components, shape classification by IoU.
 
-Normative spec: /work/shared/specs/shapes-world.md, "Scoring" steps 1-3. numpy only (no scipy):
+Normative spec: docs/shapes-world.md, "Scoring" steps 1-3. numpy only (no scipy):
 components are found from horizontal runs of equal class joined across adjacent rows with a union-find.
 
 Choices where the spec leaves room:

@@ -23,7 +23,7 @@ Three kinds, one interface (`encode` / `__call__`, `txt_dim`, `vec_dim`, `max_le
   state_dict is its weights (bundles save it as text_encoder.safetensors).
 
 Every encoder pads to max_length (constant L) and truncates longer prompts with one warning per call that
-says how many tokens were dropped. `transformers` is imported here only (DESIGN.md section 2), lazily.
+says how many tokens were dropped. `transformers` is imported here only (docs/design.md section 2), lazily.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The FLUX.1 transformer (BFL flux/model.py Flux), its config, presets and token helpers.
 
 Parameter names equal the keys of BFL's flux1-schnell / flux1-dev safetensors files, so the official
-checkpoints load with strict=True (776 and 780 tensors). Conventions (DESIGN.md section 1): t in [0, 1] with
-t = 0 data and t = 1 noise, the network predicts v = eps - x0; the x1000 time scale lives only in
+checkpoints load with strict=True (776 and 780 tensors). Conventions (docs/design.md section 1): t in
+[0, 1] with t = 0 data and t = 1 noise, the network predicts v = eps - x0; the x1000 time scale lives only in
 rectiflow.nn.embeddings.timestep_embedding.
 """
 

@@ -1,4 +1,4 @@
-"""Functions applied to a built model (DESIGN.md: never branches inside forward).
+"""Functions applied to a built model (docs/design.md: never branches inside forward).
 
 Both keep parameter names (and so checkpoints) unchanged: they replace each transformer block's `forward`
 on the instance (activation checkpointing) or compile the block in place (nn.Module.compile).

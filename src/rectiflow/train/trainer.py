@@ -1,6 +1,6 @@
 """The training loop: `Trainer(cfg).fit()` trains a FLUX transformer on a latent cache.
 
-One step (DESIGN.md section 1 conventions, all flow math from rectiflow.flow):
+One step (docs/design.md section 1 conventions, all flow math from rectiflow.flow):
     global batch of cache indices -> t ~ timestep sampler [B] and eps ~ N(0, I) [B, C, h, w] from the
     trainer's CPU generator -> per accumulation micro-batch and rank: pack latents and noise into tokens,
     (x_t, target) = training_pair(path, x0, eps, t), out = model(x_t, ids, txt, vec, t), loss = mean over the
