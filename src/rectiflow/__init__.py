@@ -6,26 +6,19 @@ import time (no device probing, no file system access).
 
 from __future__ import annotations
 
-import importlib
+from rectiflow.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it
-_EXPORTS = {
-    "RectiflowError": "rectiflow.errors",
-    "build_transformer": "rectiflow.convert.transformer",
-    "load_transformer": "rectiflow.convert.transformer",
-    "save_transformer": "rectiflow.convert.transformer",
-    "build_autoencoder": "rectiflow.convert.autoencoder",
-    "load_autoencoder": "rectiflow.convert.autoencoder",
-    "load_lora": "rectiflow.convert.lora",
-    "save_lora": "rectiflow.convert.lora",
-}
-
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'rectiflow' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "RectiflowError": ".errors",
+    "build_transformer": ".convert.transformer",
+    "load_transformer": ".convert.transformer",
+    "save_transformer": ".convert.transformer",
+    "build_autoencoder": ".convert.autoencoder",
+    "load_autoencoder": ".convert.autoencoder",
+    "load_lora": ".convert.lora",
+    "save_lora": ".convert.lora",
+})
+__all__ = [*__all__, "__version__"]

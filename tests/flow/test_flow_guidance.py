@@ -4,14 +4,30 @@ import pytest
 import torch
 
 from rectiflow.errors import ConfigError
-from rectiflow.flow import cfg, cfg_velocity_fn, guidance_vector, linear_grid, solve
+from rectiflow.flow import (
+    cfg_batch,
+    cfg_combine,
+    cfg_guide,
+    cfg_velocity_fn,
+    guidance_vector,
+    linear_grid,
+    solve,
+)
 
 
 def test_cfg_formula():
     g = torch.Generator().manual_seed(0)
     c, u = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
-    assert torch.allclose(cfg(c, u, 1.0), c) and torch.allclose(cfg(c, u, 0.0), u)
-    assert torch.allclose(cfg(c, u, 4.0), u + 4.0 * (c - u))
+    assert torch.allclose(cfg_combine(c, u, 1.0), c) and torch.allclose(cfg_combine(c, u, 0.0), u)
+    assert torch.allclose(cfg_combine(c, u, 4.0), u + 4.0 * (c - u))
+
+
+def test_cfg_batch_and_guide_share_one_order():
+    """cfg_batch puts the unconditional input first; cfg_guide reads the output in that order."""
+    c, u = torch.full((2, 3), 1.0), torch.full((2, 3), -1.0)
+    doubled = cfg_batch(c, u)  # [4, 3]
+    assert torch.equal(doubled[:2], u) and torch.equal(doubled[2:], c)
+    assert torch.equal(cfg_guide(doubled, 3.0), cfg_combine(c, u, 3.0))
 
 
 def test_cfg_velocity_fn_batches_uncond_first():

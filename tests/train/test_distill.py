@@ -138,7 +138,7 @@ def test_config_errors(tiny_cache, tmp_path, teacher_file):
     for bad in ('"abc"', '"-2"'):  # the grid the exported bundle samples with
         with pytest.raises(ConfigError, match="validation.shift"):
             load_config(TINY_TOML, [f"validation.shift={bad}"])
-    assert load_config(TINY_TOML, ['validation.shift="flux"']).validation.shift_value == "flux"
+    assert load_config(TINY_TOML, ['validation.shift="flux"']).validation.shift == "flux"
     with pytest.raises(ConfigError, match="rectified_flow"):
         _trainer(tiny_cache, tmp_path, teacher_file, "flow.path=eps_linear")
 

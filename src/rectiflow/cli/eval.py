@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rectiflow.cli.generate import parse_shift, shift_setting
+from rectiflow.cli.generate import parse_sampler, parse_shift
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ def register(sub) -> None:
     s = bench.add_parser("shapes", help="GenEval-style scores on the shapes world (seen and held-out splits)")
     s.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
     s.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4,8")
-    s.add_argument("--sampler", default=None, help="euler | heun | midpoint | rk4 (default: the model's)")
-    s.add_argument("--shift", type=parse_shift, default=None,
+    s.add_argument("--sampler", type=parse_sampler, default=None,
+                   help="euler | heun | midpoint | rk4 (default: the model's)")
+    s.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
                    help="time shift of the step grid: none, flux (sequence-length shift) or a number "
                         "(SD3 alpha); default: the model's")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
@@ -79,8 +80,8 @@ def register(sub) -> None:
     r.add_argument("--few-steps", type=_steps, default=[1, 2, 4], help="few-step endpoints compared (1,2,4)")
     r.add_argument("--reference", choices=("euler", "dopri5"), default="euler",
                    help="reference endpoint: the --steps Euler one or an adaptive dopri5 solve")
-    r.add_argument("--shift", type=parse_shift, default=None, help="grid shift of the few-step endpoints "
-                                                                   "(default: the model's)")
+    r.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
+                   help="grid shift of the few-step endpoints (default: the model's)")
     r.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
     r.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
     r.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
@@ -110,7 +111,7 @@ def run_straightness(args) -> int:
     pipe = Pipeline.from_bundle(args.model or default_bundle_path())
     report = evaluate_straightness(pipe, n=args.n, prompts=prompts, seed=args.seed, steps=args.steps,
                                    buckets=args.buckets, few_steps=args.few_steps, reference=args.reference,
-                                   shift=shift_setting(args.shift, DEFAULT), cfg_scale=args.cfg,
+                                   shift=getattr(args, "shift", DEFAULT), cfg_scale=args.cfg,
                                    guidance=DEFAULT if args.guidance is None else args.guidance,
                                    size=args.size, batch_size=args.batch_size, progress=not args.no_progress)
     print(format_straightness(report))
@@ -129,7 +130,7 @@ def run(args) -> int:
     pipe = Pipeline.from_bundle(args.model or default_bundle_path(), int8=args.int8,
                                 loras=[parse_lora_arg(a) for a in args.lora])
     report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler,
-                             shift=shift_setting(args.shift, DEFAULT), cfg_scale=args.cfg,
+                             shift=getattr(args, "shift", DEFAULT), cfg_scale=args.cfg,
                              guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
                              splits=args.split, out_dir=args.out, limit=args.limit,
                              batch_prompts=args.batch_prompts, progress=not args.no_progress)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("euler", "heun", "midpoint", "rk4")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 NO_DEFAULT_MODEL = (
     "the bundled default model is missing from rectiflow/assets/default/ (rebuild it with "
@@ -27,24 +26,26 @@ NO_DEFAULT_MODEL = (
 )
 
 
+def parse_sampler(name: str) -> str:
+    """argparse type of --sampler: one of rectiflow.flow's solvers (imported only when the flag is given, so
+    building the parser does not import torch)."""
+    from rectiflow.flow import METHODS
+
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
+    return name
+
+
 def parse_shift(text: str):
-    """argparse type of --shift: "none"/"linear", "flux" or an SD3 alpha > 0."""
-    if text.lower() in ("none", "linear"):
-        return "none"
-    if text.lower() == "flux":
-        return "flux"
+    """argparse type of --shift: rectiflow.flow's TimeShift ("none"/"linear" -> None, "flux", an alpha > 0);
+    an unset --shift leaves no attribute (argparse.SUPPRESS): the model's default applies."""
+    from rectiflow.errors import ConfigError
+    from rectiflow.flow import parse_time_shift
+
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected none, flux or a number > 0, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"the shift must be > 0, got {v}")
-    return v
-
-
-def shift_setting(arg, default):
-    """The parsed --shift as the pipeline takes it: unset -> `default` (the model's), "none" -> None."""
-    return default if arg is None else (None if arg == "none" else arg)
+        return parse_time_shift(text, "--shift")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(subparsers) -> None:
@@ -63,8 +64,8 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, help="guidance-embedding value (guidance-distilled models: dev)")
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative-prompt", help="negative prompt (needs --cfg above 1)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
-    p.add_argument("--shift", type=parse_shift,
+    p.add_argument("--sampler", type=parse_sampler, help="ODE solver: euler, midpoint, heun or rk4")
+    p.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
                    help="time shift: none, flux (sequence-length shift) or a number (SD3 alpha)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (1)")
     p.add_argument("--batch-size", type=int, help="images per model call (default: all at once)")
@@ -149,7 +150,7 @@ def run(args) -> int:
     result = pipe(
         args.prompt, steps=args.steps, width=args.width, height=args.height, seed=args.seed,
         sampler=args.sampler,
-        shift=shift_setting(args.shift, DEFAULT),
+        shift=getattr(args, "shift", DEFAULT),
         guidance=DEFAULT if args.guidance is None else args.guidance, cfg_scale=args.cfg_scale,
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, progress=not args.no_progress,

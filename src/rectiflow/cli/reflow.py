@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from rectiflow.cli.generate import parse_shift, shift_setting
+from rectiflow.cli.generate import parse_shift
 
 
 def _integer(text: str) -> int:
@@ -32,8 +32,8 @@ def register(sub) -> None:
     s.add_argument("--n", type=_integer, required=True, help="number of pairs")
     s.add_argument("--steps", type=int, default=None, help="solver steps (default: the model's)")
     s.add_argument("--sampler", default="euler", help="euler | heun | midpoint | rk4 | dopri5 (adaptive)")
-    s.add_argument("--shift", type=parse_shift, default=None, help="step grid shift: none, flux or an SD3 "
-                                                                   "alpha (default: the model's)")
+    s.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
+                   help="step grid shift: none, flux or an SD3 alpha (default: the model's)")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
     s.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
     s.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
@@ -85,7 +85,7 @@ def run_pairs(args) -> int:
         PromptSource.from_file(args.prompts, pipe.text_encoder)
     d = pipe.defaults
     m = make_couplings(pipe, source, args.out, args.n, steps=args.steps or d.steps, solver=args.sampler,
-                       shift=shift_setting(args.shift, d.shift),
+                       shift=getattr(args, "shift", d.shift),
                        cfg_scale=d.cfg_scale if args.cfg is None else args.cfg,
                        guidance=pipe._resolve_guidance(DEFAULT if args.guidance is None else args.guidance),
                        seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,

@@ -10,20 +10,8 @@ Names are exported lazily so that importing one submodule does not import the ot
 
 from __future__ import annotations
 
-import importlib
+from rectiflow.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "build_transformer": "rectiflow.convert.transformer",
-    "load_transformer": "rectiflow.convert.transformer",
-    "save_transformer": "rectiflow.convert.transformer",
-    "inspect_transformer": "rectiflow.convert.transformer",
-    "infer_params": "rectiflow.convert.transformer",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'rectiflow.convert' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, dict.fromkeys(
+    ("build_transformer", "load_transformer", "save_transformer", "inspect_transformer", "infer_params"),
+    ".transformer"))

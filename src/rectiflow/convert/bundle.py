@@ -50,8 +50,8 @@ import torch
 from rectiflow.convert.autoencoder import load_autoencoder, save_autoencoder
 from rectiflow.convert.transformer import META_TRAIN_CONFIG, load_transformer, save_transformer
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.flow import METHODS, RectifiedFlow, TimeShift, parse_time_shift, path_from_record, path_record
 from rectiflow.flow import Path as FlowPath
-from rectiflow.flow import RectifiedFlow, path_from_record, path_record
 from rectiflow.io.atomic import atomic_dir
 from rectiflow.io.safetensors_io import load_tensors, read_metadata, save_safetensors
 from rectiflow.models.text import load_text_encoder
@@ -68,8 +68,7 @@ CARD_FORMAT = "rectiflow-bundle"
 CARD_VERSION = 1
 LAYOUTS = ("rectiflow", "bfl", "diffusers")
 DEFAULT_MODEL_ENV = "RECTIFLOW_DEFAULT_MODEL"
-# The solvers of rectiflow.flow.solve (kept in sync by a test; convert sits below flow's users only).
-SAMPLERS = ("euler", "midpoint", "heun", "rk4")
+SAMPLERS = METHODS  # the ODE solvers a bundle may name as its sampler (owned by rectiflow.flow.solvers)
 # Published FLUX.1 sampling settings: BFL flux/cli.py (schnell num_steps 4, dev guidance 3.5), diffusers
 # FluxPipeline.__call__ (num_inference_steps=28, guidance_scale=3.5, default size 1024 = 128 * vae scale 8).
 FLUX_SCHNELL_STEPS = 4
@@ -91,7 +90,7 @@ class SamplingDefaults:
 
     steps: int = FLUX_SCHNELL_STEPS
     sampler: str = "euler"
-    shift: str | float | None = None
+    shift: TimeShift = None
     guidance: float | None = None
     cfg_scale: float = 1.0
     width: int = FLUX_SIZE
@@ -102,10 +101,7 @@ class SamplingDefaults:
             raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if isinstance(self.shift, str) and self.shift != "flux":
-            raise ConfigError(f"shift must be null, \"flux\" or a number > 0, got {self.shift!r}")
-        if isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool) and self.shift <= 0:
-            raise ConfigError(f"shift must be > 0, got {self.shift}")
+        object.__setattr__(self, "shift", parse_time_shift(self.shift))  # frozen: normalise once here
         for name in ("width", "height"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 16 or v % 16:
@@ -134,7 +130,7 @@ def defaults_for_model(guidance_embed: bool, scheduler: dict[str, Any] | None = 
         d = SamplingDefaults(steps=FLUX_SCHNELL_STEPS, shift=None)
     if scheduler:
         if scheduler.get("use_dynamic_shifting"):
-            shift: str | float | None = "flux"
+            shift: TimeShift = "flux"
         else:
             alpha = float(scheduler.get("shift", 1.0))
             shift = None if alpha == 1.0 else alpha

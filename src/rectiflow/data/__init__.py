@@ -5,24 +5,16 @@ Names are imported lazily (importing a submodule such as rectiflow.data.shapes d
 
 from __future__ import annotations
 
-import importlib
+from rectiflow.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "Sample": "sources", "Problem": "sources", "Source": "sources", "open_source": "sources",
-    "ImageFolderSource": "sources", "TextCaptionSource": "sources", "WebDatasetSource": "sources",
-    "ClassFolderSource": "sources", "ManifestSource": "sources", "ArraySource": "sources",
-    "shapes_source": "sources",
-    "CaptionPolicy": "captions", "class_caption": "captions",
-    "CenterCrop": "transforms", "Buckets": "transforms", "make_buckets": "transforms",
-    "ImageCaptionDataset": "datasets", "ResumableSampler": "datasets", "BucketBatchSampler": "datasets",
-    "check_dataset": "check", "CheckReport": "check", "phash": "check",
-    "build_cache": "cache_writer", "LatentCache": "cache_reader",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"rectiflow.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'rectiflow.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "Sample": ".sources", "Problem": ".sources", "Source": ".sources", "open_source": ".sources",
+    "ImageFolderSource": ".sources", "TextCaptionSource": ".sources", "WebDatasetSource": ".sources",
+    "ClassFolderSource": ".sources", "ManifestSource": ".sources", "ArraySource": ".sources",
+    "shapes_source": ".sources",
+    "CaptionPolicy": ".captions", "class_caption": ".captions",
+    "CenterCrop": ".transforms", "Buckets": ".transforms", "make_buckets": ".transforms",
+    "ImageCaptionDataset": ".datasets", "ResumableSampler": ".datasets", "BucketBatchSampler": ".datasets",
+    "check_dataset": ".check", "CheckReport": ".check", "phash": ".check",
+    "build_cache": ".cache_writer", "LatentCache": ".cache_reader",
+})

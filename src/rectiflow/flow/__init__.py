@@ -28,6 +28,8 @@ The generator must be a CPU torch.Generator.
 Inference grids (rectiflow.flow.schedules): `timestep_grid(steps, *, shift=None | "flux" | alpha,
 seq_len=None, t_last=None, dtype=torch.float64) -> [steps + 1]` (t[0] = 1, t[-1] = 0, decreasing);
 `linear_grid`, `flux_mu(seq_len, 256, 4096, 0.5, 1.15)`, `time_shift(mu, sigma, t)`, `sd3_shift(t, alpha)`.
+`TimeShift` (None | "flux" | alpha) is the one type of a time shift; `parse_time_shift(value, where)` turns a
+flag, config value or card entry into it ("none"/"linear"/"" -> None), with a one-line error otherwise.
 
 Solvers (rectiflow.flow.solvers): `solve(velocity_fn, x, timesteps, method="euler"|"midpoint"|"heun"|"rk4",
 *, callback=None, progress=False) -> x`; `solve_adaptive(velocity_fn, x, t0=1.0, t1=0.0, rtol=1e-5,
@@ -40,12 +42,13 @@ steps=64, buckets=8) -> Straightness(value, per_sample, by_bucket, endpoint, ste
 - v(z_t, t)||^2 on the model's own Euler trajectory, averaged over elements; `endpoint_errors(velocity_fn,
 noise, reference, steps=(1, 2, 4)) -> {n: mean RMS distance}`; `rms_distance(a, b) -> [B]`.
 
-Guidance (rectiflow.flow.guidance): `cfg(v_cond, v_uncond, scale)`; `cfg_velocity_fn(model_fn, scale)` where
-model_fn(cat([x, x]), t) returns [uncond; cond] halves; `guidance_vector(value, batch, device, dtype) -> [B]`
-(FLUX-dev's raw guidance scale, the x1000 lives in the embedder).
+Guidance (rectiflow.flow.guidance): `cfg_combine(v_cond, v_uncond, scale)`; the doubled batch's order:
+`cfg_batch(cond, uncond)` -> [uncond; cond], `cfg_guide(out, scale)`; `cfg_velocity_fn(model_fn, scale)`
+where model_fn(cat([x, x]), t) returns [uncond; cond] halves; `guidance_vector(value, batch, device, dtype)
+-> [B]` (FLUX-dev's raw guidance scale, the x1000 lives in the embedder).
 """
 
-from rectiflow.flow.guidance import cfg, cfg_velocity_fn, guidance_vector
+from rectiflow.flow.guidance import cfg_batch, cfg_combine, cfg_guide, cfg_velocity_fn, guidance_vector
 from rectiflow.flow.paths import (
     EDM,
     PATHS,
@@ -61,7 +64,15 @@ from rectiflow.flow.paths import (
     training_pair,
     velocity_fn_from_model,
 )
-from rectiflow.flow.schedules import flux_mu, linear_grid, sd3_shift, time_shift, timestep_grid
+from rectiflow.flow.schedules import (
+    TimeShift,
+    flux_mu,
+    linear_grid,
+    parse_time_shift,
+    sd3_shift,
+    time_shift,
+    timestep_grid,
+)
 from rectiflow.flow.solvers import METHODS, solve, solve_adaptive, solver_nfe
 from rectiflow.flow.straightness import Straightness, endpoint_errors, rms_distance, straightness
 from rectiflow.flow.timesteps import (
@@ -81,10 +92,10 @@ from rectiflow.flow.timesteps import (
 
 __all__ = [
     "EDM", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
-    "Straightness", "VCosine", "cfg", "cfg_velocity_fn", "cosmap", "cosmap_pdf", "endpoint_errors",
-    "equivalent_rf_weight", "flux_mu", "get_path", "guidance_vector", "linear_grid", "logit_normal",
-    "logit_normal_pdf", "loss_weight", "mode", "mode_pdf", "path_from_record", "path_record",
-    "rms_distance", "sample_timesteps", "sd3_shift", "solve", "solve_adaptive", "solver_nfe", "straightness",
-    "t_from_log_snr", "time_shift", "timestep_grid", "training_pair", "uniform", "uniform_pdf",
-    "velocity_fn_from_model",
+    "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_velocity_fn",
+    "cosmap", "cosmap_pdf", "endpoint_errors", "equivalent_rf_weight", "flux_mu", "get_path",
+    "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
+    "parse_time_shift", "path_from_record", "path_record", "rms_distance", "sample_timesteps", "sd3_shift",
+    "solve", "solve_adaptive", "solver_nfe", "straightness", "t_from_log_snr", "time_shift", "timestep_grid",
+    "training_pair", "uniform", "uniform_pdf", "velocity_fn_from_model",
 ]

@@ -9,6 +9,10 @@
     time_shift(mu, sigma, t)            e^mu / (e^mu + (1/t - 1)^sigma), with 0 -> 0 and 1 -> 1 exactly.
     sd3_shift(t, alpha)                 alpha t / (1 + (alpha - 1) t) (SD3 section 5.3.2; SD3 uses 3.0).
     timestep_grid(steps, shift=...)     one entry point: shift None | "flux" (needs seq_len) | float alpha.
+    TimeShift, parse_time_shift(v)      the one time-shift type and its parser, used at every edge (CLI
+                                         flags, TOML configs, bundle cards) so inside the code a shift is
+                                         always None (linear), "flux" (FLUX's resolution-dependent) or an SD3
+                                         alpha > 0 (a constant shift; 1 = none).
 
 The shifts move the grid towards t = 1 (more steps at high noise), which larger images need: SD3 section 5.3.2
 ("resolution-dependent shifting") derives sd3_shift from matching the SNR of n = alpha^2 times more pixels;
@@ -18,6 +22,7 @@ FLUX's time_shift with sigma = 1 is the same map with alpha = e^mu.
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +34,36 @@ FLUX_BASE_SEQ_LEN = 256
 FLUX_MAX_SEQ_LEN = 4096
 FLUX_BASE_SHIFT = 0.5
 FLUX_MAX_SHIFT = 1.15
+
+# None: the linear grid; "flux": FLUX's sequence-length shift; a number: SD3's constant shift alpha > 0.
+TimeShift = Literal["flux"] | float | None
+_NO_SHIFT_WORDS = ("", "none", "linear")
+
+
+def parse_time_shift(value: Any, where: str = "shift") -> TimeShift:
+    """A time shift from a flag, a config value or a bundle card: None, "", "none" or "linear" -> None;
+    "flux" -> "flux"; a number or numeric string > 0 -> that number (a string becomes a float). Anything
+    else: ConfigError naming `where`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _NO_SHIFT_WORDS:
+            return None
+        if word == "flux":
+            return "flux"
+        try:
+            number = float(word)
+        except ValueError:
+            raise ConfigError(f"{where}: unknown shift {value!r}; use none (a linear grid), flux (FLUX's "
+                              "sequence-length shift) or an SD3 alpha > 0 such as 3") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ConfigError(f"{where}: unknown shift {value!r}; use none, flux or an SD3 alpha > 0 such as 3")
+    if not number > 0 or math.isinf(number):
+        raise ConfigError(f"{where}: the shift must be > 0 (SD3's alpha; 1 = no shift), got {number}")
+    return number
 
 
 def linear_grid(steps: int, t_last: float | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -79,7 +114,7 @@ def sd3_shift(t: Tensor, alpha: float) -> Tensor:
 def timestep_grid(
     steps: int,
     *,
-    shift: None | str | float = None,
+    shift: TimeShift = None,
     seq_len: int | None = None,
     t_last: float | None = None,
     base_seq_len: int = FLUX_BASE_SEQ_LEN,
@@ -95,11 +130,10 @@ def timestep_grid(
     Computed in float64, returned in `dtype`.
     """
     grid = linear_grid(steps, t_last=t_last)
+    shift = parse_time_shift(shift)
     if shift is None:
         out = grid
-    elif isinstance(shift, str):
-        if shift != "flux":
-            raise ConfigError(f"unknown shift {shift!r}; use None, 'flux' or a float alpha (SD3: 3.0)")
+    elif shift == "flux":
         if seq_len is None:
             raise ConfigError("shift='flux' needs seq_len (the number of image tokens, (H/16)*(W/16))")
         mu = flux_mu(seq_len, base_seq_len, max_seq_len, base_shift, max_shift)

@@ -5,20 +5,8 @@ Names are resolved lazily so that importing one model module does not import the
 
 from __future__ import annotations
 
-import importlib
+from rectiflow.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    name: "rectiflow.models.transformer"
-    for name in (
-        "Flux", "FluxParams", "TRANSFORMER_PRESETS", "transformer_params",
-        "pack", "unpack", "image_ids", "text_ids",
-    )
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'rectiflow.models' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, dict.fromkeys(
+    ("Flux", "FluxParams", "TRANSFORMER_PRESETS", "transformer_params", "pack", "unpack", "image_ids",
+     "text_ids"), ".transformer"))

@@ -11,23 +11,19 @@
     model_ids.load_pipelines(["default", "ID=PATH", "PATH"], device, dtype) -> {id: Pipeline}
 """
 
-import importlib
+from __future__ import annotations
 
-_EXPORTS = {
-    "DEFAULT": "rectiflow.sample.pipeline",
-    "GenerationResult": "rectiflow.sample.pipeline",
-    "Pipeline": "rectiflow.sample.pipeline",
-    "initial_noise": "rectiflow.sample.pipeline",
-    "a1111_parameters": "rectiflow.sample.png",
-    "png_bytes": "rectiflow.sample.png",
-    "read_png_settings": "rectiflow.sample.png",
-    "save_png": "rectiflow.sample.png",
-    "random_bundle": "rectiflow.sample.random_model",
-}
-__all__ = sorted(_EXPORTS)
+from rectiflow.lazy_exports import lazy_exports
 
-
-def __getattr__(name: str):  # lazy: `import rectiflow.sample.png` does not load torch or the models
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'rectiflow.sample' has no attribute {name!r}")
+# lazy: `import rectiflow.sample.png` does not load torch or the models
+__getattr__, __all__ = lazy_exports(__name__, {
+    "DEFAULT": ".pipeline",
+    "GenerationResult": ".pipeline",
+    "Pipeline": ".pipeline",
+    "initial_noise": ".pipeline",
+    "a1111_parameters": ".png",
+    "png_bytes": ".png",
+    "read_png_settings": ".png",
+    "save_png": ".png",
+    "random_bundle": ".random_model",
+})

@@ -41,8 +41,10 @@ from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import (
     METHODS,
     RectifiedFlow,
+    cfg_batch,
     cfg_velocity_fn,
     guidance_vector,
+    parse_time_shift,
     solve,
     timestep_grid,
     velocity_fn_from_model,
@@ -240,7 +242,7 @@ class Pipeline:
         width, height = width or d.width, height or d.height
         sampler = sampler or d.sampler
         cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
-        shift = d.shift if shift is DEFAULT else shift
+        shift = d.shift if shift is DEFAULT else parse_time_shift(shift)
         if not isinstance(steps, int) or steps < 1:
             raise RectiflowError(f"steps must be an integer >= 1, got {steps!r}")
         if sampler not in METHODS:
@@ -340,8 +342,8 @@ class Pipeline:
         """
         txt, vec = cond
         if uncond is not None:  # [B, ...] x 2 -> [2B, ...]
-            txt, vec = torch.cat([uncond[0], txt]), torch.cat([uncond[1], vec])
-        nb = txt.shape[0]  # B, or 2B with CFG ([uncond; cond], the order cfg_velocity_fn expects)
+            txt, vec = cfg_batch(txt, uncond[0]), cfg_batch(vec, uncond[1])
+        nb = txt.shape[0]  # B, or 2B with CFG
         img_ids = image_ids(1, lh, lw, device=self.device)  # [1, L_img, 3], shared over the batch
         txt_ids = text_ids(1, txt.shape[1], device=self.device)  # [1, L_txt, 3]
         g = guidance_vector(guidance, nb, self.device, self.dtype) if guidance is not None else None

@@ -39,22 +39,14 @@ Seams for distributed training (rectiflow.train.distributed, which also holds th
 
 from __future__ import annotations
 
-import importlib
+from rectiflow.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "RunConfig": "config", "load_config": "config", "config_from_dict": "config", "config_to_dict": "config",
-    "dump_toml": "config",
-    "Trainer": "trainer", "run_training": "run", "LocalContext": "distributed",
-    "PlainStateIO": "distributed", "lr_factor": "trainer",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "find_latest": "checkpoint",
-    "apply_activation_checkpointing": "model_transforms", "apply_regional_compile": "model_transforms",
-    "MetricsLogger": "metrics", "read_metrics": "metrics",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"rectiflow.train.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'rectiflow.train' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    "RunConfig": ".config", "load_config": ".config", "config_from_dict": ".config",
+    "config_to_dict": ".config", "dump_toml": ".config",
+    "Trainer": ".trainer", "run_training": ".run", "LocalContext": ".distributed",
+    "PlainStateIO": ".distributed", "lr_factor": ".lr_schedule",
+    "save_checkpoint": ".checkpoint", "load_checkpoint": ".checkpoint", "find_latest": ".checkpoint",
+    "apply_activation_checkpointing": ".model_transforms", "apply_regional_compile": ".model_transforms",
+    "MetricsLogger": ".metrics", "read_metrics": ".metrics",
+})

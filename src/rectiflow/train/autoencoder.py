@@ -43,6 +43,8 @@ from rectiflow.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from rectiflow.train.lr_schedule import lr_factor
+from rectiflow.train.metrics import MetricsLogger
 
 __all__ = ["AETrainConfig", "load_images", "train_autoencoder", "latent_stats", "psnr"]
 
@@ -140,10 +142,7 @@ def _loss(ae: AutoEncoder, x: torch.Tensor, cfg: AETrainConfig, gen: torch.Gener
 
 
 def _lr(step: int, cfg: AETrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))  # cosine to 10%
+    return cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, "cosine", 0.1)  # warmup, then cosine to 10%
 
 
 def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool = True,
@@ -171,7 +170,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
         restore_rng(ck.rng_tensors, ck.rng_json, {"data": gen})
         step = ck.step
         log.info("resumed from %s (step %d)", latest, step)
-    metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in the finally below
+    metrics = MetricsLogger(out, tensorboard=False, path=out / "metrics.jsonl")  # closed in the finally
     t0, bar = time.time(), tqdm(total=cfg.steps, initial=step, desc="train-ae", unit="step",
                                 disable=not progress)
     ae.train()
@@ -196,10 +195,8 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rec = {"step": step, "loss": loss.item(), **parts, "lr": _lr(step - 1, cfg),
-                       "elapsed_s": round(time.time() - t0, 1)}
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                metrics.log("train", step, {"loss": loss.item(), **parts, "lr": _lr(step - 1, cfg),
+                                            "elapsed_s": round(time.time() - t0, 1)})
                 bar.set_postfix(loss=f"{loss.item():.4f}", l1=f"{parts['l1']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 weights = {k: v.detach().contiguous().clone() for k, v in ae.state_dict().items()}

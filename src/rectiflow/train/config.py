@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rectiflow.errors import ConfigError
+from rectiflow.flow import parse_time_shift
+from rectiflow.train.lr_schedule import SCHEDULES
 
 try:  # py3.11+
     import tomllib
@@ -36,7 +38,6 @@ __all__ = [
     "config_to_dict", "dump_toml", "apply_overrides",
 ]
 
-SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 EXPORT_FORMATS = ("rectiflow", "bfl", "diffusers")
 DIST_MODES = ("none", "ddp", "fsdp2")
@@ -189,7 +190,7 @@ class ValidationConfig:
     sample_steps: int = 20
     sample_size: int = 0
     sampler: str = "euler"
-    shift: str = ""
+    shift: str | float | None = None  # parsed into rectiflow.flow's TimeShift: None, "flux" or an SD3 alpha
     cfg_scale: float = 1.0
 
     def __post_init__(self):
@@ -198,17 +199,7 @@ class ValidationConfig:
         _check(self.sample_steps >= 1, f"validation.sample_steps={self.sample_steps}; use >= 1")
         _check(self.sample_size % 16 == 0, f"validation.sample_size={self.sample_size}; use a multiple of 16 "
                "(0 = the cache's image size)")
-        try:
-            alpha = float(self.shift) if self.shift not in ("", "flux") else 1.0
-        except ValueError:
-            alpha = -1.0
-        _check(alpha > 0, f"validation.shift={self.shift!r}; use \"\" (linear grid), \"flux\" or an SD3 "
-               "alpha > 0 such as \"3\"")
-
-    @property
-    def shift_value(self) -> None | str | float:
-        """`shift` as timestep_grid takes it: "" -> None (linear), "flux", or SD3's alpha as a float."""
-        return None if not self.shift else ("flux" if self.shift == "flux" else float(self.shift))
+        object.__setattr__(self, "shift", parse_time_shift(self.shift, "validation.shift"))
 
 
 @dataclass(frozen=True)
@@ -271,12 +262,20 @@ class DistillConfig:
     teacher: str = ""
     student_steps: int = 4
     teacher_cfg: float = 1.0
-    shift: float = 1.0
+    shift: float | str | None = 1.0  # parsed into rectiflow.flow's TimeShift; a constant one only
 
     def __post_init__(self):
         _check(self.student_steps >= 1, f"distill.student_steps={self.student_steps}; use >= 1")
         _check(self.teacher_cfg >= 0, f"distill.teacher_cfg={self.teacher_cfg}; use >= 0")
-        _check(self.shift > 0, f"distill.shift={self.shift}; use an SD3 alpha > 0 (1 = no shift)")
+        shift = parse_time_shift(self.shift, "distill.shift")
+        _check(shift != "flux", "distill.shift='flux': the student's grid takes a constant SD3 shift "
+               "(a number; 1 = none)")
+        object.__setattr__(self, "shift", 1.0 if shift is None else shift)
+
+    @property
+    def alpha(self) -> float:
+        """The student grid's SD3 shift alpha (1 = the linear grid)."""
+        return float(self.shift)
 
 
 @dataclass(frozen=True)
@@ -349,11 +348,11 @@ class RunConfig:
         if self.data.couplings and v.holdout:
             raise ConfigError("validation.holdout > 0 reads data.cache, but data.couplings is set: set "
                               "validation.holdout=0 (evaluate the reflowed model with `rectiflow eval`)")
-        if d.teacher and d.shift != 1.0 and v.shift_value != d.shift:
+        if d.teacher and d.alpha != 1.0 and v.shift != d.alpha:
             raise ConfigError(
                 f"distill.shift={d.shift} but validation.shift={v.shift!r}: the exported bundle samples with "
                 f"validation.shift, so it would not sample on the grid the student learns; set "
-                f'validation.shift="{d.shift:g}"')
+                f'validation.shift="{d.alpha:g}"')
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some fields of some sections changed: cfg.replace(train={"steps": 5})."""

@@ -18,8 +18,7 @@ import torch
 from rectiflow.convert.transformer import load_transformer
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.errors import ConfigError
-from rectiflow.flow import cfg as guided
-from rectiflow.flow import sd3_shift
+from rectiflow.flow import cfg_batch, cfg_guide, sd3_shift
 from rectiflow.models.transformer import image_ids, text_ids
 from rectiflow.train.config import RunConfig
 
@@ -49,10 +48,10 @@ class Teacher:
         plain = not torch.is_tensor(scale) and scale == 1.0
         if not plain:
             txt0, vec0 = self._uncond
-            x, t = torch.cat([x, x]), torch.cat([t, t])
-            txt = torch.cat([txt, txt0.expand(b, *txt0.shape)])
-            vec = torch.cat([vec, vec0.expand(b, *vec0.shape)])
-            guidance = None if guidance is None else torch.cat([guidance, guidance])
+            x, t = cfg_batch(x, x), cfg_batch(t, t)
+            txt = cfg_batch(txt, txt0.expand(b, *txt0.shape))  # [2b, L, D]
+            vec = cfg_batch(vec, vec0.expand(b, *vec0.shape))  # [2b, Dv]
+            guidance = None if guidance is None else cfg_batch(guidance, guidance)
         n = x.shape[0]
         with self.autocast():
             v = self.model(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
@@ -61,7 +60,7 @@ class Teacher:
             return v
         if torch.is_tensor(scale):
             scale = scale.to(v)[:, None, None]  # [b] -> [b, 1, 1]
-        return guided(v[:b], v[b:], scale)  # CFG (Ho & Salimans 2022): v_u + scale (v_c - v_u)
+        return cfg_guide(v, scale)  # CFG (Ho & Salimans 2022): v_u + scale (v_c - v_u)
 
 
 class Distiller:
@@ -74,12 +73,12 @@ class Distiller:
             raise ConfigError(f"distill.teacher needs flow.path = 'rectified_flow' (got {cfg.flow.path!r}): "
                               "the targets are Euler steps of the rectified-flow ODE")
         d = cfg.distill
-        self.steps, self.cfg_scale, self.shift = d.student_steps, d.teacher_cfg, d.shift
+        self.steps, self.cfg_scale, self.shift = d.student_steps, d.teacher_cfg, d.alpha
         self.device, self.autocast = device, autocast
         self._teacher = Teacher(d.teacher, cache.text(cache.empty_caption_index), device, autocast)
         self.teacher = self._teacher.model
         log.info("distilling %s (CFG %g) into %d-step Euler (time shift %g)", d.teacher, d.teacher_cfg,
-                 d.student_steps, d.shift)
+                 d.student_steps, d.alpha)
 
     def _shifted(self, u: torch.Tensor) -> torch.Tensor:
         """u (linear-grid times) -> the student grid's times under the shift (identity at 1)."""

@@ -63,7 +63,7 @@ def _bundle(model: Flux, path: Path, cfg, cache, metadata: dict[str, str] | None
     shards = cache.manifest.get("shards") or [{"size": [1024, 1024]}]
     width, height = (int(v) for v in shards[0]["size"])
     v = cfg.validation
-    defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=v.shift_value,
+    defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=v.shift,
                                 cfg_scale=v.cfg_scale, width=width, height=height,
                                 guidance=cfg.model.guidance if model.params.guidance_embed else None)
     # the card records the flow path (the pipeline converts the network output with it) and the weights

@@ -6,7 +6,7 @@ student matches the teacher's guided output for w drawn from a range) and the re
 `guidance_in` embedding of the raw scale; BFL have not published the training procedure): at each training
 step every sample gets a scale g ~ U[scale_min, scale_max], the student sees x_t, t, the caption and g
 (through guidance_in, FLUX's timestep-style embedding of the raw scale) and regresses onto
-    v_u + g (v_c - v_u)        (Ho & Salimans 2022, on velocities; rectiflow.flow.cfg)
+    v_u + g (v_c - v_u)        (Ho & Salimans 2022, on velocities; rectiflow.flow.cfg_combine)
 of the frozen teacher at the same (x_t, t), v_u with the data's "" embedding. `generate --guidance G` then
 steers the student; its exported bundle defaults to model.guidance and CFG 1.
 The student starts as the teacher: model.init loads the teacher's weights, guidance_in (absent from a

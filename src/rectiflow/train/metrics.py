@@ -20,12 +20,14 @@ def _clean(v):
 
 
 class MetricsLogger:
-    """`log(kind, step, values)` appends {"kind", "step", "time", **values} to metrics.jsonl and writes
-    numeric values to TensorBoard as `<kind>/<name>`. Disabled (no files) on non-main ranks."""
+    """`log(kind, step, values)` appends {"kind", "step", "time", **values} to out_dir/logs/metrics.jsonl (or
+    to `path`) and writes numeric values to TensorBoard as `<kind>/<name>`. Disabled (no files) on non-main
+    ranks. Both trainers (transformer and autoencoder) log through it."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True, *,
+                 path: str | Path | None = None):
         self.enabled = enabled
-        self.path = Path(out_dir) / "logs" / "metrics.jsonl"
+        self.path = Path(path) if path is not None else Path(out_dir) / "logs" / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return

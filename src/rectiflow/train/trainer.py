@@ -33,12 +33,13 @@ from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
 from rectiflow.train.distill import Distiller
 from rectiflow.train.distributed import LocalContext, PlainStateIO
 from rectiflow.train.guidance_distill import GuidanceDistiller, load_student
+from rectiflow.train.lr_schedule import lr_factor
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_transforms import apply_activation_checkpointing, apply_regional_compile, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "StepResult", "lr_factor"]
+__all__ = ["Trainer", "StepResult"]
 
 
 @dataclass
@@ -50,19 +51,6 @@ class StepResult:
     applied: bool
     ids: list[str]
     samples: int
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of optim.lr for the update made at 0-based `step`: linear warmup over `warmup` steps, then
-    constant, or cosine / linear decay to `min_ratio` at step `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - (1 - min_ratio) * progress
 
 
 class Trainer:

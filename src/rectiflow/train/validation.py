@@ -26,8 +26,7 @@ import torch
 
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.captions import CaptionPolicy
-from rectiflow.flow import cfg as cfg_combine
-from rectiflow.flow import solve, timestep_grid, training_pair
+from rectiflow.flow import cfg_batch, cfg_guide, solve, timestep_grid, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
 from rectiflow.train.model_transforms import unwrap
 
@@ -164,17 +163,17 @@ class Validator:
         n = x.shape[0]
         if c.cfg_scale > 1:
             t_u, v_u = self.cache.text(self.cache.empty_caption_index)
-            txt = torch.cat([t_u.expand(n, -1, -1).to(dev, txt.dtype), txt])  # [uncond; cond]
-            vec = torch.cat([v_u.expand(n, -1).to(dev, vec.dtype), vec])
+            txt = cfg_batch(txt, t_u.expand(n, -1, -1).to(dev, txt.dtype))  # [2n, L, D]
+            vec = cfg_batch(vec, v_u.expand(n, -1).to(dev, vec.dtype))
 
         def velocity(x_, t_):
             xx = torch.cat([x_, x_]) if c.cfg_scale > 1 else x_
             tb = t_.to(dev, torch.float32).expand(xx.shape[0])  # [B]
             out = self._forward(model, tr.path.model_input(xx, tb), h, w, txt, vec, tb).float()
             v = tr.path.to_velocity(out, xx, tb)
-            return cfg_combine(v[n:], v[:n], c.cfg_scale) if c.cfg_scale > 1 else v
+            return cfg_guide(v, c.cfg_scale) if c.cfg_scale > 1 else v
 
-        grid = timestep_grid(c.sample_steps, shift=c.shift_value, seq_len=x.shape[1])
+        grid = timestep_grid(c.sample_steps, shift=c.shift, seq_len=x.shape[1])
         return unpack(solve(velocity, x, grid, method=c.sampler), h, w)  # [P*S, C, h, w]
 
     def sample_grid(self, model, step: int) -> Path | None:
