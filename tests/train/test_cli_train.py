@@ -111,6 +111,6 @@ def test_exported_bundle_takes_the_validation_sampling(tmp_path, shift, expected
                                   "validation.cfg_scale=2.5"])
     spec = json.loads((bundle / "model.json").read_text())["text_encoder"]
     cache = SimpleNamespace(manifest={"text_encoder": {"spec": spec}, "shards": [{"size": [32, 48]}]})
-    _bundle(build_transformer("micro"), tmp_path / "out", cfg, cache)
+    _bundle(build_transformer("micro"), tmp_path / "out", cfg, cache.manifest)
     d = json.loads((tmp_path / "out" / "model.json").read_text())["defaults"]
     assert (d["steps"], d["shift"], d["cfg_scale"], d["width"], d["height"]) == (6, expected, 2.5, 32, 48)

@@ -28,9 +28,10 @@ EXPORT_NAMES = {"rectiflow": "transformer.safetensors", "bfl": "transformer-bfl.
 
 
 def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out: str | Path, cfg,
-                   cache=None) -> list[Path]:
+                   cache_manifest: dict | None = None) -> list[Path]:
     """Write `state_dict` (a Flux state dict) in each of cfg.export.formats under `out`, plus a bundle when
-    cfg.export.bundle and cfg.model.autoencoder are set (text encoder: the one recorded in the cache)."""
+    cfg.export.bundle and cfg.model.autoencoder are set (text encoder and image size: those recorded in the
+    latent cache's manifest, `cache_manifest`)."""
     from rectiflow.train.config import config_to_dict
 
     out = Path(out)
@@ -46,21 +47,21 @@ def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out:
     if cfg.export.bundle:
         if not cfg.model.autoencoder:
             log.info("no bundle exported: set model.autoencoder to include an autoencoder")
-        elif cache is None:
+        elif cache_manifest is None:
             log.info("no bundle exported: the text encoder is unknown without a cache")
         else:
-            paths.append(_bundle(model, out / "bundle", cfg, cache, meta))
+            paths.append(_bundle(model, out / "bundle", cfg, cache_manifest, meta))
     return paths
 
 
-def _bundle(model: Flux, path: Path, cfg, cache, metadata: dict[str, str] | None = None) -> Path:
+def _bundle(model: Flux, path: Path, cfg, manifest: dict, metadata: dict[str, str] | None = None) -> Path:
     from rectiflow.convert.autoencoder import load_autoencoder
     from rectiflow.convert.bundle import SamplingDefaults, save_bundle
 
     ae = load_autoencoder(cfg.model.autoencoder)
-    spec = cache.manifest["text_encoder"]["spec"]
+    spec = manifest["text_encoder"]["spec"]
     # sampling defaults of what was trained: the cache's image size and the validation sampler settings
-    shards = cache.manifest.get("shards") or [{"size": [1024, 1024]}]
+    shards = manifest.get("shards") or [{"size": [1024, 1024]}]
     width, height = (int(v) for v in shards[0]["size"])
     v = cfg.validation
     defaults = SamplingDefaults(steps=v.sample_steps, sampler=v.sampler, shift=v.shift,

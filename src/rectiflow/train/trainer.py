@@ -71,10 +71,10 @@ class Trainer:
         self._setup_model(parallelize)
         self.distiller = None  # few-step distillation: the teacher and the student's targets
         if cfg.distill.teacher:
-            self.distiller = Distiller(cfg, self.cache, self.device, self._autocast)
+            self.distiller = Distiller(cfg, self.cache, self.device, self.autocast)
         self.guidance_distiller = None  # guidance distillation: the teacher's CFG velocity as the target
         if cfg.guidance_distill.teacher:
-            self.guidance_distiller = GuidanceDistiller(cfg, self.cache, self.device, self._autocast)
+            self.guidance_distiller = GuidanceDistiller(cfg, self.cache, self.device, self.autocast)
         self.generator = torch.Generator("cpu").manual_seed(cfg.train.seed)  # t and eps of every step
         self.step = 0
         self.bad_consecutive = self.bad_total = 0
@@ -84,7 +84,11 @@ class Trainer:
         if cfg.validation.every and cfg.validation.holdout:
             from rectiflow.train.validation import Validator
 
-            self.validator = Validator(self, self.holdout)
+            self.validator = Validator(
+                cfg, self.holdout, device=self.device, flow_path=self.path,
+                latent_channels=self.params.latent_channels, autocast=self.autocast,
+                guidance_input=self.guidance_input, out_dir=self.out_dir, distiller=self.distiller,
+                is_main=self.dist.is_main)
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -197,14 +201,15 @@ class Trainer:
             target = self.distiller.target(x_t, t, txt, vec, h, w, guidance)
         if self.guidance_distiller is not None:
             target = self.guidance_distiller.target(x_t, t, txt, vec, h, w, guidance)
-        with self._autocast():
+        with self.autocast():
             out = self.model(self.path.model_input(x_t, t), image_ids(b, h, w, dev), txt,
                              text_ids(b, txt.shape[1], dev), t, vec, guidance)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2))  # [b]
         weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
         return (weight * per_sample).mean()
 
-    def _autocast(self):
+    def autocast(self):
+        """The precision context of every forward (train.precision: bf16 autocast, or none)."""
         if self.cfg.train.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
@@ -372,7 +377,7 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     saved = self.save_checkpoint()
                 if self.validator is not None and self.step % cfg.validation.every == 0:
-                    self.validator.run(self.step)
+                    self.validator.run(self.step, self.model, self.ema, self.metrics)
             if saved is None or saved.name != ckpt.checkpoint_name(self.step):
                 saved = self.save_checkpoint()
             interrupted = self._stop_signal is not None
@@ -413,12 +418,11 @@ class Trainer:
                 return export_lora(sd, self, self.out_dir / "export") if self.dist.is_main else []
             finally:
                 self.dist.barrier()
-        # leave together, also when writing fails: a rank that exits (and tears its gloo process group down
-        # at exit) while the main rank still writes made the other rank abort ("terminate called without an
-        # active exception") now and then in the two-process tests; a main rank that raised before the
-        # barrier would leave the others waiting in it until the process-group timeout
+        # leave together, also when writing fails: a rank that exits (tearing its gloo process group down at
+        # exit) while the main rank still writes can abort the main rank's process; a main rank that raised
+        # before the barrier would leave the others waiting in it until the process-group timeout
         try:
-            return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache) \
+            return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache.manifest) \
                 if self.dist.is_main else []
         finally:
             self.dist.barrier()

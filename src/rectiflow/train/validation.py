@@ -14,11 +14,17 @@ cached "" embedding when cfg_scale > 1), decoded with model.autoencoder, saved a
 out_dir/samples/step-N.png (rows: prompts, columns: seeds). Needs the text encoder recorded in the cache
 manifest (rectiflow.models.text.text_encoder_from_spec) and an autoencoder; without them it is skipped
 with a log line. `Validator.text_encoder` / `Validator.decode` can also be set directly.
+
+The Validator gets everything it uses as explicit arguments (the run config, the held-out indices, device,
+flow path, the precision context, ...) and the model, EMA and metrics logger per `run`; it does not reach
+into the Trainer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +32,11 @@ import torch
 
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.captions import CaptionPolicy
+from rectiflow.flow import Path as FlowPath
 from rectiflow.flow import cfg_batch, cfg_guide, solve, timestep_grid, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
+from rectiflow.train.config import RunConfig
+from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_transforms import unwrap
 
 log = logging.getLogger(__name__)
@@ -41,11 +50,20 @@ def bucket_times(k: int) -> list[float]:
 
 
 class Validator:
-    def __init__(self, trainer, holdout: list[int]):
-        self.trainer = trainer
-        self.cfg = trainer.cfg.validation
-        policy = CaptionPolicy(mix=trainer.cfg.data.caption_mix)  # no dropout: the conditional loss
-        cache = LatentCache(trainer.cfg.data.cache, captions=policy, seed=trainer.cfg.train.seed)
+    """Validation of one run. `guidance_input(b)` gives the guidance input [b] of guidance-distilled models
+    (else None); `autocast()` is the training precision context; `distiller` the run's Distiller, if any."""
+
+    def __init__(self, run_cfg: RunConfig, holdout: list[int], *, device: torch.device, flow_path: FlowPath,
+                 latent_channels: int, autocast: Callable[[], AbstractContextManager],
+                 guidance_input: Callable[[int], torch.Tensor | None], out_dir: Path, distiller=None,
+                 is_main: bool = True):
+        self.cfg = run_cfg.validation
+        self.autoencoder_path = run_cfg.model.autoencoder
+        self.device, self.flow_path, self.latent_channels = device, flow_path, latent_channels
+        self.autocast, self.guidance_input, self.distiller = autocast, guidance_input, distiller
+        self.out_dir, self.is_main = Path(out_dir), is_main
+        policy = CaptionPolicy(mix=run_cfg.data.caption_mix)  # no dropout: the conditional loss
+        cache = LatentCache(run_cfg.data.cache, captions=policy, seed=run_cfg.train.seed)
         g = torch.Generator().manual_seed(self.cfg.seed)
         by_shape: dict[tuple, list[dict]] = {}
         for i in holdout:
@@ -59,15 +77,15 @@ class Validator:
         self.decode = None
         self._loaded_decoders = False
 
-    def run(self, step: int) -> dict[str, float]:
-        """Validation loss (and the sample grid when prompts are set); logs and returns the numbers."""
-        tr = self.trainer
-        model = tr.model
+    def run(self, step: int, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None = None,
+            metrics: MetricsLogger | None = None) -> dict[str, float]:
+        """Validation loss of `model` (its EMA weights `ema` when validation.use_ema), and the sample grid
+        when prompts are set; logs (to `metrics` too) and returns the numbers."""
         backup = None
-        if self.cfg.use_ema and tr.ema is not None:
+        if self.cfg.use_ema and ema is not None:
             # EMA covers what trains (every parameter, or a LoRA run's adapters alone)
-            backup = {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if n in tr.ema}
-            self._copy_params(unwrap(model), tr.ema)
+            backup = {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if n in ema}
+            self._copy_params(unwrap(model), ema)
         was_training = model.training
         model.eval()
         try:
@@ -79,8 +97,8 @@ class Validator:
             if backup is not None:
                 self._copy_params(unwrap(model), backup)
         log.info("step %d: validation loss %.5f", step, values["loss"])
-        if tr.metrics:
-            tr.metrics.log("val", step, values)
+        if metrics:
+            metrics.log("val", step, values)
         return values
 
     @staticmethod
@@ -92,14 +110,13 @@ class Validator:
 
     def times(self) -> list[float]:
         """The validation timesteps: SD3's bucket centres, or the student's grid when distilling."""
-        if self.trainer.distiller is not None:
-            return self.trainer.distiller.grid().tolist()
+        if self.distiller is not None:
+            return self.distiller.grid().tolist()
         return bucket_times(self.cfg.buckets)
 
     @torch.no_grad()
     def loss(self, model) -> dict[str, float]:
-        tr = self.trainer
-        dev = tr.device
+        dev, path = self.device, self.flow_path
         out: dict[str, float] = {}
         for t_k in self.times():
             total, count = 0.0, 0
@@ -107,11 +124,11 @@ class Validator:
                 lat = g["latents"].to(dev, torch.float32)
                 b, _, h, w = lat.shape
                 t = torch.full((b,), t_k, device=dev)
-                x_t, target = training_pair(tr.path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
-                if tr.distiller is not None:
-                    target = tr.distiller.target(x_t, t, g["txt"].to(dev, torch.float32),
-                                               g["vec"].to(dev, torch.float32), h, w, tr.guidance_input(b))
-                pred = self._forward(model, tr.path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
+                x_t, target = training_pair(path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
+                if self.distiller is not None:
+                    txt, vec = g["txt"].to(dev, torch.float32), g["vec"].to(dev, torch.float32)
+                    target = self.distiller.target(x_t, t, txt, vec, h, w, self.guidance_input(b))
+                pred = self._forward(model, path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
                 total += float((pred.float() - target).pow(2).mean(dim=(1, 2)).sum())
                 count += b
             out[f"loss_t{t_k:.3f}"] = total / count
@@ -119,12 +136,11 @@ class Validator:
         return out
 
     def _forward(self, model, x, h: int, w: int, txt, vec, t):
-        tr = self.trainer
-        dev, b = tr.device, x.shape[0]
+        dev, b = self.device, x.shape[0]
         txt, vec = txt.to(dev, torch.float32), vec.to(dev, torch.float32)
-        with tr._autocast():
+        with self.autocast():
             return model(x, image_ids(b, h, w, dev), txt, text_ids(b, txt.shape[1], dev), t, vec,
-                         tr.guidance_input(b))
+                         self.guidance_input(b))
 
     # ---- sample grid -------------------------------------------------------------------------------------
 
@@ -132,7 +148,6 @@ class Validator:
         if self._loaded_decoders:
             return
         self._loaded_decoders = True
-        tr = self.trainer
         if self.text_encoder is None:
             try:
                 from rectiflow.models.text import text_encoder_from_spec
@@ -140,10 +155,10 @@ class Validator:
                 self.text_encoder = text_encoder_from_spec(self.cache.manifest["text_encoder"]["spec"])
             except Exception as e:  # noqa: BLE001 - any failure only disables the optional grid
                 log.warning("no sample grid: cannot build the cache's text encoder (%s)", e)
-        if self.decode is None and tr.cfg.model.autoencoder:
+        if self.decode is None and self.autoencoder_path:
             from rectiflow.convert.autoencoder import load_autoencoder
 
-            ae = load_autoencoder(tr.cfg.model.autoencoder, device=tr.device)
+            ae = load_autoencoder(self.autoencoder_path, device=self.device)
             self.decode = ae.decode
         elif self.decode is None:
             log.warning("no sample grid: set model.autoencoder to decode samples")
@@ -151,12 +166,11 @@ class Validator:
     @torch.no_grad()
     def sample(self, model, prompts: list[str], seeds: list[int], h: int, w: int) -> torch.Tensor:
         """Latents [len(prompts) * len(seeds), C, h, w] (prompt-major), noise from CPU generators per seed."""
-        tr, c = self.trainer, self.cfg
-        dev = tr.device
+        c, dev, path = self.cfg, self.device, self.flow_path
         txt, vec = self.text_encoder.encode(prompts)  # [P, L, D], [P, Dv]
         txt = txt.repeat_interleave(len(seeds), 0).to(dev)  # [P*S, L, D]
         vec = vec.repeat_interleave(len(seeds), 0).to(dev)  # [P*S, Dv]
-        chans = tr.params.latent_channels
+        chans = self.latent_channels
         noise = torch.cat([torch.randn(1, chans, h, w, generator=torch.Generator().manual_seed(s))
                            for _ in prompts for s in seeds])  # [P*S, C, h, w]
         x = pack(noise.to(dev))  # [P*S, L_img, 4C]
@@ -169,8 +183,8 @@ class Validator:
         def velocity(x_, t_):
             xx = torch.cat([x_, x_]) if c.cfg_scale > 1 else x_
             tb = t_.to(dev, torch.float32).expand(xx.shape[0])  # [B]
-            out = self._forward(model, tr.path.model_input(xx, tb), h, w, txt, vec, tb).float()
-            v = tr.path.to_velocity(out, xx, tb)
+            out = self._forward(model, path.model_input(xx, tb), h, w, txt, vec, tb).float()
+            v = path.to_velocity(out, xx, tb)
             return cfg_guide(v, c.cfg_scale) if c.cfg_scale > 1 else v
 
         grid = timestep_grid(c.sample_steps, shift=c.shift, seq_len=x.shape[1])
@@ -190,8 +204,8 @@ class Validator:
         p, s = len(self.cfg.prompts), len(self.cfg.seeds)
         _, ch, hh, ww = imgs.shape
         grid = imgs.view(p, s, ch, hh, ww).permute(0, 3, 1, 4, 2).reshape(p * hh, s * ww, ch)  # (p h) (s w) c
-        out = self.trainer.out_dir / "samples" / f"step-{step:09d}.png"
-        if self.trainer.dist.is_main:
+        out = self.out_dir / "samples" / f"step-{step:09d}.png"
+        if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.ascontiguousarray(grid.numpy())).save(out)
             log.info("saved sample grid %s", out)
