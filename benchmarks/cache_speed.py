@@ -4,7 +4,7 @@
 
 build_cache rewrites manifest.json after every shard so an interrupted build resumes. The manifest holds the
 plan (ids, per-sample caption indices, shards: ~100 bytes a sample), so serialising all of it per shard made
-a build quadratic in the dataset size; on the H100 run of 2026-11-27 caching 100,000 images took 177 s. This
+a build quadratic in the dataset size (caching 100,000 images took 177 s on a GPU machine). This
 times one rewrite both ways on a synthetic manifest shaped like the shapes world's (two caption fields, ~1500
 unique captions), interleaved, and prints what that costs over all shards of such a build.
 """
@@ -48,7 +48,7 @@ def main() -> None:
         out = Path(tmp)
         writer = _ManifestWriter(out, m)
 
-        def before():  # what build_cache did per shard until 2026-11-27
+        def before():  # what build_cache used to do per shard: serialise the whole manifest
             full = {**m, "done": sorted(done), "status": "in_progress"}
             write_bytes(out / MANIFEST, json.dumps(full, indent=1).encode())
 

@@ -58,9 +58,8 @@ def test_accuracy_does_not_regress(pipe):
     assert sum(scored) >= MIN_CORRECT, f"{sum(scored)}/24 correct ({per_prompt})"
 
 
-# Measured with the shipped weights (logit-normal(1, 1), 15000 steps + 1600 distillation steps, since
-# 2026-11-29) and the bundle's defaults (Euler, 8 steps, time shift 3, CFG 1): 13/24 (circle 4/4, red square
-# 4/4, three squares 2/4, star and cross 1/4, diamond above a cross 1/4, the README prompt 1/4; 2/16 and 1/16
-# over seeds 0-15 at 4 and 8 steps). The previous (m = 0) bundle: 9/24. These 24 images swing by a few; the
-# full benchmark is in the model card. One image of margin for float differences across CPUs.
+# The shipped weights with the bundle's defaults (Euler, 8 steps, time shift 3, CFG 1) get 13/24 of these
+# right (circle 4/4, red square 4/4, three squares 2/4, star and cross 1/4, diamond above a cross 1/4, the
+# README prompt 1/4); one image of margin for float differences across CPUs. The full benchmark is in the
+# model card.
 MIN_CORRECT = 12

@@ -8,8 +8,7 @@
 #   LR=<peak lr of that further phase, default 4e-4>
 #   CFG=<CFG scale of the undistilled model's eval>  SHIFT=<time shift of the shipped sampling, default 3>
 #   TIMESTEP_M=<mean of the logit-normal training timesteps, default configs/shapes.toml's 1 (the bundled
-#              model); 0, SD3's default, made the previous bundle: 0.505 / 0.243 against 0.530 / 0.323
-#              (seen / held-out, 4 steps, distilled), docs/training.md>
+#              model; SD3's default 0 is compared in docs/training.md)>
 #   DEST=src/rectiflow/assets/default
 set -euo pipefail
 # the command the model card names: with the knobs (below) this run was given, so that it reproduces the model
@@ -88,9 +87,7 @@ if [ ! -f "$RUNS/distill/export/bundle/model.json" ]; then
     "${resume[@]}"
 fi
 # Sampled on a shifted grid (SD3's time shift, alpha 3: more of the few steps spent at high noise, where the
-# layout forms). Measured on the m = 0 bundle's student at 4 Euler steps, seen split: no shift 0.447,
-# alpha 2 0.491, 3 0.505, 4 0.489, 6 0.478, FLUX's sequence-length shift 0.501 (1152 images each, standard
-# error ~0.015).
+# layout forms); the alphas compared are in docs/training.md.
 SHIFT=${SHIFT:-3}
 stage eval-distilled rectiflow eval shapes --model "$RUNS/distill/export/bundle" --steps 1,2,4,8 \
   --sampler euler --shift "$SHIFT" --cfg 1.0 --size 64 --out "$RUNS/eval-distilled"

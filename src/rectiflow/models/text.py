@@ -11,10 +11,9 @@ Three kinds, one interface (`encode` / `__call__`, `txt_dim`, `vec_dim`, `max_le
   sentence-transformers returns for this model (its modules.json: Transformer -> mean Pooling -> Normalize).
   Unit-norm vec makes cosine similarity a dot product; the transformer's vector_in MLP rescales it.
   "layer": k (0..6) takes txt from BERT's hidden state after block k instead (0: the token embeddings), vec
-  unchanged; the "skip the last layers" choice SD 2 / SDXL make for CLIP. On shapes-world captions the last
-  layer mixes the nouns' colours (a colour probe fit on "a photo of a red circle" reads the second noun of
-  "a red circle and a blue square" as the first noun's colour 57% of the time); layer 2 keeps each noun's
-  own colour (99% / 77%): docs/training.md.
+  unchanged; the "skip the last layers" choice SD 2 / SDXL make for CLIP. It exists because on
+  shapes-world captions the last layer mixes the nouns' colours while an earlier one keeps each noun's own
+  colour (the colour probes are in docs/training.md).
 - "flux": FLUX.1's pair, loaded by transformers from local folders. txt = T5 encoder last_hidden_state,
   vec = CLIP-L pooler_output. Tokenisation and calls follow BFL's HFEmbedder (flux/modules/conditioner.py)
   and diffusers' FluxPipeline._get_t5_prompt_embeds / _get_clip_prompt_embeds: padding="max_length",
