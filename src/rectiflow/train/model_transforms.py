@@ -2,6 +2,12 @@
 
 Both keep parameter names (and so checkpoints) unchanged: they replace each transformer block's `forward`
 on the instance (activation checkpointing) or compile the block in place (nn.Module.compile).
+
+Why not torch's checkpoint_wrapper: benchmarks/activation_checkpointing.py measures it bitwise equal in loss
+and gradients and equal in activation memory, but it renames every block parameter (a
+`_checkpoint_wrapped_module.` level), and the EMA, the validation's EMA swap and the export key on
+named_parameters(). The name-keeping variant, torch.distributed._composable.checkpoint (also measured equal),
+is a private torch module; this patch uses only the public torch.utils.checkpoint.
 """
 
 from __future__ import annotations
