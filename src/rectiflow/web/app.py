@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from rectiflow.flow import parse_time_shift
 from rectiflow.nn.lora import lora_names
 from rectiflow.web.jobs import FINISHED, Job, JobManager, QueueFull
 from rectiflow.web.schemas import Limits, request_model
@@ -174,7 +175,7 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
         options = {
             "steps": body.steps or d.steps, "width": body.width or d.width, "height": body.height or d.height,
             "sampler": body.sampler or d.sampler,
-            "shift": d.shift if body.shift is None else (None if body.shift == "none" else body.shift),
+            "shift": d.shift if body.shift is None else parse_time_shift(body.shift),
             "cfg_scale": d.cfg_scale if body.cfg is None else body.cfg,
         }
         if body.guidance is not None:

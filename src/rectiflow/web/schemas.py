@@ -15,11 +15,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rectiflow.errors import ConfigError
+from rectiflow.flow import METHODS
 from rectiflow.sample.model_ids import MODEL_ID_PATTERN
 
 # Number.MAX_SAFE_INTEGER: larger seeds would not survive a round trip through the page's JavaScript.
 MAX_SEED = 2**53 - 1
-SAMPLER_NAMES = ("euler", "midpoint", "heun", "rk4")  # rectiflow.flow.METHODS (a test keeps them equal)
+SAMPLER_NAMES = METHODS  # the ODE solvers (owned by rectiflow.flow.solvers)
 
 
 @dataclass(frozen=True)
