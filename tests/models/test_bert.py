@@ -45,7 +45,7 @@ def test_minilm_tokenizer_and_fingerprint_equal_the_transformers_ones(hf):
     mine = enc._padding_tokenizer.encode_batch(PROMPTS)
     assert [e.ids for e in mine] == ids["input_ids"]
     assert [e.attention_mask for e in mine] == ids["attention_mask"]
-    # the identity caches record (rectiflow.data.cache), as it was computed with transformers' objects
+    # the identity caches record (rectiflow.data.cache_writer), as it was computed with transformers' objects
     old = MiniLMTextEncoder.__new__(MiniLMTextEncoder)
     _FrozenEncoder.__init__(old)
     old.max_length, old.normalize, old.layer, old.tokenizer, old.model = 24, True, None, tok, reference

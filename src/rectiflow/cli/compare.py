@@ -3,7 +3,9 @@ index.html and a JSON of every image's settings (user docs: docs/compare.md)."""
 
 from __future__ import annotations
 
-from rectiflow.cli.generate import DTYPES, SAMPLERS, parse_shift, shift_setting
+import argparse
+
+from rectiflow.cli.generate import DTYPES, parse_sampler, parse_shift
 
 
 def int_list(text: str) -> list[int]:
@@ -37,8 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int_list, default=[0], help="seeds, comma-separated (0)")
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
     p.add_argument("--guidance", type=float, help="guidance-embedding value (guidance-distilled models)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="ODE solver")
-    p.add_argument("--shift", type=parse_shift, help="time shift: none, flux or a number (SD3 alpha)")
+    p.add_argument("--sampler", type=parse_sampler, help="ODE solver: euler, midpoint, heun or rk4")
+    p.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
+                   help="time shift: none, flux or a number (SD3 alpha)")
     p.add_argument("--width", type=int, help="image width, a multiple of 16")
     p.add_argument("--height", type=int, help="image height, a multiple of 16")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="fp32 | bf16 | fp16 (auto)")
@@ -86,7 +89,6 @@ def run(args) -> int:
     from rectiflow.cli.generate import _model_path, device_and_dtype
     from rectiflow.errors import RectiflowError
     from rectiflow.eval.compare import compare
-    from rectiflow.sample import DEFAULT
     from rectiflow.sample.model_ids import load_pipelines
 
     prompts = read_prompts(args.prompts)
@@ -99,8 +101,8 @@ def run(args) -> int:
     pipelines.update(lora_variants(args.model, args.lora, device, dtype))
     options = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("sampler", args.sampler),
                                  ("width", args.width), ("height", args.height)) if v is not None}
-    if args.shift is not None:
-        options["shift"] = shift_setting(args.shift, DEFAULT)
+    if hasattr(args, "shift"):  # unset: the model's default
+        options["shift"] = args.shift
     if args.guidance is not None:
         options["guidance"] = args.guidance
     report = compare(pipelines, prompts, args.output, steps=args.steps, seeds=args.seeds, options=options,

@@ -30,8 +30,8 @@ import torch
 
 from rectiflow.convert import lora_keys as lk
 from rectiflow.convert.lora_keys import LoraTensors
-from rectiflow.convert.safetensors_io import load_tensors, read_header, save_safetensors
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
+from rectiflow.io.safetensors_io import load_tensors, read_header, save_safetensors
 from rectiflow.models.transformer import FluxParams
 from rectiflow.nn.lora import LoraAdapter, attach_lora, base_hash, lora_names, lora_state
 

@@ -24,9 +24,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from rectiflow.convert.safetensors_io import atomic_write
 from rectiflow.errors import RectiflowError
 from rectiflow.eval.shapes import failure, score_image
+from rectiflow.io.atomic import atomic_write
 from rectiflow.sample.png import read_png_settings, save_png
 
 __all__ = ["compare", "verdict"]

@@ -142,7 +142,7 @@ class BertEncoder(nn.Module):
 
 def load_bert(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> BertEncoder:
     """config.json + model.safetensors of a BERT checkpoint (transformers' layout), loaded strictly."""
-    from safetensors.torch import load_file
+    from rectiflow.io.safetensors_io import load_tensors
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -150,7 +150,7 @@ def load_bert(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float
     # tables are created from empty tensors: initialising one there, normal_, would import torch._dynamo.)
     with torch.device("meta"):
         model = BertEncoder(config)
-    state = load_file(str(folder / "model.safetensors"))
+    state = load_tensors(folder / "model.safetensors")
     state = {k.removeprefix("bert."): v for k, v in state.items() if not k.endswith("position_ids")}
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:

@@ -6,7 +6,7 @@
 effective multiplier scale * alpha / rank is kohya's and PEFT's convention. A fresh adapter has `down`
 initialised like PEFT (kaiming-uniform, a = sqrt(5)) and `up` zero, so it starts as the identity.
 
-Applied as a function to a built model (DESIGN.md: LoRA is never a branch inside forward): each targeted
+Applied as a function to a built model (docs/design.md: LoRA is never a branch inside forward): each targeted
 module keeps its type and its parameter names (`qkv.weight` stays `qkv.weight`, so the base state dict is
 unchanged); it gains a child `lora` (a ModuleDict of named adapters, so adapters move with `.to()`, with
 block offloading and with DDP) and one forward hook that adds the adapters' outputs. Several named adapters

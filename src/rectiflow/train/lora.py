@@ -18,7 +18,7 @@ import torch
 
 from rectiflow.errors import ConfigError
 from rectiflow.nn.lora import LORA_ATTR, add_lora, base_hash
-from rectiflow.train.model_fns import unwrap
+from rectiflow.train.model_transforms import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class LoraStateIO:
 
     def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
         return self.inner.full_tensor(t)
+
+    def load_ema(self, ema: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+        self.inner.load_ema(ema, full)
 
 
 def _adapters(sd: dict[str, torch.Tensor], alpha: float) -> dict:
