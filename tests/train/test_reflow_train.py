@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rectiflow.data.cache import build_cache
 
 from conftest import TEST_OVERRIDES, TINY_TOML, _item, cli_train
+from rectiflow.data.cache_writer import build_cache
 from rectiflow.data.sources import ArraySource
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.models.transformer import image_ids, pack, text_ids

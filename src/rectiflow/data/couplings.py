@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from rectiflow.data.cache import _mismatch, autoencoder_identity
+from rectiflow.data.cache_writer import _mismatch, autoencoder_identity
 from rectiflow.data.captions import sample_rng
 from rectiflow.errors import FormatError, RectiflowError
+from rectiflow.io.atomic import write_text
+from rectiflow.io.safetensors_io import load_tensors, read_metadata, save_safetensors
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "EMPTY_FILE", "shard_name", "read_manifest", "write_manifest",
            "write_shard", "CouplingsDataset", "CouplingsWithData"]
@@ -51,15 +51,6 @@ EMPTY_FILE = "empty.safetensors"
 
 def shard_name(k: int) -> str:
     return f"pairs-{k:05d}.safetensors"
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then fsync and rename over `path`: an interrupted write leaves the old file (or none)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -80,17 +71,16 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_manifest(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    _atomic(Path(path) / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    write_text(Path(path) / MANIFEST, json.dumps(manifest, indent=1))  # atomic: temp file, fsync, rename
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], prompts: list[str]) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts)}))
+    save_safetensors(tensors, path, {"prompts": json.dumps(prompts)})  # atomic
 
 
 def _prompts_of(file: Path) -> list[str]:
-    with safe_open(str(file), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("prompts", "[]"))
+    return json.loads(read_metadata(file).get("prompts", "[]"))
 
 
 class CouplingsDataset:
@@ -115,7 +105,7 @@ class CouplingsDataset:
             f = self.path / s["file"]
             if not f.is_file():
                 raise FormatError(f"{self.path}: shard {s['file']} named in the manifest is missing")
-            t = load_file(str(f))
+            t = load_tensors(f)
             noise.append(t["noise"].float())
             latents.append(t["latents"].float())
             txt.append(t["txt"][t["text_index"]].float())  # [U, L, D] -> [n, L, D]
@@ -127,7 +117,7 @@ class CouplingsDataset:
         if tuple(self.z0.shape[1:]) != tuple(m["latent_shape"]):
             raise FormatError(f"{self.path}: latents of shape {tuple(self.z0.shape[1:])}, the manifest says "
                               f"{m['latent_shape']}")
-        empty = load_file(str(self.path / EMPTY_FILE))
+        empty = load_tensors(self.path / EMPTY_FILE)
         self._empty = (empty["txt"].float(), empty["vec"].float())
         self.teacher = m["teacher"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rectiflow.data.cache import autoencoder_identity
+from rectiflow.data.cache_writer import autoencoder_identity
 from rectiflow.data.couplings import (
     EMPTY_FILE,
     FORMAT,
@@ -54,7 +54,7 @@ class PromptSource:
 
     prompts: list[str]
     identity: dict
-    cache: object | None = None  # a rectiflow.data.latent_cache.LatentCache
+    cache: object | None = None  # a rectiflow.data.cache_reader.LatentCache
     encoder: object | None = None
 
     @classmethod
@@ -70,8 +70,8 @@ class PromptSource:
 
     @classmethod
     def from_cache(cls, path: str | Path) -> PromptSource:
+        from rectiflow.data.cache_reader import LatentCache
         from rectiflow.data.captions import CaptionPolicy
-        from rectiflow.data.latent_cache import LatentCache
 
         cache = LatentCache(path, captions=CaptionPolicy(dropout={"default": 0.0}), seed=0)
         ident = {"source": "cache", "sha256": hashlib.sha256("\n".join(cache.ids).encode()).hexdigest()[:16],
