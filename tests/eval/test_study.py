@@ -162,7 +162,7 @@ def test_two_variant_study_end_to_end_and_resume(tmp_path, world, capsys, monkey
     """Dry run (nothing written), a study interrupted in its second variant, the same command again: the
     first variant is skipped, the second resumes from its checkpoint, and the report covers both."""
     from rectiflow.eval import study as study_mod
-    from rectiflow.eval.study import load_run_state
+    from rectiflow.eval.study_layout import load_run_state
     from rectiflow.eval.study_spec import load_spec
     from rectiflow.train.trainer import Trainer
 
@@ -262,7 +262,7 @@ def test_cpu_minutes_budget_calibrates_once(tmp_path, world, capsys):
     and kept, so that a resumed study trains to the same step."""
     import math
 
-    from rectiflow.eval.study import load_run_state
+    from rectiflow.eval.study_layout import load_run_state
 
     out = tmp_path / "out"
     text = SPEC_TOML.replace("samples = 16", "cpu_minutes = 0.002\ncalibration_steps = 3").replace(

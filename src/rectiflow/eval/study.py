@@ -21,7 +21,6 @@ study.out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.eval.study_layout import eval_key, load_run_state, milestones, run_dir, save_run_state
 from rectiflow.eval.study_spec import EvalSettings, StudySpec, Variant
 from rectiflow.train.config import RunConfig, config_to_dict
 
@@ -40,21 +40,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run_study", "plan_study", "run_dir", "eval_key", "load_run_state", "StudyInterrupted"]
 
-STATE_FILE = "study-run.json"
-
-
 class StudyInterrupted(RectiflowError):
     """Ctrl-C / SIGTERM reached a training run: its checkpoint and the study state are written."""
-
-
-def run_dir(spec: StudySpec, variant: Variant, seed: int) -> Path:
-    return spec.out / "runs" / variant.slug / f"seed-{seed}"
-
-
-def eval_key(settings: EvalSettings) -> str:
-    """A short hash of the settings that make two evaluations comparable."""
-    text = json.dumps(settings.scoring(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -75,24 +62,6 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if a.get(key) != b.get(key):
                 changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return changes
-
-
-def load_run_state(path: Path) -> dict[str, Any]:
-    f = path / STATE_FILE
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise RectiflowError(f"{f} is not valid JSON ({e}); delete it to re-derive the run's state") from None
-
-
-def _save_run_state(path: Path, state: dict[str, Any]) -> None:
-    """Written to a temporary file and renamed into place: an interrupted write keeps the previous state."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path / STATE_FILE)
 
 
 class _RunLock:
@@ -156,11 +125,6 @@ def _trained_config(ckpt_dir: Path) -> dict[str, Any] | None:
     if latest is None or not (latest / "config.json").is_file():
         return None
     return json.loads((latest / "config.json").read_text())
-
-
-def milestones(steps: int, at: Sequence[float]) -> list[int]:
-    """The steps at which a run of `steps` steps is scored: round(f * steps) for each budget fraction f."""
-    return sorted({max(1, min(steps, round(f * steps))) for f in at})
 
 
 # ---- budget ----------------------------------------------------------------------------------------------
@@ -339,7 +303,7 @@ def _run_locked(spec: StudySpec, variant: Variant, seed: int, where: Path, dry_r
             continue
         say(f"{label}: training to step {m} of {steps}")
         ok = _train_to(cfg, m, state)
-        _save_run_state(where, state)
+        save_run_state(where, state)
         if not ok:
             raise StudyInterrupted(f"interrupted in {label}; its checkpoint is written: rerun the same "
                                    "command to continue")
@@ -360,7 +324,7 @@ def _run_locked(spec: StudySpec, variant: Variant, seed: int, where: Path, dry_r
                                 for n, s in by_steps.items()}
                         for split, by_steps in report["results"].items()},
         }
-        _save_run_state(where, state)
+        save_run_state(where, state)
         say(f"{label}: step {m}: " + ", ".join(f"{split} {n} steps {s['overall']:.3f}"
                                               for split, by in report["results"].items()
                                               for n, s in by.items()))

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rectiflow.eval.study import eval_key, load_run_state, milestones, run_dir
+from rectiflow.eval.study_layout import eval_key, load_run_state, milestones, run_dir
 from rectiflow.eval.study_spec import StudySpec
 
 __all__ = ["summarize", "write_report", "report_markdown", "mean_spread"]
