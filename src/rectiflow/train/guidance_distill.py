@@ -59,6 +59,7 @@ def load_student(init: str, params, device: torch.device) -> torch.nn.Module:
     base = load_transformer(init, config=dataclasses.replace(params, guidance_embed=False), device=device,
                             dtype=torch.float32)
     model = build_transformer(params, device=device, dtype=torch.float32)
+    # strict=False because exactly the new embedding's keys (guidance_in.*) may be missing; checked next
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or not all(k.startswith("guidance_in.") for k in missing):
         raise FormatError(f"{init} does not fit the student beyond its guidance embedding (missing "

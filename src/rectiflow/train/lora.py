@@ -97,7 +97,10 @@ class LoraStateIO:
                 f"the checkpoint's adapters do not match [lora] (missing {missing[:3]}, "
                 f"unexpected {extra[:3]}); resume with the config saved beside it"
             )
-        unwrap(model).load_state_dict(sd, strict=False)
+        # strict=False because the frozen base weights are not part of the adapter state: exactly the base
+        # keys are missing (the adapter keys were matched above)
+        missing, _ = unwrap(model).load_state_dict(sd, strict=False)
+        assert not any(is_adapter_key(k) for k in missing)
 
     def optim_state(self, model, optimizer) -> dict:
         return self.inner.optim_state(model, optimizer)
