@@ -44,10 +44,17 @@ def register(subparsers) -> None:
                        help="caption limit in tokens, counted approximately as 4/3 x whitespace words")
     limit.add_argument("--text-encoder", metavar="NAME",
                        help="count tokens with this text encoder's tokenizer against its limit (e.g. minilm)")
-    c.add_argument("--dedup", action="store_true", help="find near-duplicates by perceptual hash")
+    c.add_argument("--dedup", action="store_true",
+                   help="find near-duplicates: perceptual hash (structure) and colour thumbnail both close; "
+                        "each group keeps its largest image, then the first listed")
     c.add_argument("--hamming", type=int, default=None,
                    help="pHash Hamming threshold for --dedup (default 4 of 64 bits)")
+    c.add_argument("--colour", type=float, default=None,
+                   help="colour threshold for --dedup: largest RGB distance between 4x4 thumbnail cells "
+                        "(0-441; default 16)")
     c.add_argument("--write-manifest", metavar="OUT", help="write the kept samples to this .jsonl")
+    c.add_argument("--report", metavar="FILE",
+                   help="write the full report (every problem, every duplicate group) to this text file")
     c.add_argument("--strict", action="store_true", help="exit with status 1 if any problem was found")
     c.set_defaults(func=run)
     s = sub.add_parser("shapes", help="write training images of the shapes world (held-out combinations "
@@ -74,18 +81,33 @@ def token_limit(name: str):
 
 
 def run(args) -> int:
-    from rectiflow.data.check import DEFAULT_HAMMING, check_dataset
+    import sys
+
+    from rectiflow.data.check import DEFAULT_COLOUR, DEFAULT_HAMMING, check_dataset, long_caption_hint
 
     source = open_source_from_args(args)
     count_tokens, max_tokens = None, args.max_tokens
     if args.text_encoder:
         count_tokens, max_tokens = token_limit(args.text_encoder)
-    report = check_dataset(source, size=args.size, max_tokens=max_tokens, count_tokens=count_tokens,
-                           dedup=args.dedup, hamming_threshold=args.hamming or DEFAULT_HAMMING)
+    report = check_dataset(
+        source, size=args.size, max_tokens=max_tokens, count_tokens=count_tokens, dedup=args.dedup,
+        hamming_threshold=DEFAULT_HAMMING if args.hamming is None else args.hamming,
+        colour_threshold=DEFAULT_COLOUR if args.colour is None else args.colour)
     print(report.table())
     if max_tokens is not None and count_tokens is None:
         print(f"(caption length approximated as 4/3 x words against {max_tokens}; "
               "pass --text-encoder to count real tokens)")
+    hint = long_caption_hint(report, args.text_encoder)
+    if hint:
+        print(hint)
+    if report.duplicate_groups:
+        print("duplicate groups:\n" + report.duplicates_text(limit=10))
+    if args.report:
+        print(f"wrote the full report to {report.write_report(args.report)}")
+    warning = report.large_dedup_warning()
+    if warning:
+        bar = "!" * 100
+        print(f"{bar}\n{warning}\n{bar}", file=sys.stderr)
     if args.write_manifest:
         path = report.write_manifest(args.write_manifest)
         print(f"wrote {len(report.kept)} samples to {path}")
