@@ -1,4 +1,5 @@
 """`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones.
+`rectiflow data icons --out DIR --n N [--size S] [--seed K]`: write procedural icons (rectiflow.data.icons).
 `rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W] [--task-weights T=W,...]`: write
 shapes-world training images (rectiflow.data.shapes.write_imagefolder)."""
 
@@ -32,7 +33,7 @@ def open_source_from_args(args, on_error: str = "skip"):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (check, shapes)")
+    p = subparsers.add_parser("data", help="dataset tools (check, shapes, icons)")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = sub.add_parser("check", help="find unreadable images, missing captions, small images, long captions, "
                                      "near-duplicates; write a manifest of the rest")
@@ -70,6 +71,14 @@ def register(subparsers) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_shapes)
+    i = sub.add_parser("icons", help="write a small procedural dataset of flat icons with one-line captions "
+                                     "(16 objects, 9 colours, 5 backgrounds) to try your-own-data training")
+    i.add_argument("--out", required=True, help="output folder (PNG files + metadata.jsonl)")
+    i.add_argument("--n", type=int, required=True, help="number of images")
+    i.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    i.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
+    i.set_defaults(func=run_icons)
 
 
 def token_limit(name: str):
@@ -147,4 +156,12 @@ def run_shapes(args) -> int:
         total = sum(args.task_weights.values())
         mix = ", tasks " + " ".join(f"{t} {w / total:.2f}" for t, w in args.task_weights.items())
     print(f"wrote {args.n} shapes-world images ({args.size}px, seed {args.seed}{mix}) to {out}")
+    return 0
+
+
+def run_icons(args) -> int:
+    from rectiflow.data.icons import write_icons
+
+    out = write_icons(args.out, args.n, args.size, args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.n} icons ({args.size}px, seed {args.seed}) to {out}")
     return 0
