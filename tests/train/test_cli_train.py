@@ -114,3 +114,32 @@ def test_exported_bundle_takes_the_validation_sampling(tmp_path, shift, expected
     _bundle(build_transformer("micro"), tmp_path / "out", cfg, cache.manifest)
     d = json.loads((tmp_path / "out" / "model.json").read_text())["defaults"]
     assert (d["steps"], d["shift"], d["cfg_scale"], d["width"], d["height"]) == (6, expected, 2.5, 32, 48)
+
+
+@pytest.mark.parametrize("extra, cfg_scale, why", [
+    ([], 4.0, "the guided default 4: trained with caption dropout 0.1"),  # configs/tiny.toml: dropout 0.1
+    (["validation.cfg_scale=3.0"], 3.0, "validation.cfg_scale (trained with caption dropout 0.1)"),
+    (["data.caption_dropout=0.0"], 1.0, "trained without caption dropout"),
+    (['distill.teacher="t.safetensors"', "distill.teacher_cfg=3.0"], 1.0, "distilled into the model"),
+])
+def test_exported_bundle_cfg_default_follows_caption_dropout(tmp_path, extra, cfg_scale, why):
+    """A model trained with caption dropout exports a guided default; the card says which and why; the bundle
+    is named after the run (model.json, hence the PNG metadata's model name)."""
+    from types import SimpleNamespace
+
+    from rectiflow.convert.bundle import load_bundle
+    from rectiflow.convert.transformer import build_transformer
+    from rectiflow.sample.random_model import random_bundle
+    from rectiflow.train.config import load_config
+    from rectiflow.train.export import _bundle
+
+    bundle = random_bundle(tmp_path / "random")
+    cfg = load_config(TINY_TOML, [f"model.autoencoder={bundle / 'ae.safetensors'}",
+                                  f'train.out_dir="{tmp_path / "my-icons"}"', *extra])
+    spec = json.loads((bundle / "model.json").read_text())["text_encoder"]
+    cache = SimpleNamespace(manifest={"text_encoder": {"spec": spec}, "shards": [{"size": [32, 32]}]})
+    _bundle(build_transformer("micro"), tmp_path / "out", cfg, cache)
+    card = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert card["defaults"]["cfg_scale"] == cfg_scale
+    assert why in card["training"]["cfg_scale_default"]
+    assert card["name"] == "my-icons" and load_bundle(tmp_path / "out").name == "my-icons"
