@@ -36,6 +36,7 @@ from rectiflow.train.guidance_distill import GuidanceDistiller, load_student
 from rectiflow.train.lr_schedule import lr_factor
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_transforms import apply_activation_checkpointing, apply_regional_compile, unwrap
+from rectiflow.train.resume import config_changes
 
 log = logging.getLogger(__name__)
 
@@ -323,11 +324,11 @@ class Trainer:
         if c.config.get("model") is not None and c.model.keys() != self.state_io.state_keys(self.model):
             raise RectiflowError(f"checkpoint {path} holds a different model than the config; resume with "
                                  f"the config saved beside it ({path / 'config.toml'})")
-        for section, key in (("data", "batch_size"), ("data", "cache"), ("train", "seed")):
-            if c.config[section][key] != getattr(getattr(self.cfg, section), key):
-                log.warning("resuming with %s.%s=%r (checkpoint: %r): the run will differ from an "
-                            "uninterrupted one",
-                            section, key, getattr(getattr(self.cfg, section), key), c.config[section][key])
+        changes = config_changes(c.config, self.cfg)
+        if changes and self.dist.is_main:  # once, at start: what differs from the run's saved config
+            log.warning("resuming with %d change(s) to the run's saved config (the run will differ from an "
+                        "uninterrupted one): %s", len(changes),
+                        ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in changes))
         self.state_io.load_model_state(self.model, c.model)
         self.state_io.load_optim_state(self.model, self.optimizer, c.optimizer)
         if self.ema is not None:
