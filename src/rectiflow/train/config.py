@@ -177,7 +177,8 @@ class ValidationConfig:
     """Every `every` steps (0 = never): the loss on a fixed held-out set of `holdout` cache samples (excluded
     from training) with fixed noise at fixed times t = (k + 0.5) / buckets, k < buckets, per bucket and mean
     (the SD3 protocol, Esser et al. 2024 sec. 5.1 / app. B.2: validation loss on held-out data at fixed t),
-    and a grid of `prompts` x `seeds` sampled with `sample_steps` steps of `sampler` (needs
+    and a grid of `prompts` x `seeds` sampled with `sample_steps` steps of `sampler` (with `prompts` empty:
+    `data_prompts` distinct captions of the dataset itself, the held-out samples' first; needs
     model.autoencoder to decode; cfg_scale > 1 uses the cached "" embedding as the unconditional input)."""
 
     every: int = 0
@@ -186,6 +187,7 @@ class ValidationConfig:
     seed: int = 1234
     use_ema: bool = False
     prompts: list[str] = field(default_factory=list)
+    data_prompts: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
     sample_steps: int = 20
     sample_size: int = 0
@@ -197,6 +199,7 @@ class ValidationConfig:
         _check(self.every >= 0 and self.holdout >= 0, "validation.every and validation.holdout must be >= 0")
         _check(self.buckets >= 1, f"validation.buckets={self.buckets}; use a positive integer")
         _check(self.sample_steps >= 1, f"validation.sample_steps={self.sample_steps}; use >= 1")
+        _check(self.data_prompts >= 0, f"validation.data_prompts={self.data_prompts}; use >= 0")
         _check(self.sample_size % 16 == 0, f"validation.sample_size={self.sample_size}; use a multiple of 16 "
                "(0 = the cache's image size)")
         object.__setattr__(self, "shift", parse_time_shift(self.shift, "validation.shift"))

@@ -9,11 +9,12 @@ validation.seed), are evaluated at t_k = (k + 0.5) / K for K = validation.bucket
 (1, 1 - dt, ..., dt), MSE against the teacher's two-half-step target (Distiller.target), so it measures
 what the student is trained for.
 
-Sample grid: every prompt x seed, sampled from t = 1 to 0 with a rectiflow.flow solver (true CFG with the
-cached "" embedding when cfg_scale > 1), decoded with model.autoencoder, saved as
-out_dir/samples/step-N.png (rows: prompts, columns: seeds). Needs the text encoder recorded in the cache
-manifest (rectiflow.models.text.text_encoder_from_spec) and an autoencoder; without them it is skipped
-with a log line. `Validator.text_encoder` / `Validator.decode` can also be set directly.
+Sample grid: every prompt x seed (prompts: validation.prompts, or else validation.data_prompts captions of
+the dataset itself, held-out samples' first), sampled from t = 1 to 0 with a rectiflow.flow solver (true
+CFG with the cached "" embedding when cfg_scale > 1), decoded with model.autoencoder, saved as
+out_dir/samples/step-N.png (rows: prompts, columns: seeds, both labelled). Needs the text encoder recorded
+in the cache manifest (rectiflow.models.text.text_encoder_from_spec) and an autoencoder; without them it is
+skipped with a log line. `Validator.text_encoder` / `Validator.decode` can also be set directly.
 
 The Validator gets everything it uses as explicit arguments (the run config, the held-out indices, device,
 flow path, the precision context, ...) and the model, EMA and metrics logger per `run`; it does not reach
@@ -32,6 +33,7 @@ import torch
 
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.captions import CaptionPolicy
+from rectiflow.data.grid import labelled_grid
 from rectiflow.flow import Path as FlowPath
 from rectiflow.flow import cfg_batch, cfg_guide, solve, timestep_grid, training_pair
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
@@ -41,12 +43,29 @@ from rectiflow.train.model_transforms import unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Validator", "bucket_times"]
+__all__ = ["Validator", "bucket_times", "data_prompts"]
 
 
 def bucket_times(k: int) -> list[float]:
     """Bucket centres (i + 0.5) / k."""
     return [(i + 0.5) / k for i in range(k)]
+
+
+def data_prompts(cache: LatentCache, holdout: list[int], n: int) -> list[str]:
+    """Up to `n` distinct non-empty captions of the dataset: those of the held-out samples first (images
+    the model never trains on), then of samples spread evenly over the cache."""
+    if n <= 0:
+        return []
+    captions = cache.manifest["captions"]
+    step = max(1, len(cache) // (4 * n))
+    out: list[str] = []
+    for i in [*holdout, *range(0, len(cache), step)]:
+        text = captions[cache.caption_index(i)]
+        if text and text not in out:
+            out.append(text)
+            if len(out) == n:
+                break
+    return out
 
 
 class Validator:
@@ -73,6 +92,7 @@ class Validator:
         self.groups = [{k: torch.stack([it[k] for it in items]) for k in ("latents", "txt", "vec", "eps")}
                        for items in by_shape.values()]
         self.cache = cache
+        self.prompts = list(self.cfg.prompts) or data_prompts(cache, holdout, self.cfg.data_prompts)
         self.text_encoder = None
         self.decode = None
         self._loaded_decoders = False
@@ -90,7 +110,7 @@ class Validator:
         model.eval()
         try:
             values = self.loss(model)
-            if self.cfg.prompts:
+            if self.prompts:
                 self.sample_grid(model, step)
         finally:
             model.train(was_training)
@@ -198,15 +218,17 @@ class Validator:
 
         size = self.cfg.sample_size
         lh, lw = (size // 8, size // 8) if size else tuple(self.groups[0]["latents"].shape[-2:])
-        z = self.sample(model, self.cfg.prompts, self.cfg.seeds, lh, lw)
+        z = self.sample(model, self.prompts, self.cfg.seeds, lh, lw)
         with torch.no_grad():
             imgs = self.decode(z).float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
-        p, s = len(self.cfg.prompts), len(self.cfg.seeds)
-        _, ch, hh, ww = imgs.shape
-        grid = imgs.view(p, s, ch, hh, ww).permute(0, 3, 1, 4, 2).reshape(p * hh, s * ww, ch)  # (p h) (s w) c
+        pics = [Image.fromarray(np.ascontiguousarray(im.permute(1, 2, 0).numpy())) for im in imgs]  # h w c
+        c = self.cfg
+        cols = [f"seed {s}" for s in c.seeds]
+        cols[0] = f"step {step}, cfg {c.cfg_scale:g}: {cols[0]}"
+        sheet = labelled_grid(pics, self.prompts, cols, scale=max(1, 128 // max(pics[0].size)))
         out = self.out_dir / "samples" / f"step-{step:09d}.png"
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.ascontiguousarray(grid.numpy())).save(out)
+            sheet.save(out)
             log.info("saved sample grid %s", out)
         return out
