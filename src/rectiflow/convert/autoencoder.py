@@ -190,7 +190,7 @@ def _inspect(path: Path):
             params = autoencoder_params(json.loads(meta[META_CONFIG]))
         except (KeyError, ValueError, TypeError) as e:
             raise FormatError(f"{path}: unreadable {META_CONFIG} metadata ({e}); re-save the file") from e
-        return "bfl", header.tensors, params, path
+        return "rectiflow", header.tensors, params, path  # BFL keys + our config metadata
     prefix = find_prefix(header.tensors, [ANCHOR])
     if prefix is None or f"{prefix}decoder.conv_in.weight" not in header.tensors:
         guess = guess_checkpoint(header.tensors)

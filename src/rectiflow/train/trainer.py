@@ -37,6 +37,7 @@ from rectiflow.train.lr_schedule import lr_factor
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_transforms import apply_activation_checkpointing, apply_regional_compile, unwrap
 from rectiflow.train.resume import config_changes
+from rectiflow.train.summary import expected_time, startup_summary
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +364,9 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", desc="training",
                    disable=not (self.dist.is_main and cfg.train.progress))
         last, saved, t0, samples = None, None, time.perf_counter(), 0
+        first_rate = True
+        if self.dist.is_main:
+            log.info("%s", startup_summary(self))
         try:
             end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
             while self.step < end and self._stop_signal is None:
@@ -374,6 +378,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{last.loss:.4f}", samples_s=f"{rate:.1f}")
                     self.metrics.log("train", self.step, {"loss": last.loss, "grad_norm": last.grad_norm,
                                                           "lr": last.lr, "samples_per_s": rate})
+                    if first_rate and self.dist.is_main:  # once: what to expect from here on
+                        log.info("%s", expected_time(rate, cfg, self.step))
+                    first_rate = False
                     t0, samples = time.perf_counter(), 0
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     saved = self.save_checkpoint()
