@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from rectiflow.cli.data import add_source_arguments, open_source_from_args
@@ -11,9 +10,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("cache", help="precompute autoencoder latents and text embeddings of a dataset",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset folder, .tar shards folder or manifest .jsonl")
+    p = subparsers.add_parser("cache", help="precompute autoencoder latents and text embeddings of a dataset")
+    p.add_argument("--data", required=True,
+                   help="dataset folder, .tar shards folder or the manifest .jsonl of `rectiflow data check`")
     add_source_arguments(p)
     p.add_argument("--autoencoder", required=True,
                    help="autoencoder weights (.safetensors file or folder) or a preset name (random weights)")
@@ -29,14 +28,17 @@ def register(subparsers) -> None:
                       help="aspect-ratio buckets of about SIZE x SIZE pixels instead of a centre crop")
     p.add_argument("--out", required=True,
                    help="cache directory (resumes a cache made with the same arguments)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=1024, help="samples (and unique captions) per shard")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the encoders run in")
+    p.add_argument("--batch-size", type=int, default=8, help="images / captions per encoder call (default 8)")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="samples (and unique captions) per shard (default 1024)")
+    p.add_argument("--device", default="cpu", help="device the encoders run on (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype the encoders run in (default float32)")
     p.add_argument("--storage-dtype", choices=DTYPES,
                    help="dtype of the stored tensors (default: as computed)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
-                   help="what to do with unreadable images and samples without captions")
+                   help="what to do with unreadable images and samples without captions (default skip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -83,7 +85,7 @@ def run(args) -> int:
         buckets=Buckets.for_size(args.buckets) if args.buckets else None,
         batch_size=args.batch_size, shard_size=args.shard_size, device=torch.device(args.device), dtype=dtype,
         storage_dtype=getattr(torch, args.storage_dtype) if args.storage_dtype else None,
-        on_error=args.on_error,
+        on_error=args.on_error, progress=not args.no_progress,
     )
     print(f"cache written to {out}")
     return 0

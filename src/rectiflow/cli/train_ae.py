@@ -14,22 +14,28 @@ def register(subparsers) -> None:
         "the training latents, OUT/report.json (held-out PSNR) and OUT/recon.png. Resumable with --resume.",
     )
     p.add_argument("--data", required=True,
-                   help="image dataset (imagefolder, .txt captions, webdataset, class folders)")
+                   help="image dataset (imagefolder, .txt captions, webdataset, class folders) or the "
+                        "manifest .jsonl written by `rectiflow data check --write-manifest`")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--preset", default="small",
-                   help="autoencoder preset (flux, small, tiny) or a JSON object of AutoEncoderParams fields")
-    p.add_argument("--size", type=int, default=64, help="training resolution (multiple of 8)")
+                   help="autoencoder preset (flux, small, tiny) or a JSON object of AutoEncoderParams fields "
+                        "(default small)")
+    p.add_argument("--size", type=int, default=64, help="training resolution (multiple of 8; default 64)")
     p.add_argument("--crop", type=int, default=0,
                    help="train on random CROP x CROP windows (multiple of 8; cheaper per image); 0 = whole")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW learning rate after a 100-step warmup (default 1e-3)")
+    p.add_argument("--kl-weight", type=float, default=1e-6,
+                   help="weight of the KL term (default 1e-6, as LDM's KL-f8 autoencoders)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use at most this many images of the dataset (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints (default 500)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

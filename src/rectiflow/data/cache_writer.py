@@ -204,7 +204,8 @@ def _load_image(source: Source, i: int, width: int, height: int) -> torch.Tensor
 def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | None = None,
                 buckets: Buckets | None = None, batch_size: int = 8, shard_size: int = 1024,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                storage_dtype: torch.dtype | None = None, on_error: str = "skip") -> Path:
+                storage_dtype: torch.dtype | None = None, on_error: str = "skip",
+                progress: bool = True) -> Path:
     """Encode every sample of `source` once into `out` (resuming a previous run with the same settings).
 
     `autoencoder` and `text_encoder` are built objects on `device` (images go in as `dtype`); stored tensors
@@ -231,7 +232,7 @@ def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | N
     writer = _ManifestWriter(out, manifest)
     writer.write(done, "in_progress")
     total = len(manifest["text_shards"]) + len(manifest["shards"])
-    with tqdm(total=total, initial=len(done), desc="caching", unit="shard") as bar:
+    with tqdm(total=total, initial=len(done), desc="caching", unit="shard", disable=not progress) as bar:
         for shard in manifest["text_shards"]:
             if shard["file"] not in done:
                 caps = plan["captions"][shard["start"]:shard["start"] + shard["count"]]
