@@ -78,3 +78,26 @@ def test_interrupted_cache_resumes_only_missing_shards(tmp_path, write_image):
     assert torch.equal(load_file(str(out / last))["latents"], before[last]["latents"])
     with pytest.raises(RectiflowError, match="other settings"):
         build_cache(src, MeanPoolAE(), WordText(), out, size=48, batch_size=4, shard_size=4)
+
+
+def test_truncation_is_said_once_with_the_total(tmp_path, write_image, caplog):
+    """The encoder warns per call; `cache` encodes many batches and says it once, with the total (it used to
+    repeat the encoder's warning once per batch)."""
+    import logging
+
+    from rectiflow.models.text import TrainableTextConfig, TrainableTextEncoder
+
+    root = tmp_path / "d"
+    for i in range(7):
+        write_image(root / f"{i}.png", 32, 32, seed=i)
+        (root / f"{i}.txt").write_text(f"caption number {i} is far too long")  # 32 bytes + <bos>, <eos> > 16
+    encoder = TrainableTextEncoder(TrainableTextConfig(dim=24, depth=1, heads=2, max_length=16)).eval()
+    with caplog.at_level(logging.WARNING):
+        encoder.encode(["x" * 40])
+    assert len(caplog.records) == 1 and "truncated" in caplog.records[0].getMessage()  # the encoder alone
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_cache(open_source(root), MeanPoolAE(), encoder, tmp_path / "c", size=32, batch_size=2)
+    said = [r.getMessage() for r in caplog.records if "truncat" in r.getMessage()]
+    assert said == ["7 of 8 unique captions are longer than the text encoder's 16 tokens and are truncated, "
+                    "dropping 126 tokens in all (longest needs 34); shorten them"]

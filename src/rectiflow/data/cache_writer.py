@@ -35,6 +35,7 @@ from rectiflow.data.transforms import IMAGE_ERRORS, Buckets, CenterCrop, resize_
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.io.atomic import write_bytes
 from rectiflow.io.safetensors_io import load_tensors, save_safetensors
+from rectiflow.models.text import MINILM_POSITIONS, truncation_warnings
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,17 @@ def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | N
     writer = _ManifestWriter(out, manifest)
     writer.write(done, "in_progress")
     total = len(manifest["text_shards"]) + len(manifest["shards"])
+    todo_text = [s for s in manifest["text_shards"] if s["file"] not in done]
+    note = truncation_note(text_encoder, [c for s in todo_text
+                                          for c in plan["captions"][s["start"]:s["start"] + s["count"]]])
+    if note:
+        log.warning("%s", note)
     with tqdm(total=total, initial=len(done), desc="caching", unit="shard", disable=not progress) as bar:
-        for shard in manifest["text_shards"]:
-            if shard["file"] not in done:
-                caps = plan["captions"][shard["start"]:shard["start"] + shard["count"]]
+        for shard in todo_text:
+            caps = plan["captions"][shard["start"]:shard["start"] + shard["count"]]
+            with truncation_warnings(note is None):  # said once above, with the total
                 _encode_text_shard(text_encoder, caps, out / shard["file"], batch_size, storage_dtype)
-                _mark_done(writer, done, shard["file"], bar)
+            _mark_done(writer, done, shard["file"], bar)
         for shard in manifest["shards"]:
             if shard["file"] not in done:
                 idx = plan["order"][shard["start"]:shard["start"] + shard["count"]]
@@ -248,6 +254,24 @@ def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | N
     log.info("cached %d samples (%d unique captions) in %s", manifest["num_samples"], len(plan["captions"]),
              out)
     return out
+
+
+def truncation_note(text_encoder, captions: list[str]) -> str | None:
+    """One warning for all `captions` the encoder will truncate (None if none, or if it cannot count)."""
+    count, limit = getattr(text_encoder, "count_tokens", None), getattr(text_encoder, "max_length", None)
+    if count is None or limit is None or not captions:
+        return None
+    needed = [count(c) for c in captions]
+    over = [n for n in needed if n > limit]
+    if not over:
+        return None
+    spec = text_encoder.spec() if hasattr(text_encoder, "spec") else {}
+    longest = max(over)
+    minilm = spec.get("kind") == "minilm" and longest <= MINILM_POSITIONS
+    fix = f"cache with --text-encoder minilm:{longest} to read them whole" if minilm else "shorten them"
+    return (f"{len(over)} of {len(captions)} unique captions are longer than the text encoder's {limit} "
+            f"tokens and are truncated, dropping {sum(n - limit for n in over)} tokens in all (longest needs "
+            f"{max(over)}); {fix}")
 
 
 def _resume_state(out: Path, manifest: dict) -> set[str]:

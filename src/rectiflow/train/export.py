@@ -99,6 +99,6 @@ def _bundle(model: Flux, path: Path, cfg, manifest: dict, metadata: dict[str, st
                 "caption_dropout": cfg.data.caption_dropout, "cfg_scale_default": why}
     p = save_bundle(path, model, ae, spec, defaults, card_extra={"training": training},
                     flow_path=get_path(cfg.flow.path), transformer_metadata=metadata,
-                    name=Path(cfg.train.out_dir).resolve().name)
+                    name=cfg.export.name or Path(cfg.train.out_dir).resolve().name)
     log.info("exported bundle %s", p)
     return p
