@@ -111,12 +111,12 @@ def run(args) -> int:
         print(hint)
     if report.duplicate_groups:
         print("duplicate groups:\n" + report.duplicates_text(limit=10))
-    if args.report:
-        print(f"wrote the full report to {report.write_report(args.report)}")
     warning = report.large_dedup_warning()
-    if warning:
+    if warning:  # before anything is written
         bar = "!" * 100
         print(f"{bar}\n{warning}\n{bar}", file=sys.stderr)
+    if args.report:
+        print(f"wrote the full report to {report.write_report(args.report)}")
     if args.write_manifest:
         path = report.write_manifest(args.write_manifest)
         print(f"wrote {len(report.kept)} samples to {path}")
