@@ -276,7 +276,7 @@ def quickstart(opts: QuickstartOptions) -> dict:
         if state.done(name):
             log.info("quickstart: %s already done, skipped", name)
             continue
-        log.info("quickstart: %s (%.1f of %.1f min used)", name, clock.elapsed() / 60, clock.budget / 60)
+        log.info("quickstart: %s (%.2f of %.2f min used)", name, clock.elapsed() / 60, clock.budget / 60)
         t0 = clock.now()
         if name in ("check", "cache") and text_encoder is None:
             text_encoder = load_text_encoder(opts.text_encoder)
