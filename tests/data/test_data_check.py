@@ -151,6 +151,7 @@ def test_dedup_groups_hold_the_leader_property():
         for g in groups:
             for j, d, c in g.removed:
                 assert near(g.kept, j, t) and d == hamming(prints[g.kept].phash, prints[j].phash)
+                assert c == colour_distance(prints[g.kept].colour, prints[j].colour)
                 assert prints[g.kept].pixels >= prints[j].pixels
         kept = [i for i in prints if i not in removed]
         assert not any(near(i, j, t) for i in kept for j in kept if i < j)

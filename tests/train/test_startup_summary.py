@@ -14,8 +14,8 @@ def test_train_prints_a_startup_summary_and_the_expected_time(tiny_cache, tmp_pa
         assert main(["train", str(TINY_TOML), *args]) == 0
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "model: micro transformer, " in text and "M parameters (hidden " in text
-    assert "data: 24 samples in " in text and ": 20 to train on, 4 held out for validation; latents 16x4x4 (4 " \
-        "image tokens)" in text
+    assert "data: 24 samples in " in text
+    assert ": 20 to train on, 4 held out for validation; latents 16x4x4 (4 image tokens)" in text
     assert "steps: 4 of batch 4 (0.8 epochs), 4 to go from step 0; validation every 4" in text
     rates = [r.getMessage() for r in caplog.records if r.getMessage().startswith("throughput:")]
     assert len(rates) == 1 and "samples/s" in rates[0] and "for the remaining 2 steps" in rates[0]
