@@ -31,7 +31,7 @@ def test_every_option_has_help(name):
     for a in parser._actions:
         if a.help:  # what the formatter prints for it (ArgumentDefaultsHelpFormatter appends a default)
             shown = formatter._get_help_string(a)
-            assert len(re.findall(r"\(default", shown)) <= 1, f"{name} {a.option_strings}: {shown!r}"
+            assert len(re.findall(r"\(default[: ]", shown)) <= 1, f"{name} {a.option_strings}: {shown!r}"
 
 
 @pytest.mark.parametrize("name", ["rectiflow cache", "rectiflow train-ae", "rectiflow data shapes",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 
@@ -11,46 +10,46 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
 
     q = sub.add_parser("info", help="format, rank, alpha, targeted modules and base hints of a LoRA file")
-    q.add_argument("file")
+    q.add_argument("file", help="LoRA file (kohya, diffusers, BFL, XLabs or rectiflow layout)")
     q.add_argument("--json", action="store_true", help="print the description as JSON")
     q.set_defaults(func=run_info)
 
     q = sub.add_parser(
         "merge",
         help="add a LoRA into a transformer's weights and save the result",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     q.add_argument("base", help="transformer weights (any format `rectiflow convert` reads)")
     q.add_argument("lora", help="LoRA file")
     q.add_argument("out", help="output file (bfl / rectiflow) or folder (diffusers)")
-    q.add_argument("--scale", default="1.0", help="LoRA multiplier")
-    q.add_argument("--format", choices=["rectiflow", "bfl", "diffusers"], default="rectiflow")
+    q.add_argument("--scale", default="1.0", help="LoRA multiplier (default 1.0)")
+    q.add_argument("--format", choices=["rectiflow", "bfl", "diffusers"], default="rectiflow",
+                   help="layout of the merged transformer (default rectiflow)")
     q.set_defaults(func=run_merge)
 
     q = sub.add_parser(
         "extract",
         help="a LoRA approximating TUNED - BASE by truncated SVD (kohya's method)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    q.add_argument("base")
-    q.add_argument("tuned")
-    q.add_argument("out")
-    q.add_argument("--rank", type=int, required=True)
-    q.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="file layout")
+    q.add_argument("base", help="the transformer before fine-tuning (any format `rectiflow convert` reads)")
+    q.add_argument("tuned", help="the fine-tuned transformer")
+    q.add_argument("out", help="output LoRA file")
+    q.add_argument("--rank", type=int, required=True, help="rank of the extracted adapters")
+    q.add_argument("--to", choices=["kohya", "diffusers"], default="kohya",
+                   help="file layout (default kohya)")
     q.add_argument(
         "--min-change",
         type=float,
         default=0.0,
-        help="skip layers whose relative change |dW|/|W| is at most this",
+        help="skip layers whose relative change |dW|/|W| is at most this (default 0)",
     )
     q.set_defaults(func=run_extract)
 
     q = sub.add_parser(
         "convert", help="rewrite a LoRA (kohya / diffusers / BFL-named / XLabs) as kohya or diffusers"
     )
-    q.add_argument("src")
-    q.add_argument("dst")
-    q.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    q.add_argument("src", help="LoRA file to convert")
+    q.add_argument("dst", help="output LoRA file")
+    q.add_argument("--to", choices=["kohya", "diffusers"], required=True, help="layout to write")
     q.set_defaults(func=run_convert)
 
     q = sub.add_parser("export", help="write the adapter of a LoRA training checkpoint as LoRA files")
