@@ -101,3 +101,29 @@ def test_truncation_is_said_once_with_the_total(tmp_path, write_image, caplog):
     said = [r.getMessage() for r in caplog.records if "truncat" in r.getMessage()]
     assert said == ["7 of 8 unique captions are longer than the text encoder's 16 tokens and are truncated, "
                     "dropping 126 tokens in all (longest needs 34); shorten them"]
+
+
+def test_written_files_get_the_default_mode(tmp_path, write_image):
+    """Cache shards, weight files and bundle folders come from private temporaries (0600 / 0700); in place
+    they have the mode open() gives (the manifest's): 0644 / 0755 under umask 022."""
+    import os
+    import stat
+
+    from rectiflow.io.atomic import atomic_dir
+    from rectiflow.io.safetensors_io import save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        source = _folder(tmp_path / "d", write_image, n=6)
+        cache = build_cache(source, MeanPoolAE(), WordText(), tmp_path / "c",
+                            size=32, shard_size=4)
+        weights = save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        with atomic_dir(tmp_path / "bundle") as d:
+            (d / "x.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in cache.iterdir()}
+    assert modes["manifest.json"] == 0o644 and len(modes) >= 3
+    assert all(m == 0o644 for m in modes.values()), modes
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o755

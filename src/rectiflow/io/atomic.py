@@ -8,6 +8,11 @@ the new one, never a torn mixture.
     with atomic_write(path) as tmp: ...write tmp...      a file (any writer that takes a path)
     write_bytes(path, data) / write_text(path, text)     the common cases of atomic_write
     with atomic_dir(path) as tmp: ...fill tmp...         a folder, swapped into place (replacing `path`)
+
+Modes: the temporaries start private (mkstemp 0600, mkdtemp 0700; safetensors' own writer also creates 0600
+files); renamed into place they would stay so, unlike files written with open() beside them (cache shards were
+0600 next to a 0644 manifest). `make_public` gives them the mode open() / mkdir() would have: 0666 / 0777
+minus the umask.
 """
 
 from __future__ import annotations
@@ -16,9 +21,25 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write", "fsync_dir", "write_bytes", "write_text"]
+__all__ = ["atomic_dir", "atomic_write", "fsync_dir", "make_public", "write_bytes", "write_text"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # os.umask can only be read by setting it; keep other threads from seeing the 0
+        mask = os.umask(0)
+        os.umask(mask)
+    return mask
+
+
+def make_public(path: str | os.PathLike) -> None:
+    """chmod `path` (a file or a directory) to the default mode of a new file / directory."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())
 
 
 def fsync_dir(d: str | os.PathLike) -> None:
@@ -46,6 +67,7 @@ def atomic_write(path: str | os.PathLike):
     try:
         yield Path(tmp)
         _fsync_file(Path(tmp))
+        make_public(tmp)
         os.replace(tmp, p)
         fsync_dir(p.parent)
     finally:
@@ -75,6 +97,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = True):
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.parent))
+    make_public(tmp)
     old = None
     try:
         yield tmp
