@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from rectiflow.data.sources import Problem, Source
 from rectiflow.data.transforms import IMAGE_ERRORS
 from rectiflow.errors import ConfigError
-from rectiflow.io.atomic import atomic_write
+from rectiflow.io.atomic import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +228,7 @@ class CheckReport:
         parts = [self.table(), "", "problems:"] + [str(p) for p in self.problems]
         if self.duplicate_groups:
             parts += ["", "duplicate groups:", self.duplicates_text()]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text(path, "\n".join(parts) + "\n")
 
     def write_manifest(self, path) -> Path:
         """jsonl of the kept samples (paths relative to the manifest), readable by `open_source(path)`."""
