@@ -172,7 +172,7 @@ def _autoencoder(opts: QuickstartOptions, run: Path, state: _State, clock: _Cloc
 
 def _cache(opts: QuickstartOptions, run: Path, text_encoder) -> dict:
     from rectiflow.convert.autoencoder import load_autoencoder
-    from rectiflow.data.cache import build_cache
+    from rectiflow.data.cache_writer import build_cache
     from rectiflow.data.sources import open_source
 
     source = open_source(str(run / "data" / "manifest.jsonl"))
@@ -237,8 +237,8 @@ def _transformer(opts: QuickstartOptions, run: Path, state: _State, clock: _Cloc
 def _samples(opts: QuickstartOptions, run: Path, bundle: Path) -> dict:
     import torch
 
+    from rectiflow.data.cache_reader import LatentCache
     from rectiflow.data.grid import labelled_grid
-    from rectiflow.data.latent_cache import LatentCache
     from rectiflow.sample.pipeline import Pipeline
     from rectiflow.train.validation import data_prompts
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rectiflow.train.model_fns import unwrap
+from rectiflow.train.model_transforms import unwrap
 
 __all__ = ["startup_summary", "expected_time"]
 
