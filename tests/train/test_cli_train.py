@@ -125,8 +125,6 @@ def test_exported_bundle_takes_the_validation_sampling(tmp_path, shift, expected
 def test_exported_bundle_cfg_default_follows_caption_dropout(tmp_path, extra, cfg_scale, why):
     """A model trained with caption dropout exports a guided default; the card says which and why; the bundle
     is named after the run (model.json, hence the PNG metadata's model name)."""
-    from types import SimpleNamespace
-
     from rectiflow.convert.bundle import load_bundle
     from rectiflow.convert.transformer import build_transformer
     from rectiflow.sample.random_model import random_bundle
@@ -137,8 +135,8 @@ def test_exported_bundle_cfg_default_follows_caption_dropout(tmp_path, extra, cf
     cfg = load_config(TINY_TOML, [f"model.autoencoder={bundle / 'ae.safetensors'}",
                                   f'train.out_dir="{tmp_path / "my-icons"}"', *extra])
     spec = json.loads((bundle / "model.json").read_text())["text_encoder"]
-    cache = SimpleNamespace(manifest={"text_encoder": {"spec": spec}, "shards": [{"size": [32, 32]}]})
-    _bundle(build_transformer("micro"), tmp_path / "out", cfg, cache)
+    manifest = {"text_encoder": {"spec": spec}, "shards": [{"size": [32, 32]}]}
+    _bundle(build_transformer("micro"), tmp_path / "out", cfg, manifest)
     card = json.loads((tmp_path / "out" / "model.json").read_text())
     assert card["defaults"]["cfg_scale"] == cfg_scale
     assert why in card["training"]["cfg_scale_default"]
