@@ -74,6 +74,8 @@ def test_couplings_of_another_latent_shape_are_refused(couplings, tmp_path):
 def test_couplings_exclude_cache_validation(couplings, tmp_path):
     with pytest.raises(ConfigError, match="validation.holdout"):
         load_config(TINY_TOML, _overrides(couplings, tmp_path, "validation.holdout=2"))
+    with pytest.raises(ConfigError, match="set both"):
+        load_config(TINY_TOML, [*TEST_OVERRIDES, "data.mix_cache=true"])
 
 
 def test_cli_reflow_training_exports_a_bundle(couplings, teacher, tmp_path, train_env):
@@ -103,12 +105,13 @@ def test_cli_guidance_distilled_student_is_steered_by_generate_guidance(coupling
 
 def test_mixing_in_the_real_data_loss(couplings, teacher, tiny_cache, tmp_path):
     with pytest.raises(RectiflowError, match="text encoder"):  # the test cache's hash-word embeddings
-        Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, f'data.cache="{tiny_cache}"')))
+        Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, f'data.cache="{tiny_cache}"',
+                                                  "data.mix_cache=true")))
     pipe = Pipeline.from_bundle(teacher)  # a cache of the same encoders as the couplings
     cache = build_cache(ArraySource(6, _item, name="squares"), pipe.autoencoder, pipe.text_encoder,
                         tmp_path / "cache", size=32, batch_size=6, shard_size=6)
     tr = Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, f'data.cache="{cache}"',
-                                                   "data.caption_dropout=0")))
+                                                   "data.mix_cache=true", "data.caption_dropout=0")))
     pairs = 8
     assert len(tr.cache) == pairs + 6 and len(tr.stream.indices) == pairs + 6
     batch = tr.load_batch([1, pairs + 2])  # a pair, then a cache row with fresh (seeded) noise

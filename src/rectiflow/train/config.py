@@ -75,6 +75,8 @@ class RunConfig:
         if d.teacher and self.guidance_distill.teacher:
             raise ConfigError("distill.teacher and guidance_distill.teacher are both set; distil the "
                               "guidance first, then the steps (two runs)")
+        if self.data.mix_cache and not (self.data.couplings and self.data.cache):
+            raise ConfigError("data.mix_cache=true mixes data.cache into data.couplings: set both")
         if self.data.couplings and v.holdout:
             raise ConfigError("validation.holdout > 0 reads data.cache, but data.couplings is set: set "
                               "validation.holdout=0 (evaluate the reflowed model with `rectiflow eval`)")

@@ -52,11 +52,13 @@ class DataConfig:
     caption_dropout: probability that a sample's caption is replaced by the cached "" embedding (CFG; 0.1 is
     the usual single-encoder value, Ho & Salimans 2022). couplings: a directory of `rectiflow reflow pairs`
     (reflow, Liu et al. 2022): train on its fixed (noise, endpoint) pairs, x_t = (1 - t) z_0 + t z_1 with the
-    PAIRED noise, instead of on `cache` with fresh noise (caption dropout applies to it too); with both set,
-    the cache's samples (fresh noise) join the pairs: the real-data loss mixed in by their numbers."""
+    PAIRED noise, instead of on `cache` with fresh noise (caption dropout applies to it too); `cache` is then
+    unused unless mix_cache is true: its samples (fresh noise) join the pairs, the real-data loss mixed in
+    by their numbers."""
 
     cache: str = ""
     couplings: str = ""
+    mix_cache: bool = False
     batch_size: int = 8
     caption_mix: dict[str, float] | None = None
     caption_dropout: float = 0.1

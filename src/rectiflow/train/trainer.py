@@ -97,7 +97,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         policy = CaptionPolicy(mix=cfg.data.caption_mix, dropout={"default": cfg.data.caption_dropout})
-        if cfg.data.couplings and cfg.data.cache:  # reflow with the real-data loss mixed in
+        if cfg.data.couplings and cfg.data.mix_cache:  # reflow with the real-data loss mixed in
             real = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
             self.cache = CouplingsWithData(cfg.data.couplings, real, cfg.data.caption_dropout, cfg.train.seed)
         elif cfg.data.couplings:  # reflow: a teacher's fixed (noise, endpoint) pairs
