@@ -32,7 +32,7 @@ def couplings(teacher, tmp_path_factory):
 
 
 def _overrides(couplings, out, *extra):
-    # data.cache = "": tiny.toml names a real-data cache, which would mix the real-data loss in.
+    # data.cache = "": tiny.toml names a real-data cache (mixed in only with data.mix_cache=true)
     return [*TEST_OVERRIDES, 'data.cache=""', f'data.couplings="{couplings}"', f'train.out_dir="{out}"',
             "model.preset=micro",
             "checkpoint.every=0", *extra]
