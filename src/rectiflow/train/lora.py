@@ -153,12 +153,12 @@ def _write_all(sd, cfg, base: str, step: int, params, out: Path, formats) -> lis
     return paths
 
 
-def export_lora(sd: dict[str, torch.Tensor], trainer, out: Path) -> list[Path]:
-    """Write the adapter tensors `sd` (EMA or live; keys `<module>.lora.default.{down,up}.weight`) in each
-    of cfg.lora.formats under `out`."""
-    return _write_all(
-        sd, trainer.cfg, trainer.lora_base_hash, trainer.step, trainer.params, out, trainer.cfg.lora.formats
-    )
+def export_lora(sd: dict[str, torch.Tensor], cfg, *, base_hash: str, step: int, params,
+                out: Path) -> list[Path]:
+    """Write the adapter tensors `sd` (EMA or live; keys `<module>.lora.default.{down,up}.weight`) of a run
+    with config `cfg` in each of cfg.lora.formats under `out`; base_hash: the base model's weights hash,
+    step: the training step, params: the base model's params (all recorded in the files' metadata)."""
+    return _write_all(sd, cfg, base_hash, step, params, out, cfg.lora.formats)
 
 
 def export_checkpoint(path: str | Path, out: str | Path, formats=None, ema: bool = True) -> list[Path]:

@@ -423,7 +423,10 @@ class Trainer:
             from rectiflow.train.lora import export_lora
 
             try:
-                return export_lora(sd, self, self.out_dir / "export") if self.dist.is_main else []
+                if not self.dist.is_main:
+                    return []
+                return export_lora(sd, self.cfg, base_hash=self.lora_base_hash, step=self.step,
+                                   params=self.params, out=self.out_dir / "export")
             finally:
                 self.dist.barrier()
         # leave together, also when writing fails: a rank that exits (tearing its gloo process group down at
