@@ -74,15 +74,16 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 class _Converter:
     """Moves tensors from `src` (a private copy) to `out`, so leftovers and gaps can be reported."""
 
-    def __init__(self, sd: Mapping[str, torch.Tensor], direction: str):
+    def __init__(self, sd: Mapping[str, torch.Tensor], direction: str, model: str = "FLUX transformer"):
         self.src = dict(sd)
         self.out: StateDict = {}
         self.direction = direction
+        self.model = model  # named in errors
 
     def take(self, key: str) -> torch.Tensor:
         if key not in self.src:
             raise FormatError(
-                f"{self.direction}: missing key {key!r}; is this a FLUX transformer of the given config?"
+                f"{self.direction}: missing key {key!r}; is this a {self.model} of the given config?"
             )
         return self.src.pop(key)
 
@@ -112,7 +113,7 @@ class _Converter:
             extra = sorted(self.src)
             raise FormatError(
                 f"{self.direction}: {len(extra)} unexpected key(s), e.g. {extra[:5]}; the state dict does "
-                "not match the given config (depth, guidance_embed) or is not a FLUX transformer"
+                f"not match the given config or is not a {self.model}"
             )
         return self.out
 
