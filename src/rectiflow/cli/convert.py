@@ -1,6 +1,8 @@
-"""`rectiflow convert SRC DST --to bfl|diffusers|rectiflow`: FLUX transformer checkpoints between formats.
+"""`rectiflow convert SRC DST --to bfl|stability|diffusers|rectiflow`: FLUX and SD3 transformer checkpoints
+between formats.
 
-Reads anything `load_transformer` reads (BFL / ComfyUI single files, diffusers folders, rectiflow files),
+Reads anything `load_transformer` reads (BFL / Stability / ComfyUI single files, diffusers folders, rectiflow
+files),
 checks it strictly against its config, and writes the requested format atomically. Conversions are exact
 (bit-identical tensors) unless --dtype asks for a cast.
 """
@@ -24,15 +26,20 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert a FLUX transformer checkpoint between BFL, diffusers and rectiflow formats",
-        description="Convert a FLUX transformer checkpoint (BFL / ComfyUI .safetensors, diffusers folder or "
-        "rectiflow file) to another format. Pickle checkpoints (.ckpt/.pt/.bin) are refused.",
+        help="convert a FLUX or SD3 transformer checkpoint between single-file, diffusers and rectiflow "
+        "formats",
+        description="Convert a FLUX or SD3 / SD3.5 transformer checkpoint (BFL / Stability / ComfyUI "
+        ".safetensors, diffusers folder or rectiflow file) to another format. Pickle checkpoints "
+        "(.ckpt/.pt/.bin) are refused.",
     )
     p.add_argument("src", help="source: .safetensors file, diffusers transformer/ folder or pipeline folder")
-    p.add_argument("dst", help="destination: a .safetensors file (bfl, rectiflow) or a folder (diffusers)")
-    p.add_argument("--to", required=True, choices=["bfl", "diffusers", "rectiflow"], help="output format")
+    p.add_argument("dst", help="destination: a .safetensors file (bfl, stability, rectiflow) or a folder "
+                   "(diffusers)")
+    p.add_argument("--to", required=True, choices=["bfl", "stability", "diffusers", "rectiflow"],
+                   help="output format (bfl: FLUX single file; stability: SD3 / SD3.5 single file)")
     p.add_argument("--config", default=None,
-                   help="preset name or JSON file of FluxParams fields (default: from the file / shapes)")
+                   help="preset name or JSON file of FluxParams / SD3Params fields (default: from the file / "
+                   "shapes)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast floating-point weights (default: keep the stored dtype)")
     p.add_argument("--max-shard-size", default=None,

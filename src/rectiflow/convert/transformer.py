@@ -1,5 +1,8 @@
 """FLUX transformer checkpoints: build, load (BFL / ComfyUI / diffusers / rectiflow files), save, inspect.
 
+SD3 / SD3.5 checkpoints go through the same build / load / save functions: the family is detected from the
+file (or the config) and rectiflow.convert.sd3 handles them.
+
 Formats
 - "bfl": one safetensors file with BFL keys (flux1-schnell.safetensors / flux1-dev.safetensors: 776 / 780
   tensors). Also read with ComfyUI's `model.diffusion_model.` prefix (any prefix, in fact; tensors outside it,
@@ -50,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("rectiflow", "bfl", "diffusers")
+FORMATS = ("rectiflow", "bfl", "diffusers", "stability")  # bfl: FLUX single files; stability: SD3's
 FORMAT_VERSION = "1"
 META_VERSION = "rectiflow.format_version"
 META_MODEL = "rectiflow.model"
@@ -96,10 +99,14 @@ class TransformerSource:
 
 
 def inspect_transformer(path: str | Path) -> TransformerSource:
-    """Identify a transformer checkpoint (file or folder) from headers and config files only."""
+    """Identify a transformer checkpoint (file or folder) from headers and config files only (an SD3 one
+    gives a rectiflow.convert.sd3.SD3Source)."""
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p} does not exist: check the path")
+    sd3_src = _sd3().inspect_sd3(p)
+    if sd3_src is not None:
+        return sd3_src
     if p.is_dir():
         return _inspect_folder(p)
     header = read_header(p)  # refuses pickles and truncated files
@@ -247,6 +254,8 @@ def infer_params(shapes: dict[str, tuple[int, ...]], layout: str = "bfl") -> Flu
 
 def describe_params(params: FluxParams) -> str:
     """The preset name `params` equals, else the published variant it matches, else "custom"."""
+    if _sd3().is_sd3_config(params):
+        return _sd3().describe_sd3(params)
     for name, preset in TRANSFORMER_PRESETS.items():
         if preset == params:
             return name
@@ -258,11 +267,24 @@ def describe_params(params: FluxParams) -> str:
 
 def build_transformer(preset_or_config: str | FluxParams | dict[str, Any], device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> Flux:
-    """A FLUX transformer with freshly initialised weights (no data on device "meta")."""
+    """A transformer with freshly initialised weights (no data on device "meta"): FLUX, or SD3's MMDiT for
+    an SD3 preset / SD3Params."""
+    if _sd3().is_sd3_config(preset_or_config):
+        from rectiflow.models.sd3 import MMDiT
+
+        with torch.device(device):
+            return MMDiT(preset_or_config).to(dtype)
     params = transformer_params(preset_or_config)
     with torch.device(device):
         model = Flux(params)
     return model.to(dtype)
+
+
+def _sd3():
+    """rectiflow.convert.sd3, imported when first needed (it imports this module's format constants)."""
+    from rectiflow.convert import sd3
+
+    return sd3
 
 
 def _meta_state_dict(params: FluxParams, layout: str) -> dict[str, torch.Tensor]:
@@ -293,12 +315,27 @@ def _mismatch_error(src: TransformerSource, params: FluxParams, config: Any, sum
 
 def load_transformer(path: str | Path, config: str | FluxParams | dict[str, Any] | None = None,
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> Flux:
-    """Load a FLUX transformer from any supported file or folder (see the module docstring).
+    """Load a FLUX or SD3 transformer from any supported file or folder (see the module docstring).
 
-    `config` (preset name, FluxParams or dict) overrides what the file records or its shapes imply.
+    `config` (preset name, FluxParams / SD3Params or dict) overrides what the file records or its shapes
+    imply.
     `dtype=None` keeps the stored dtype. Loading is strict; a mismatch raises FormatError.
     """
-    src = inspect_transformer(path)
+    sd3 = _sd3()
+    src, wants_sd3 = inspect_transformer(path), sd3.is_sd3_config(config)
+    if isinstance(src, sd3.SD3Source):
+        if config is not None and not wants_sd3:
+            found = describe_params(src.params or sd3.infer_sd3_params(src.shapes(), src.layout))
+            raise FormatError(f"{src.path} is an SD3 transformer ({found}), not FLUX: config {config!r} is a "
+                              "FLUX config; drop it or pass an SD3 preset")
+        return sd3.load_sd3(src, config, device, dtype)
+    if wants_sd3:
+        try:
+            found = describe_params(src.params or infer_params(src.shapes(), src.layout))
+        except (FormatError, ConfigError):
+            found = "custom"
+        raise FormatError(f"{src.path} is a FLUX transformer ({found}), not SD3: config {config!r} is an SD3 "
+                          "config; drop it or pass a FLUX preset")
     if config is not None:
         params = transformer_params(config)
     else:
@@ -342,8 +379,13 @@ def save_transformer(model: Flux, path: str | Path, format: str = "rectiflow",
     Writes are atomic: a temporary file or folder next to `path`, fsync, rename.
     """
     params = getattr(model, "params", None)
+    if _sd3().is_sd3_config(params):
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        return _sd3().save_sd3(model, path, format, meta, max_shard_bytes)
     if not isinstance(params, FluxParams):
         raise FormatError(f"save_transformer needs a rectiflow Flux model, got {type(model).__name__}")
+    if format == "stability":
+        raise FormatError("stability is SD3's single-file format; a FLUX transformer saves as bfl")
     if format not in FORMATS:
         raise FormatError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
     p = Path(path)
