@@ -36,7 +36,7 @@ from rectiflow.convert.safetensors_io import (
 )
 from rectiflow.convert.transformer import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
 from rectiflow.errors import ConfigError, FormatError
-from rectiflow.models.sd3 import MLP_RATIO, SD3_PRESETS, MMDiT, SD3Params, sd3_params
+from rectiflow.models.sd3 import MLP_RATIO, SD3_PRESETS, MMDiT, SD3Params, is_sd3_config, sd3_params
 
 __all__ = ["SD3_FORMATS", "SD3_KIND", "inspect_sd3", "infer_sd3_params", "describe_sd3", "load_sd3",
            "save_sd3", "sd3_diffusers_config", "sd3_params_from_diffusers_config", "is_sd3_config"]
@@ -96,18 +96,6 @@ class SD3Source:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-
-def is_sd3_config(spec: Any) -> bool:
-    """Whether a config (preset name, params object or dict of fields) names an SD3 model."""
-    if isinstance(spec, SD3Params):
-        return True
-    if isinstance(spec, str):
-        return spec in SD3_PRESETS
-    if isinstance(spec, Mapping):
-        fields = {f.name for f in dataclasses.fields(SD3Params)}
-        return "depth_single_blocks" not in spec and set(spec) <= fields
-    return False
 
 
 # ----------------------------------------------------------------------------------------------- inspect

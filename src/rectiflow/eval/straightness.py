@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from rectiflow.errors import RectiflowError
 from rectiflow.flow import endpoint_errors, rms_distance, solve_adaptive, straightness
-from rectiflow.models.transformer import pack
 from rectiflow.sample.pipeline import DEFAULT, Pipeline, initial_noise
 
 __all__ = ["evaluate_straightness", "default_prompts", "format_straightness", "write_report"]
@@ -69,8 +68,8 @@ def evaluate_straightness(pipe: Pipeline, *, n: int = 64, prompts: Sequence[str]
         cond = pipe.encode_prompts([prompts[i % len(prompts)] for i in idx])
         uncond = None if empty is None else tuple(e.expand(len(idx), *e.shape[1:]) for e in empty)
         velocity = pipe.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale)
-        x1 = pack(initial_noise([seed + i for i in idx], len(idx), channels, lh, lw).to(pipe.device,
-                                                                                          pipe.dtype))
+        noise = initial_noise([seed + i for i in idx], len(idx), channels, lh, lw)
+        x1 = pipe.family.pack(noise.to(pipe.device, pipe.dtype))  # model space
         with torch.inference_mode():
             rep = straightness(velocity, x1, steps=steps, buckets=buckets)
             ref = rep.endpoint

@@ -27,7 +27,7 @@ from rectiflow.nn.blocks import LastLayer
 from rectiflow.nn.embeddings import sincos_2d_embedding, timestep_embedding
 from rectiflow.nn.mmdit import JointBlock, PatchEmbed, VectorEmbedder
 
-__all__ = ["SD3Params", "MMDiT", "SD3_PRESETS", "sd3_params", "TIME_EMBED_DIM"]
+__all__ = ["SD3Params", "MMDiT", "SD3_PRESETS", "sd3_params", "is_sd3_config", "TIME_EMBED_DIM"]
 
 # mmditx.py MMDiTX(mlp_ratio=4.0, qkv_bias=True); diffusers' JointTransformerBlock fixes the same.
 MLP_RATIO, QKV_BIAS = 4.0, True
@@ -83,6 +83,11 @@ class SD3Params:
     def latent_channels(self) -> int:
         return self.in_channels
 
+    @property
+    def guidance_embed(self) -> bool:
+        """No SD3 / SD3.5 model is guidance-distilled (FluxParams has the field; generic code reads it)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["dual_attention_layers"] = list(self.dual_attention_layers)
@@ -118,6 +123,18 @@ SD3_PRESETS: dict[str, SD3Params] = {
 def sd3_params(spec: str | SD3Params | dict[str, Any]) -> SD3Params:
     """A preset name, an SD3Params or a dict of SD3Params fields -> SD3Params."""
     return resolve_params(spec, SD3Params, SD3_PRESETS, "SD3 transformer")
+
+
+def is_sd3_config(spec: Any) -> bool:
+    """Whether a config (preset name, SD3Params or dict of fields) names an SD3 model (else: FLUX)."""
+    if isinstance(spec, SD3Params):
+        return True
+    if isinstance(spec, str):
+        return spec in SD3_PRESETS
+    if isinstance(spec, dict):
+        fields = {f.name for f in dataclasses.fields(SD3Params)}
+        return "depth_single_blocks" not in spec and set(spec) <= fields
+    return False
 
 
 def position_table(params: SD3Params) -> torch.Tensor:

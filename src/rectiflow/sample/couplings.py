@@ -35,7 +35,6 @@ from rectiflow.data.couplings import (
 )
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import METHODS, solve, solve_adaptive, timestep_grid
-from rectiflow.models.transformer import pack, unpack
 from rectiflow.sample.pipeline import Pipeline, initial_noise
 
 __all__ = ["SOLVERS", "PromptSource", "make_couplings"]
@@ -209,13 +208,13 @@ def _shard(pipe, source, indices, seed, channels, lh, lw, ts, solver, uncond, cf
         un = None if uncond is None else tuple(u.to(pipe.device, pipe.dtype).expand(len(idx), *u.shape)
                                                for u in uncond)
         velocity = pipe.velocity_fn(cond, un, lh, lw, guidance, cfg_scale)
-        x = pack(noise[sl].to(pipe.device, pipe.dtype))  # [b, C, lh, lw] -> [b, L_img, 4C]
+        x = pipe.family.pack(noise[sl].to(pipe.device, pipe.dtype))  # [b, C, lh, lw] -> model space
         with torch.inference_mode():
             x = solve_adaptive(velocity, x, 1.0, 0.0, rtol=rtol, atol=atol)[0] if solver == "dopri5" \
                 else solve(velocity, x, ts, method=solver)
         if not torch.isfinite(x).all():
             raise RectiflowError("the teacher produced non-finite latents; check the model's weights")
-        ends.append(unpack(x, lh, lw).float().cpu())  # [b, L_img, 4C] -> [b, C, lh, lw]
+        ends.append(pipe.family.unpack(x, lh, lw).float().cpu())  # model space -> [b, C, lh, lw]
         bar.update(x.shape[0])
     return {"noise": noise, "latents": torch.cat(ends), "txt": txt, "vec": vec, "text_index": text_index,
             "seed": torch.tensor(seeds, dtype=torch.int64),

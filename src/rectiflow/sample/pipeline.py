@@ -50,7 +50,7 @@ from rectiflow.flow import (
     velocity_fn_from_model,
 )
 from rectiflow.flow import Path as FlowPath
-from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
+from rectiflow.models.family import family_of
 
 __all__ = ["DEFAULT", "GenerationResult", "Pipeline", "initial_noise"]
 
@@ -126,6 +126,7 @@ class Pipeline:
                  int8: bool = False, flow_path: FlowPath | None = None):
         self.transformer = transformer
         self.flow_path = flow_path or RectifiedFlow()
+        self.family = family_of(transformer)  # FLUX or SD3: how to pack latents and call the transformer
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.defaults = defaults or SamplingDefaults()
@@ -139,9 +140,9 @@ class Pipeline:
     def _check_components(self) -> None:
         p = self.transformer.params
         z = self.autoencoder.params.z_channels
-        if p.in_channels != 4 * z:
-            raise ConfigError(f"the transformer takes {p.in_channels} input features but the autoencoder's "
-                              f"{z} latent channels pack into {4 * z}; use matching components")
+        if p.latent_channels != z:
+            raise ConfigError(f"the transformer takes {p.latent_channels} latent channels but the "
+                              f"autoencoder gives {z}; use matching components")
         txt_dim = getattr(self.text_encoder, "txt_dim", p.context_in_dim)
         vec_dim = getattr(self.text_encoder, "vec_dim", p.vec_in_dim)
         if (txt_dim, vec_dim) != (p.context_in_dim, p.vec_in_dim):
@@ -270,7 +271,7 @@ class Pipeline:
         elif generator is None:
             seeds = [seed + i for i in range(n)]
         noise = initial_noise(seeds, n, self.autoencoder.params.z_channels, lh, lw, generator)
-        ts = timestep_grid(steps, shift=shift, seq_len=(lh // 2) * (lw // 2))
+        ts = timestep_grid(steps, shift=shift, seq_len=self.family.image_tokens(lh, lw))
         txt, vec = self.encode_prompts(prompts) if prompt_embeds is None else self._given_embeds(
             prompt_embeds, len(prompts))
         neg = self.encode_prompts(negatives) if negatives is not None else None
@@ -336,23 +337,21 @@ class Pipeline:
     def velocity_fn(self, cond: tuple[torch.Tensor, torch.Tensor],
                     uncond: tuple[torch.Tensor, torch.Tensor] | None, lh: int, lw: int,
                     guidance: float | None = None, cfg_scale: float = 1.0):
-        """The sampling ODE's velocity over packed latents, velocity(x [B, L_img, 4C], t 0-d) -> [B, L_img,
-        4C] for `rectiflow.flow.solve`, with text cond = (txt [B, L, D], vec [B, Dv]) and, when uncond is
+        """The sampling ODE's velocity in the model's space (FLUX: packed latents [B, L_img, 4C]; SD3: latents
+        [B, C, lh, lw]; `self.family.pack` / `unpack` convert), velocity(x, t 0-d) for `rectiflow.flow.solve`,
+        with text cond = (txt [B, L, D], vec [B, Dv]) and, when uncond is
         given, classifier-free guidance at cfg_scale (one doubled batch per evaluation); lh, lw: latent size
         """
         txt, vec = cond
         if uncond is not None:  # [B, ...] x 2 -> [2B, ...]
             txt, vec = cfg_batch(txt, uncond[0]), cfg_batch(vec, uncond[1])
-        nb = txt.shape[0]  # B, or 2B with CFG
-        img_ids = image_ids(1, lh, lw, device=self.device)  # [1, L_img, 3], shared over the batch
-        txt_ids = text_ids(1, txt.shape[1], device=self.device)  # [1, L_txt, 3]
+        nb = txt.shape[0]  # B, or 2B with CFG ([uncond; cond], the order cfg_velocity_fn expects)
         g = guidance_vector(guidance, nb, self.device, self.dtype) if guidance is not None else None
         check = self.dtype == torch.float16
 
         def model_fn(xb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             tt = t.to(self.dtype).expand(xb.shape[0])  # 0-d -> [B] (BFL denoise: full((B,), t, img.dtype))
-            v = self.transformer(img=xb, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=tt, y=vec,
-                                 guidance=g)
+            v = self.family.forward(self.transformer, xb, tt, txt, vec, lh, lw, g)
             if check and not torch.isfinite(v).all():
                 raise RectiflowError("float16 overflow: the transformer produced inf/NaN; use --dtype bf16 "
                                      "(same memory, float32 range) or fp32")
@@ -365,7 +364,7 @@ class Pipeline:
 
     def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
                  step_done=None):
-        x = pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> [B, L_img, 4C]
+        x = self.family.pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> model space
         b = x.shape[0]
         velocity = self.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale)
         with torch.inference_mode():
@@ -373,7 +372,7 @@ class Pipeline:
         if not torch.isfinite(x).all():
             raise self._nonfinite("latents")
         assert x.shape[0] == b
-        return unpack(x, lh, lw)  # [B, L_img, 4C] -> [B, C, lh, lw]
+        return self.family.unpack(x, lh, lw)  # model space -> [B, C, lh, lw]
 
     def _nonfinite(self, what: str) -> RectiflowError:
         if self.dtype == torch.float16:

@@ -42,11 +42,11 @@ from rectiflow.convert.transformer import (
     META_MODEL,
     META_TRAIN_CONFIG,
     META_VERSION,
-    MODEL_KIND,
 )
 from rectiflow.errors import FormatError, RectiflowError
 from rectiflow.io.atomic import atomic_dir
 from rectiflow.io.safetensors_io import load_tensors, save_safetensors
+from rectiflow.models.family import family_of
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _fault_now(step: int) -> bool:
 def _model_metadata(model_params: dict | None, config_json: str) -> dict[str, str]:
     meta = {META_TRAIN_CONFIG: config_json}
     if model_params is not None:  # makes model.safetensors / ema.safetensors readable by load_transformer
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: MODEL_KIND,
+        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: family_of(model_params).kind,
                      META_CONFIG: json.dumps(model_params, sort_keys=True)})
     return meta
 
@@ -177,7 +177,8 @@ def save_checkpoint(root: str | Path, step: int, *, model: dict[str, torch.Tenso
 
     model / ema: full state dicts; optimizer: a torch optimizer state_dict (full, unsharded); rng: from
     capture_rng; state: JSON-able trainer state (data position, counters); config: the resolved run config
-    as nested dicts (and as TOML text); model_params: FluxParams.to_dict() for the weights' metadata."""
+    as nested dicts (and as TOML text); model_params: the model's FluxParams / SD3Params .to_dict() for
+    the weights' metadata."""
     root = Path(root)
     final = root / checkpoint_name(step)
     if final.is_dir() and (final / "state.json").is_file():

@@ -19,7 +19,7 @@ from rectiflow.convert.transformer import load_transformer
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.errors import ConfigError
 from rectiflow.flow import cfg_batch, cfg_guide, sd3_shift
-from rectiflow.models.transformer import image_ids, text_ids
+from rectiflow.models.family import family_of
 from rectiflow.train.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,15 @@ class Teacher:
         self.device, self.autocast = device, autocast
         self.model = load_transformer(path, device=device, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
+        self.family = family_of(self.model)  # how to call it (FLUX or SD3)
         self._uncond = (uncond[0].to(device, torch.float32), uncond[1].to(device, torch.float32))
 
     @torch.no_grad()
     def velocity(self, x, t, txt, vec, h: int, w: int, guidance, scale) -> torch.Tensor:
-        """The teacher's velocity at (x [b, L, C], t [b]) with CFG at `scale`: a float (1 = no CFG, one
-        forward) or a tensor [b] of per-sample scales; `guidance`: the teacher's own guidance input or
-        None."""
-        b, dev = x.shape[0], self.device
+        """The teacher's velocity at (x [b, ...] in model space, t [b]) with CFG at `scale`: a float (1 = no
+        CFG, one forward) or a tensor [b] of per-sample scales; `guidance`: the teacher's own guidance input
+        or None."""
+        b = x.shape[0]
         plain = not torch.is_tensor(scale) and scale == 1.0
         if not plain:
             txt0, vec0 = self._uncond
@@ -52,14 +53,12 @@ class Teacher:
             txt = cfg_batch(txt, txt0.expand(b, *txt0.shape))  # [2b, L, D]
             vec = cfg_batch(vec, vec0.expand(b, *vec0.shape))  # [2b, Dv]
             guidance = None if guidance is None else cfg_batch(guidance, guidance)
-        n = x.shape[0]
         with self.autocast():
-            v = self.model(x, image_ids(n, h, w, dev), txt, text_ids(n, txt.shape[1], dev), t, vec,
-                           guidance).float()
+            v = self.family.forward(self.model, x, t, txt, vec, h, w, guidance).float()
         if plain:
             return v
         if torch.is_tensor(scale):
-            scale = scale.to(v)[:, None, None]  # [b] -> [b, 1, 1]
+            scale = scale.to(v).view(-1, *(1,) * (v.ndim - 1))  # [b] -> [b, 1, ...]
         return cfg_guide(v, scale)  # CFG (Ho & Salimans 2022): v_u + scale (v_c - v_u)
 
 
@@ -108,6 +107,7 @@ class Distiller:
             return 0.5 * (v1 + v2)
         u = t / (alpha - (alpha - 1.0) * t)  # the inverse of sd3_shift: t's place on the linear grid
         t_mid, t_next = self._shifted(u - half), self._shifted(u - 2 * half)
-        d1, d2 = (t - t_mid)[:, None, None], (t_mid - t_next)[:, None, None]
+        per_sample = (-1,) + (1,) * (x_t.ndim - 1)  # [b] -> [b, 1, ...] to broadcast over model space
+        d1, d2 = (t - t_mid).view(per_sample), (t_mid - t_next).view(per_sample)
         v2 = self.velocity(x_t - d1 * v1, t_mid, txt, vec, h, w, guidance)
         return (d1 * v1 + d2 * v2) / (d1 + d2)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rectiflow.convert.transformer import META_TRAIN_CONFIG, save_transformer
+from rectiflow.convert.transformer import META_TRAIN_CONFIG, build_transformer, save_transformer
 from rectiflow.flow import get_path
-from rectiflow.models.transformer import Flux, FluxParams
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +51,15 @@ def bundle_cfg_scale(cfg, guidance_embed: bool = False) -> tuple[float, str]:
                                 f"{cfg.data.caption_dropout:g}, validation.cfg_scale not above 1")
 
 
-def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out: str | Path, cfg,
+def export_weights(state_dict: dict[str, torch.Tensor], params, out: str | Path, cfg,
                    cache_manifest: dict | None = None) -> list[Path]:
-    """Write `state_dict` (a Flux state dict) in each of cfg.export.formats under `out`, plus a bundle when
-    cfg.export.bundle and cfg.model.autoencoder are set (text encoder and image size: those recorded in the
-    latent cache's manifest, `cache_manifest`)."""
+    """Write `state_dict` (of the model that `params`, FluxParams or SD3Params, describe) in each of
+    cfg.export.formats under `out`, plus a bundle when cfg.export.bundle and cfg.model.autoencoder are set
+    (text encoder and image size: those recorded in the latent cache's manifest, `cache_manifest`)."""
     from rectiflow.train.config import config_to_dict
 
     out = Path(out)
-    with torch.device("meta"):
-        model = Flux(params)
+    model = build_transformer(params, device="meta")
     model.load_state_dict(state_dict, strict=True, assign=True)
     meta = {META_TRAIN_CONFIG: json.dumps(config_to_dict(cfg), sort_keys=True)}
     paths = []
@@ -79,7 +77,7 @@ def export_weights(state_dict: dict[str, torch.Tensor], params: FluxParams, out:
     return paths
 
 
-def _bundle(model: Flux, path: Path, cfg, manifest: dict, metadata: dict[str, str] | None = None) -> Path:
+def _bundle(model, path: Path, cfg, manifest: dict, metadata: dict[str, str] | None = None) -> Path:
     from rectiflow.convert.autoencoder import load_autoencoder
     from rectiflow.convert.bundle import SamplingDefaults, save_bundle
 

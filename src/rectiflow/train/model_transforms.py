@@ -22,8 +22,10 @@ __all__ = ["transformer_blocks", "apply_activation_checkpointing", "apply_region
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The double- and single-stream blocks of a Flux model (the units of FSDP, checkpointing, compile)."""
-    return [*getattr(model, "double_blocks", []), *getattr(model, "single_blocks", [])]
+    """The blocks of a Flux (double- and single-stream) or SD3 (joint) model: the units of FSDP,
+    checkpointing and compile."""
+    names = ("double_blocks", "single_blocks", "joint_blocks")
+    return [block for name in names for block in getattr(model, name, [])]
 
 
 def _checkpointed(forward, *args):

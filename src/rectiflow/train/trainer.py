@@ -26,7 +26,7 @@ from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.couplings import CouplingsDataset, CouplingsWithData
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
-from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params
+from rectiflow.models.family import family_of, model_params, sample_dims
 from rectiflow.train import checkpoint as ckpt
 from rectiflow.train.batches import BatchStream, local_slice, split_holdout
 from rectiflow.train.config import RunConfig, config_to_dict, dump_toml
@@ -88,7 +88,7 @@ class Trainer:
 
             self.validator = Validator(
                 cfg, self.holdout, device=self.device, flow_path=self.path,
-                latent_channels=self.params.latent_channels, autocast=self.autocast,
+                latent_channels=self.params.latent_channels, family=self.family, autocast=self.autocast,
                 guidance_input=self.guidance_input, out_dir=self.out_dir, distiller=self.distiller,
                 is_main=self.dist.is_main)
 
@@ -117,16 +117,16 @@ class Trainer:
 
     def _setup_model(self, parallelize) -> None:
         cfg = self.cfg
-        params = transformer_params(cfg.model.preset)
-        if cfg.model.params or cfg.guidance_distill.teacher:  # a guidance-distilled student embeds g
-            extra = {"guidance_embed": True} if cfg.guidance_distill.teacher else {}
-            params = transformer_params({**params.to_dict(), **cfg.model.params, **extra})
+        # a guidance-distilled student embeds g
+        extra = {"guidance_embed": True} if cfg.guidance_distill.teacher else {}
+        params = model_params(cfg.model.preset, {**cfg.model.params, **extra})
         torch.manual_seed(cfg.train.seed)  # the random init is a function of the seed
         if cfg.model.init:
             model = self._load_init(params)
         else:
             model = build_transformer(params, device=self.device, dtype=torch.float32)
         self.params = model.params
+        self.family = family_of(model.params)  # how to pack latents and call this model
         self._check_cache_fits()
         self.lora_base_hash = None
         if cfg.lora.rank:  # freeze the base, attach the adapters (before checkpointing / compile / DDP wrap)
@@ -171,12 +171,12 @@ class Trainer:
     def _check_cache_fits(self) -> None:
         item = self.cache[0]
         p = self.params
-        got = (item["latents"].shape[0] * 4, item["txt"].shape[-1], item["vec"].shape[-1])
-        want = (p.in_channels, p.context_in_dim, p.vec_in_dim)
+        got = (item["latents"].shape[0], item["txt"].shape[-1], item["vec"].shape[-1])
+        want = (p.latent_channels, p.context_in_dim, p.vec_in_dim)
         if got != want:
             what = f"couplings {self.cfg.data.couplings}" if self.cfg.data.couplings else \
                 f"cache {self.cfg.data.cache}"
-            raise ConfigError(f"{what} does not fit the model: packed latent / text / "
+            raise ConfigError(f"{what} does not fit the model: latent / text / "
                               f"pooled widths {got}, model expects {want}; pick a matching preset or cache")
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class Trainer:
         b, _, h, w = lat.shape
         if "noise" in batch:  # reflow couplings: the noise paired with this endpoint, not fresh noise
             eps = batch["noise"]
-        x0, noise = pack(lat), pack(eps.to(dev))  # [b, (h/2)(w/2), 4C]
+        x0, noise = self.family.pack(lat), self.family.pack(eps.to(dev))  # model space, e.g. FLUX tokens
         t = t.to(dev)
         x_t, target = training_pair(self.path, x0, noise, t)
         txt, vec = batch["txt"].to(dev, torch.float32), batch["vec"].to(dev, torch.float32)
@@ -204,9 +204,8 @@ class Trainer:
         if self.guidance_distiller is not None:
             target = self.guidance_distiller.target(x_t, t, txt, vec, h, w, guidance)
         with self.autocast():
-            out = self.model(self.path.model_input(x_t, t), image_ids(b, h, w, dev), txt,
-                             text_ids(b, txt.shape[1], dev), t, vec, guidance)
-        per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2))  # [b]
+            out = self.family.forward(self.model, self.path.model_input(x_t, t), t, txt, vec, h, w, guidance)
+        per_sample = (out.float() - target.float()).pow(2).mean(dim=sample_dims(out))  # [b]
         weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
         return (weight * per_sample).mean()
 
@@ -429,9 +428,12 @@ class Trainer:
                                    params=self.params, out=self.out_dir / "export")
             finally:
                 self.dist.barrier()
-        # leave together, also when writing fails: a rank that exits (tearing its gloo process group down at
-        # exit) while the main rank still writes can abort the main rank's process; a main rank that raised
-        # before the barrier would leave the others waiting in it until the process-group timeout
+        # EMA averages parameters only; persistent buffers (SD3's position table) come from the model
+        sd |= {k: io.full_tensor(v) for k, v in unwrap(self.model).state_dict().items() if k not in sd}
+        # leave together, also when writing fails: a rank that exits (and tears its gloo process group down
+        # at exit) while the main rank still writes made the other rank abort ("terminate called without an
+        # active exception") now and then in the two-process tests; a main rank that raised before the
+        # barrier would leave the others waiting in it until the process-group timeout
         try:
             return export_weights(sd, self.params, self.out_dir / "export", self.cfg, self.cache.manifest) \
                 if self.dist.is_main else []

@@ -36,7 +36,7 @@ from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.grid import labelled_grid
 from rectiflow.flow import Path as FlowPath
 from rectiflow.flow import cfg_batch, cfg_guide, solve, timestep_grid, training_pair
-from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
+from rectiflow.models.family import ModelFamily, sample_dims
 from rectiflow.train.config import RunConfig
 from rectiflow.train.metrics import MetricsLogger
 from rectiflow.train.model_transforms import unwrap
@@ -69,16 +69,18 @@ def data_prompts(cache: LatentCache, holdout: list[int], n: int) -> list[str]:
 
 
 class Validator:
-    """Validation of one run. `guidance_input(b)` gives the guidance input [b] of guidance-distilled models
-    (else None); `autocast()` is the training precision context; `distiller` the run's Distiller, if any."""
+    """Validation of one run. `family`: the model's family (packing, the forward call); `guidance_input(b)`
+    gives the guidance input [b] of guidance-distilled models (else None); `autocast()` is the training
+    precision context; `distiller` the run's Distiller, if any."""
 
     def __init__(self, run_cfg: RunConfig, holdout: list[int], *, device: torch.device, flow_path: FlowPath,
-                 latent_channels: int, autocast: Callable[[], AbstractContextManager],
+                 latent_channels: int, family: ModelFamily, autocast: Callable[[], AbstractContextManager],
                  guidance_input: Callable[[int], torch.Tensor | None], out_dir: Path, distiller=None,
                  is_main: bool = True):
         self.cfg = run_cfg.validation
         self.autoencoder_path = run_cfg.model.autoencoder
         self.device, self.flow_path, self.latent_channels = device, flow_path, latent_channels
+        self.family = family
         self.autocast, self.guidance_input, self.distiller = autocast, guidance_input, distiller
         self.out_dir, self.is_main = Path(out_dir), is_main
         policy = CaptionPolicy(mix=run_cfg.data.caption_mix)  # no dropout: the conditional loss
@@ -144,12 +146,13 @@ class Validator:
                 lat = g["latents"].to(dev, torch.float32)
                 b, _, h, w = lat.shape
                 t = torch.full((b,), t_k, device=dev)
-                x_t, target = training_pair(path, pack(lat), pack(g["eps"].to(dev)), t)  # [b, L, 4C]
+                x0, eps = self.family.pack(lat), self.family.pack(g["eps"].to(dev))  # model space
+                x_t, target = training_pair(path, x0, eps, t)
                 if self.distiller is not None:
                     txt, vec = g["txt"].to(dev, torch.float32), g["vec"].to(dev, torch.float32)
                     target = self.distiller.target(x_t, t, txt, vec, h, w, self.guidance_input(b))
                 pred = self._forward(model, path.model_input(x_t, t), h, w, g["txt"], g["vec"], t)
-                total += float((pred.float() - target).pow(2).mean(dim=(1, 2)).sum())
+                total += float((pred.float() - target).pow(2).mean(dim=sample_dims(pred)).sum())
                 count += b
             out[f"loss_t{t_k:.3f}"] = total / count
         out["loss"] = sum(out.values()) / len(out)
@@ -159,8 +162,7 @@ class Validator:
         dev, b = self.device, x.shape[0]
         txt, vec = txt.to(dev, torch.float32), vec.to(dev, torch.float32)
         with self.autocast():
-            return model(x, image_ids(b, h, w, dev), txt, text_ids(b, txt.shape[1], dev), t, vec,
-                         self.guidance_input(b))
+            return self.family.forward(model, x, t, txt, vec, h, w, self.guidance_input(b))
 
     # ---- sample grid -------------------------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class Validator:
         chans = self.latent_channels
         noise = torch.cat([torch.randn(1, chans, h, w, generator=torch.Generator().manual_seed(s))
                            for _ in prompts for s in seeds])  # [P*S, C, h, w]
-        x = pack(noise.to(dev))  # [P*S, L_img, 4C]
+        x = self.family.pack(noise.to(dev))  # model space, e.g. FLUX tokens [P*S, L_img, 4C]
         n = x.shape[0]
         if c.cfg_scale > 1:
             t_u, v_u = self.cache.text(self.cache.empty_caption_index)
@@ -207,8 +209,8 @@ class Validator:
             v = path.to_velocity(out, xx, tb)
             return cfg_guide(v, c.cfg_scale) if c.cfg_scale > 1 else v
 
-        grid = timestep_grid(c.sample_steps, shift=c.shift, seq_len=x.shape[1])
-        return unpack(solve(velocity, x, grid, method=c.sampler), h, w)  # [P*S, C, h, w]
+        grid = timestep_grid(c.sample_steps, shift=c.shift, seq_len=self.family.image_tokens(h, w))
+        return self.family.unpack(solve(velocity, x, grid, method=c.sampler), h, w)  # [P*S, C, h, w]
 
     def sample_grid(self, model, step: int) -> Path | None:
         self._load_decoders()
