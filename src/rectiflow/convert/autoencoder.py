@@ -199,7 +199,10 @@ def _inspect(path: Path):
                           f"decoder.conv_in tensors){hint}")
     infos = {k[len(prefix):]: t for k, t in header.tensors.items() if k.startswith(prefix)}
     layout = "diffusers" if any(".down_blocks." in k for k in infos) else "bfl"
-    return layout, infos, None, path
+    # Stability's all-in-one SD3 files (`first_stage_model.*` beside `model.diffusion_model.joint_blocks.*`):
+    # the shapes are FLUX's, the latent normalisation is SD3's
+    sd3 = AE_PRESETS["sd3"] if any(".joint_blocks." in k for k in header.tensors) else None
+    return layout, infos, sd3, path
 
 
 def load_autoencoder(path: str | Path, config: str | AutoEncoderParams | dict[str, Any] | None = None,

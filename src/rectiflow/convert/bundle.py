@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 CARD_FILE = "model.json"
 CARD_FORMAT = "rectiflow-bundle"
 CARD_VERSION = 1
-LAYOUTS = ("rectiflow", "bfl", "diffusers")
+LAYOUTS = ("rectiflow", "bfl", "diffusers", "single")  # single: an SD3 Stability file (convert.sd3_bundle)
 DEFAULT_MODEL_ENV = "RECTIFLOW_DEFAULT_MODEL"
 SAMPLERS = METHODS  # the ODE solvers a bundle may name as its sampler (owned by rectiflow.flow.solvers)
 # Published FLUX.1 sampling settings: BFL flux/cli.py (schnell num_steps 4, dev guidance 3.5), diffusers
@@ -203,8 +203,8 @@ def _bfl_transformer_file(root: Path) -> Path | None:
 def bundle_layout(path: str | os.PathLike) -> str:
     """"rectiflow", "bfl" or "diffusers" for a bundle directory; FormatError naming what was expected."""
     root = Path(path)
-    expected = (f"{CARD_FILE} (rectiflow bundle), flux1-*.safetensors + ae.safetensors (BFL layout) or "
-                "model_index.json (diffusers layout)")
+    expected = (f"{CARD_FILE} (rectiflow bundle), flux1-*.safetensors + ae.safetensors (BFL layout), "
+                "model_index.json (diffusers layout) or sd3*.safetensors (SD3 single file)")
     if not root.exists():
         raise FormatError(f"model path {root} does not exist; pass a directory holding {expected}")
     if not root.is_dir():
@@ -215,6 +215,10 @@ def bundle_layout(path: str | os.PathLike) -> str:
         return "bfl"
     if (root / "model_index.json").is_file():
         return "diffusers"
+    from rectiflow.convert.sd3_bundle import sd3_single_file
+
+    if sd3_single_file(root) is not None:
+        return "single"
     raise FormatError(f"{root} is not a model bundle: expected {expected}")
 
 
@@ -237,7 +241,8 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu",
     with_text_encoder=False leaves Bundle.text_encoder None (callers that bring cached text embeddings)."""
     root = Path(path)
     layout = bundle_layout(root)
-    loader = {"rectiflow": _load_ours, "bfl": _load_bfl, "diffusers": _load_diffusers}[layout]
+    loader = {"rectiflow": _load_ours, "bfl": _load_bfl, "diffusers": _load_diffusers,
+              "single": _load_sd3_single}[layout]
     bundle = loader(root, torch.device(device), dtype, with_text_encoder)
     for m in (bundle.transformer, bundle.autoencoder):
         m.eval().requires_grad_(False)
@@ -328,9 +333,13 @@ def _load_bfl(root: Path, device: torch.device, dtype: torch.dtype, with_text: b
 def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
     index = _read_json(root / "model_index.json")
     cls = index.get("_class_name")
+    if cls == "StableDiffusion3Pipeline":
+        from rectiflow.convert.sd3_bundle import load_sd3_diffusers
+
+        return load_sd3_diffusers(root, device, dtype, with_text)
     if cls is not None and "Flux" not in str(cls):
         raise FormatError(f"{root} is a diffusers {cls}, not a FLUX pipeline; rectiflow generates with FLUX "
-                          "models (FluxPipeline)")
+                          "and SD3 models (FluxPipeline, StableDiffusion3Pipeline)")
     for sub in ("transformer", "vae"):
         if not (root / sub).is_dir():
             raise FormatError(f"{root} lacks the {sub}/ folder of a diffusers FluxPipeline")
@@ -344,6 +353,12 @@ def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, with_t
     files = _weight_files(root / "transformer") + _weight_files(root / "vae")
     return Bundle(transformer, autoencoder, text_encoder, defaults_for_model(dev, scheduler), root.name,
                   weights_hash(files), "diffusers", root)
+
+
+def _load_sd3_single(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
+    from rectiflow.convert.sd3_bundle import load_sd3_single
+
+    return load_sd3_single(root, device, dtype, with_text)
 
 
 # --------------------------------------------------------------------------------------------- save

@@ -70,6 +70,10 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
     # Published FLUX.1 autoencoder (BFL flux/util.py ae_params: resolution 256, ch 128, ch_mult [1, 2, 4, 4],
     # num_res_blocks 2, z_channels 16, scale_factor 0.3611, shift_factor 0.1159): 84M parameters.
     "flux": AutoEncoderParams(),
+    # SD3 / SD3.5's autoencoder: FLUX's architecture with its own latent normalisation (diffusers
+    # stable-diffusion-3-medium vae/config.json scaling_factor 1.5305, shift_factor 0.0609; Stability
+    # sd3_impls.py SD3LatentFormat the same).
+    "sd3": AutoEncoderParams(scale_factor=1.5305, shift_factor=0.0609),
     # CPU sizes with FLUX's latent interface (16 channels, 8x down). "small": ~1.27M parameters.
     "small": AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=16),
     # "tiny": ~0.1M parameters, for tests.

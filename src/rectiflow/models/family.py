@@ -75,7 +75,8 @@ class FluxFamily(ModelFamily):
             raise RectiflowError("skip-layer guidance is an SD3.5 option; FLUX models do not support it")
         dev = x.device
         # ids shared over the batch ([1, L, 3]): the RoPE tables are built once and broadcast
-        return model(x, image_ids(1, h, w, dev), txt, text_ids(1, txt.shape[1], dev), t, vec, guidance)
+        return model(img=x, img_ids=image_ids(1, h, w, dev), txt=txt, txt_ids=text_ids(1, txt.shape[1], dev),
+                     timesteps=t, y=vec, guidance=guidance)
 
 
 class SD3Family(ModelFamily):

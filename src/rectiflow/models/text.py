@@ -472,7 +472,8 @@ class TrainableTextEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- loading
-_NAMES = "'minilm', 'minilm:N', 'trainable', 'trainable:N' or a spec dict (kind minilm | flux | trainable)"
+_NAMES = ("'minilm', 'minilm:N', 'trainable', 'trainable:N' or a spec dict "
+          "(kind minilm | flux | sd3 | trainable)")
 
 
 def _parse_name(name: str) -> dict:
@@ -507,6 +508,12 @@ def load_text_encoder(spec: str | dict, device: str | torch.device = "cpu",
         _check_keys(kind, spec, {*FluxTextEncoder.PATH_KEYS, "max_length"},
                     {*FluxTextEncoder.PATH_KEYS, "max_length"})
         return FluxTextEncoder(**args, device=device, dtype=dtype)
+    if kind == "sd3":
+        from rectiflow.models.sd3_text import SD3TextEncoder
+
+        _check_keys(kind, spec, {*SD3TextEncoder.PATH_KEYS, "max_length", "t5_dim", "require_t5"},
+                    set(SD3TextEncoder.CLIP_KEYS))
+        return SD3TextEncoder(**args, device=device, dtype=dtype)
     if kind == "trainable":
         fields = {f.name for f in dataclasses.fields(TrainableTextConfig)}
         _check_keys(kind, spec, fields)

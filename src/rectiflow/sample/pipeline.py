@@ -27,6 +27,7 @@ guidance pluggable:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from rectiflow.flow import (
 )
 from rectiflow.flow import Path as FlowPath
 from rectiflow.models.family import family_of
+from rectiflow.sample.slg import SkipLayerGuidance
 
 __all__ = ["DEFAULT", "GenerationResult", "Pipeline", "initial_noise"]
 
@@ -222,6 +224,7 @@ class Pipeline:
                  generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,
                  batch_size: int | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 skip_layer_guidance: SkipLayerGuidance | None = None,
                  progress: bool = True,
                  callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate `num_images_per_prompt` images per prompt; unset arguments take the model's defaults.
@@ -234,6 +237,7 @@ class Pipeline:
         another); `prompts` then only label the results. Negative prompts are still encoded.
         `callback(done, total)` is called after every solver step (total = steps x model calls), e.g. for
         a progress bar in a server; an exception it raises aborts the generation (cancellation).
+        `skip_layer_guidance`: SD3.5's skip-layer guidance (rectiflow.sample.slg), on top of CFG.
         """
         d = self.defaults
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -285,7 +289,7 @@ class Pipeline:
             cond = (txt[idx], vec[idx])
             uncond = (neg[0][idx], neg[1][idx]) if neg is not None else None
             latents.append(self._denoise(noise[s:s + bs], cond, uncond, ts, sampler, guidance, cfg_scale,
-                                         progress, lh, lw, step_done))
+                                         progress, lh, lw, step_done, skip_layer_guidance))
         z = torch.cat(latents)  # [N, C, lh, lw]
         images = self._decode(z)
         base = dict(steps=steps, sampler=sampler, shift=shift, guidance=guidance, cfg_scale=cfg_scale,
@@ -293,6 +297,8 @@ class Pipeline:
                     dtype=str(self.dtype).replace("torch.", ""), int8=self.int8)
         if self.loras:
             base["loras"] = [dict(x) for x in self.loras]
+        if skip_layer_guidance is not None:
+            base["skip_layer_guidance"] = dataclasses.asdict(skip_layer_guidance)
         settings = [dict(base, prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
                          seed=seeds[i] if seeds else None) for i, p in enumerate(flat)]
         return GenerationResult(images, z.float().cpu(), settings)
@@ -363,10 +369,23 @@ class Pipeline:
         return velocity_fn_from_model(self.flow_path, guided)
 
     def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
-                 step_done=None):
+                 step_done=None, slg=None):
         x = self.family.pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> model space
         b = x.shape[0]
         velocity = self.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale)
+        if slg is not None:
+            c_txt, c_vec = cond
+            g_c = guidance_vector(guidance, b, self.device, self.dtype) if guidance is not None else None
+
+            def conditional(xb, t, skip=()):
+                tt = t.to(self.dtype).expand(xb.shape[0])
+                return self.family.forward(self.transformer, xb, tt, c_txt, c_vec, lh, lw, g_c,
+                                           skip_layers=skip)
+
+            def skipping(xb, t):
+                return conditional(xb, t, slg.layers)
+
+            velocity = slg.velocity_fn(velocity, conditional, skipping, ts)
         with torch.inference_mode():
             x = solve(velocity, x, ts, method=sampler, progress=progress, callback=step_done)
         if not torch.isfinite(x).all():
