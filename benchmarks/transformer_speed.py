@@ -1,6 +1,7 @@
-"""Forward latency of rectiflow's Flux vs diffusers' FluxTransformer2DModel with the same weights (CPU, fp32).
+"""Forward latency of rectiflow's Flux vs diffusers' FluxTransformer2DModel with the same weights (CPU, fp32),
+and of rectiflow's SD3 MMDiT vs diffusers' SD3Transformer2DModel (configs sd3-tiny, sd3.5-tiny).
 
-    python benchmarks/transformer_speed.py [--runs 7] [--configs tiny,small] [--compile]
+    python benchmarks/transformer_speed.py [--runs 7] [--configs tiny,small,sd3-tiny,sd3.5-tiny] [--compile]
 
 Same process, calls interleaved (ours, diffusers, a 4096^3 fp32 matmul, ours, ...), median of >= 7 runs
 after warm-up, under torch.inference_mode. Prints the machine, torch version and thread count, the speed
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _common import interleaved_medians, matmul_peak_flops, print_machine_info, square_matmul  # noqa: E402
+from _sd3_speed import SD3_CONFIGS, bench_sd3  # noqa: E402
 from rectiflow.convert.flux_keys import diffusers_to_bfl  # noqa: E402
 from rectiflow.models.transformer import TRANSFORMER_PRESETS, Flux, FluxParams, image_ids, text_ids  # noqa: E402
 
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
     print_machine_info()
     peak = matmul_peak_flops()
     print(f"{'fp32 matmul, best of 7':>26}: {peak / 1e9:.1f} GFLOP/s (4096^3)\n")
-    rows = [bench(name, args.runs, peak, args.compile) for name in args.configs.split(",")]
+    rows = [bench_sd3(name, args.runs, peak) if name in SD3_CONFIGS
+            else bench(name, args.runs, peak, args.compile) for name in args.configs.split(",")]
     print("| config | params | tokens | ours (ms) | diffusers (ms) | speed-up | ours GFLOP/s "
           "| % of interleaved matmul | % of best matmul | max rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -31,8 +31,9 @@ def test_sd3_trains_and_resumes_exactly(tiny_cache, tmp_path, train_env):
 
     exported = load_transformer(out / "export" / "transformer.safetensors")
     assert isinstance(exported, MMDiT) and exported.params.depth == 2
-    ckpt = load_transformer(out / "checkpoints" / "step-000000024" / "model.safetensors")
-    assert isinstance(ckpt, MMDiT)
+    for name in ("model", "ema"):
+        ckpt = load_transformer(out / "checkpoints" / "step-000000024" / f"{name}.safetensors")
+        assert isinstance(ckpt, MMDiT)
 
     # resume from the step-12 checkpoint: the same step-24 state, bit for bit
     again = tmp_path / "again"

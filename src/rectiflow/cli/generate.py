@@ -21,8 +21,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 NO_DEFAULT_MODEL = (
     "the bundled default model is missing from rectiflow/assets/default/ (rebuild it with "
     "`bash recipes/shapes/run.sh`, or reinstall rectiflow); "
-    "pass --model PATH, a directory with model.json (rectiflow), flux1-*.safetensors + ae.safetensors (BFL) "
-    "or model_index.json (diffusers)"
+    "pass --model PATH, a directory with model.json (rectiflow), flux1-*.safetensors + ae.safetensors (BFL), "
+    "model_index.json (diffusers: FLUX or SD3) or sd3*.safetensors (SD3)"
 )
 
 
@@ -48,6 +48,17 @@ def parse_shift(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """argparse type of --skip-layers: comma-separated block indices >= 0."""
+    try:
+        layers = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 7,8,9, got {text!r}") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"block indices must be >= 0, got {text!r}")
+    return layers
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate images from a text prompt",
@@ -55,7 +66,8 @@ def register(subparsers) -> None:
                     "options take the model's defaults (model.json / published FLUX settings).",
     )
     p.add_argument("prompt", nargs="+", help="the prompt (several: one batch of -n images each)")
-    p.add_argument("--model", help="bundle directory (rectiflow model.json, BFL or diffusers layout); "
+    p.add_argument("--model", help="bundle directory (rectiflow model.json, BFL, diffusers or SD3 "
+                   "single-file layout); "
                                    "default: the bundled default model")
     p.add_argument("--steps", type=int, help="number of solver steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (0)")
@@ -64,6 +76,8 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, help="guidance-embedding value (guidance-distilled models: dev)")
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
     p.add_argument("--negative-prompt", help="negative prompt (needs --cfg above 1)")
+    p.add_argument("--skip-layers", type=parse_layers, help="SD3.5 skip-layer guidance: joint blocks to "
+                   "skip, e.g. 7,8,9 (scale 2.8 in the first 1-20%% of the steps; see docs/sd3.md)")
     p.add_argument("--sampler", type=parse_sampler, help="ODE solver: euler, midpoint, heun or rk4")
     p.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
                    help="time shift: none, flux (sequence-length shift) or a number (SD3 alpha)")
@@ -133,6 +147,7 @@ def run(args) -> int:
     from rectiflow import __version__
     from rectiflow.errors import RectiflowError
     from rectiflow.sample import DEFAULT, Pipeline, save_png
+    from rectiflow.sample.slg import SkipLayerGuidance
 
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.num_images < 1:
@@ -154,6 +169,7 @@ def run(args) -> int:
         guidance=DEFAULT if args.guidance is None else args.guidance, cfg_scale=args.cfg_scale,
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, progress=not args.no_progress,
+        skip_layer_guidance=SkipLayerGuidance(layers=args.skip_layers) if args.skip_layers else None,
     )
     t2 = time.perf_counter()
     paths = output_paths(args.output, len(result.images))

@@ -291,6 +291,8 @@ class Trainer:
         io = self.state_io
         model_sd = io.model_state(self.model)
         ema = {k: io.full_tensor(v) for k, v in self.ema.items()} if self.ema is not None else None
+        if ema is not None:  # persistent buffers (SD3's position table) too, so ema.safetensors loads alone
+            ema |= {k: v for k, v in model_sd.items() if k not in ema}
         optim_sd = io.optim_state(self.model, self.optimizer)
         path = None
         try:  # the barrier also when the main rank fails to write (the others would wait in it till timeout)
