@@ -88,7 +88,8 @@ def load_sd3_diffusers(root: Path, device: torch.device, dtype: torch.dtype, wit
     autoencoder = load_autoencoder(root / "vae", device=device, dtype=dtype)
     sched_file = root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(sched_file) if sched_file.is_file() else None
-    text_encoder = _text_encoder(root, device, dtype, transformer.params.context_in_dim) if with_text else None
+    width = transformer.params.context_in_dim
+    text_encoder = _text_encoder(root, device, dtype, width) if with_text else None
     files = _weight_files(root / "transformer") + _weight_files(root / "vae")
     defaults = sd3_defaults(transformer.params, root.name, scheduler)
     return Bundle(transformer, autoencoder, text_encoder, defaults, root.name, weights_hash(files),
@@ -116,6 +117,7 @@ def load_sd3_single(root: Path, device: torch.device, dtype: torch.dtype, with_t
                               "autoencoder (vae/ of the diffusers repo)") from None
         autoencoder = load_autoencoder(root / "vae", device=device, dtype=dtype)
         ae_files = _weight_files(root / "vae")
-    text_encoder = _text_encoder(root, device, dtype, transformer.params.context_in_dim) if with_text else None
+    width = transformer.params.context_in_dim
+    text_encoder = _text_encoder(root, device, dtype, width) if with_text else None
     return Bundle(transformer, autoencoder, text_encoder, sd3_defaults(transformer.params, tfile.stem),
                   tfile.stem, weights_hash(sorted({tfile, *ae_files})), "single", root)
