@@ -123,7 +123,7 @@ def test_defaults_validation_and_published_defaults():
 
 
 def test_weights_hash_sampled_for_large_files(tmp_path, monkeypatch):
-    import rectiflow.convert.bundle as bundle
+    import rectiflow.convert.bundle_types as bundle
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(bytes(range(256)) * 64)

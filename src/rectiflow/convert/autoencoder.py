@@ -25,6 +25,7 @@ import torch
 from rectiflow.convert.identify import find_prefix, guess_checkpoint
 from rectiflow.errors import FormatError
 from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.metadata import AUTOENCODER_KIND, FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
 from rectiflow.io.safetensors_io import (
     iter_tensors,
     read_diffusers_weights,
@@ -40,9 +41,6 @@ __all__ = ["build_autoencoder", "load_autoencoder", "save_autoencoder", "bfl_to_
 log = logging.getLogger(__name__)
 
 FORMATS = ("rectiflow", "bfl", "diffusers")
-FORMAT_VERSION = "1"
-META_VERSION, META_MODEL, META_CONFIG = "rectiflow.format_version", "rectiflow.model", "rectiflow.config"
-MODEL_KIND = "flux-autoencoder"
 ANCHOR = "encoder.conv_in.weight"
 
 
@@ -181,7 +179,7 @@ def _inspect(path: Path):
     header = read_header(path)  # refuses pickles and truncated files
     meta = header.metadata
     if META_VERSION in meta:
-        if meta.get(META_MODEL) != MODEL_KIND:
+        if meta.get(META_MODEL) != AUTOENCODER_KIND:
             raise FormatError(f"{path} holds a rectiflow {meta.get(META_MODEL)}, not an autoencoder")
         if meta[META_VERSION] != FORMAT_VERSION:
             raise FormatError(f"{path} uses rectiflow format version {meta[META_VERSION]}; this rectiflow "
@@ -264,7 +262,7 @@ def save_autoencoder(model: AutoEncoder, path: str | Path, format: str = "rectif
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if format == "rectiflow":
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: MODEL_KIND,
+        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: AUTOENCODER_KIND,
                      META_CONFIG: json.dumps(params.to_dict(), sort_keys=True)})
         return save_safetensors(sd, p, meta)
     meta.setdefault("format", "pt")

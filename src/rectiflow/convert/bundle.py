@@ -36,23 +36,30 @@ function is called (never at import), overrides the location (tests and experime
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rectiflow.convert.autoencoder import load_autoencoder, save_autoencoder
-from rectiflow.convert.transformer import META_TRAIN_CONFIG, load_transformer, save_transformer
+from rectiflow.convert.bundle_types import (
+    SAMPLERS,
+    Bundle,
+    SamplingDefaults,
+    defaults_for_model,
+    read_json,
+    weight_files,
+    weights_hash,
+)
+from rectiflow.convert.transformer import load_transformer, save_transformer
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
-from rectiflow.flow import METHODS, RectifiedFlow, TimeShift, parse_time_shift, path_from_record, path_record
 from rectiflow.flow import Path as FlowPath
+from rectiflow.flow import RectifiedFlow, path_from_record, path_record
 from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.metadata import META_TRAIN_CONFIG
 from rectiflow.io.safetensors_io import load_tensors, read_metadata, save_safetensors
 from rectiflow.models.text import load_text_encoder
 
@@ -68,118 +75,9 @@ CARD_FORMAT = "rectiflow-bundle"
 CARD_VERSION = 1
 LAYOUTS = ("rectiflow", "bfl", "diffusers", "single")  # single: an SD3 Stability file (convert.sd3_bundle)
 DEFAULT_MODEL_ENV = "RECTIFLOW_DEFAULT_MODEL"
-SAMPLERS = METHODS  # the ODE solvers a bundle may name as its sampler (owned by rectiflow.flow.solvers)
-# Published FLUX.1 sampling settings: BFL flux/cli.py (schnell num_steps 4, dev guidance 3.5), diffusers
-# FluxPipeline.__call__ (num_inference_steps=28, guidance_scale=3.5, default size 1024 = 128 * vae scale 8).
-FLUX_SCHNELL_STEPS = 4
-FLUX_DEV_STEPS = 28
-FLUX_DEV_GUIDANCE = 3.5
-FLUX_SIZE = 1024
 # T5 token length of the published models (BFL flux/util.py load_t5: 256 for schnell, 512 for dev).
 FLUX_SCHNELL_T5_LEN = 256
 FLUX_DEV_T5_LEN = 512
-# Weight files above this size are hashed from samples (see weights_hash) instead of in full.
-FULL_HASH_LIMIT = 256 * 2**20
-_HASH_SAMPLE = 2**20
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """A model's sampling settings. shift: None (linear grid), "flux" (sequence-length shift) or a float
-    alpha (SD3 static shift); guidance: the guidance-embedding value (guidance-distilled models only)."""
-
-    steps: int = FLUX_SCHNELL_STEPS
-    sampler: str = "euler"
-    shift: TimeShift = None
-    guidance: float | None = None
-    cfg_scale: float = 1.0
-    width: int = FLUX_SIZE
-    height: int = FLUX_SIZE
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        object.__setattr__(self, "shift", parse_time_shift(self.shift))  # frozen: normalise once here
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v % 16:
-                raise ConfigError(f"{name} must be a positive multiple of 16, got {v!r}")
-        if self.cfg_scale < 0:
-            raise ConfigError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "defaults") -> SamplingDefaults:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{where}: unknown sampling default(s) {unknown}; valid: {sorted(names)}")
-        return cls(**d)
-
-
-def defaults_for_model(guidance_embed: bool, scheduler: dict[str, Any] | None = None) -> SamplingDefaults:
-    """Published defaults: schnell-like (no guidance embedding) or dev-like; a diffusers scheduler config
-    (use_dynamic_shifting / shift) overrides the shift."""
-    if guidance_embed:
-        d = SamplingDefaults(steps=FLUX_DEV_STEPS, shift="flux", guidance=FLUX_DEV_GUIDANCE)
-    else:
-        d = SamplingDefaults(steps=FLUX_SCHNELL_STEPS, shift=None)
-    if scheduler:
-        if scheduler.get("use_dynamic_shifting"):
-            shift: TimeShift = "flux"
-        else:
-            alpha = float(scheduler.get("shift", 1.0))
-            shift = None if alpha == 1.0 else alpha
-        d = dataclasses.replace(d, shift=shift)
-    return d
-
-
-@dataclass
-class Bundle:
-    """The loaded components of a bundle and its identity."""
-
-    transformer: torch.nn.Module
-    autoencoder: torch.nn.Module
-    text_encoder: Any
-    defaults: SamplingDefaults
-    name: str
-    model_hash: str
-    layout: str
-    path: Path
-    card: dict[str, Any] = field(default_factory=dict)
-    flow_path: FlowPath = field(default_factory=RectifiedFlow)  # how the transformer was trained
-
-
-# --------------------------------------------------------------------------------------------- identity
-
-
-def weights_hash(files: list[Path]) -> str:
-    """12 hex digits of SHA-256 over the weight files (sorted by name): name, size and content. Files above
-    FULL_HASH_LIMIT bytes contribute their safetensors header and 1 MiB samples at 16 evenly spaced offsets
-    instead of every byte (hashing a 24 GB FLUX file in full would take minutes on each load)."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= FULL_HASH_LIMIT:
-                for chunk in iter(lambda: fh.read(2**22), b""):
-                    h.update(chunk)
-            else:
-                for i in range(16):
-                    fh.seek(i * (size - _HASH_SAMPLE) // 15)
-                    h.update(fh.read(_HASH_SAMPLE))
-    return h.hexdigest()[:12]
-
-
-def _weight_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*.safetensors") if p.is_file()]
-
-
 # --------------------------------------------------------------------------------------------- layout
 
 
@@ -222,16 +120,6 @@ def bundle_layout(path: str | os.PathLike) -> str:
     raise FormatError(f"{root} is not a model bundle: expected {expected}")
 
 
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"cannot read {p}: {e}".splitlines()[0]) from e
-    if not isinstance(data, dict):
-        raise FormatError(f"{p} must hold a JSON object")
-    return data
-
-
 # --------------------------------------------------------------------------------------------- load
 
 
@@ -259,7 +147,7 @@ def _resolve_spec_paths(spec: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def _load_ours(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
-    card = _read_json(root / CARD_FILE)
+    card = read_json(root / CARD_FILE)
     where = str(root / CARD_FILE)
     if card.get("format") != CARD_FORMAT:
         raise FormatError(f"{where} is not a rectiflow bundle card (format should be {CARD_FORMAT!r})")
@@ -331,7 +219,7 @@ def _load_bfl(root: Path, device: torch.device, dtype: torch.dtype, with_text: b
 
 
 def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, with_text: bool = True) -> Bundle:
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     cls = index.get("_class_name")
     if cls == "StableDiffusion3Pipeline":
         from rectiflow.convert.sd3_bundle import load_sd3_diffusers
@@ -347,10 +235,10 @@ def _load_diffusers(root: Path, device: torch.device, dtype: torch.dtype, with_t
     autoencoder = load_autoencoder(root / "vae", device=device, dtype=dtype)
     dev = transformer.params.guidance_embed
     sched_file = root / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(sched_file) if sched_file.is_file() else None
+    scheduler = read_json(sched_file) if sched_file.is_file() else None
     text_encoder = _flux_text_encoder(root, FLUX_DEV_T5_LEN if dev else FLUX_SCHNELL_T5_LEN, device, dtype) \
         if with_text else None
-    files = _weight_files(root / "transformer") + _weight_files(root / "vae")
+    files = weight_files(root / "transformer") + weight_files(root / "vae")
     return Bundle(transformer, autoencoder, text_encoder, defaults_for_model(dev, scheduler), root.name,
                   weights_hash(files), "diffusers", root)
 
@@ -421,4 +309,4 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
     root = Path(path)
     if bundle_layout(root) != "rectiflow":
         raise RectiflowError(f"{root} is not a rectiflow bundle (no {CARD_FILE})")
-    return _read_json(root / CARD_FILE)
+    return read_json(root / CARD_FILE)

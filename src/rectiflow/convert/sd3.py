@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from rectiflow.convert.identify import find_prefix
-from rectiflow.convert.safetensors_io import (
-    atomic_dir,
+from rectiflow.errors import ConfigError, FormatError
+from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.metadata import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION, SD3_TRANSFORMER_KIND
+from rectiflow.io.safetensors_io import (
     iter_tensors,
     read_diffusers_weights,
     read_header,
@@ -34,17 +36,14 @@ from rectiflow.convert.safetensors_io import (
     save_sharded,
     state_dict_mismatch,
 )
-from rectiflow.convert.transformer import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
-from rectiflow.errors import ConfigError, FormatError
 from rectiflow.models.sd3 import MLP_RATIO, SD3_PRESETS, MMDiT, SD3Params, is_sd3_config, sd3_params
 
-__all__ = ["SD3_FORMATS", "SD3_KIND", "inspect_sd3", "infer_sd3_params", "describe_sd3", "load_sd3",
+__all__ = ["SD3_FORMATS", "inspect_sd3", "infer_sd3_params", "describe_sd3", "load_sd3",
            "save_sd3", "sd3_diffusers_config", "sd3_params_from_diffusers_config", "is_sd3_config"]
 
 log = logging.getLogger(__name__)
 
 SD3_FORMATS = ("rectiflow", "stability", "diffusers")
-SD3_KIND = "sd3-transformer"  # rectiflow.model metadata value
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 SINGLE_FILE_PREFIX = "model.diffusion_model."  # Stability's single files (and ComfyUI's)
 ANCHORS = {"stability": "x_embedder.proj.weight", "diffusers": "pos_embed.proj.weight"}
@@ -120,7 +119,7 @@ def inspect_sd3(path: str | Path) -> SD3Source | None:
     header = read_header(p)
     meta = header.metadata
     if META_VERSION in meta:
-        if meta.get(META_MODEL) != SD3_KIND:
+        if meta.get(META_MODEL) != SD3_TRANSFORMER_KIND:
             return None
         if meta[META_VERSION] != FORMAT_VERSION:
             raise FormatError(f"{p} uses rectiflow format version {meta[META_VERSION]}, this rectiflow reads "
@@ -288,7 +287,7 @@ def save_sd3(model: MMDiT, path: str | Path, format: str, metadata: Mapping[str,
         raise FormatError(f"{p} is a file; the diffusers format is a folder: pass a directory path")
     sd = model.state_dict()
     if format == "rectiflow":
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: SD3_KIND,
+        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: SD3_TRANSFORMER_KIND,
                      META_CONFIG: json.dumps(params.to_dict(), sort_keys=True)})
         return save_safetensors(sd, p, meta)
     meta.setdefault("format", "pt")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rectiflow.convert.autoencoder import load_autoencoder
-from rectiflow.convert.bundle import Bundle, SamplingDefaults, _read_json, _weight_files, weights_hash
+from rectiflow.convert.bundle_types import Bundle, SamplingDefaults, read_json, weight_files, weights_hash
 from rectiflow.convert.transformer import load_transformer
 from rectiflow.errors import FormatError
 from rectiflow.models.sd3 import SD3Params
@@ -87,10 +87,10 @@ def load_sd3_diffusers(root: Path, device: torch.device, dtype: torch.dtype, wit
         raise FormatError(f"{root} is a {DIFFUSERS_CLASS} whose transformer/ is not an SD3 transformer")
     autoencoder = load_autoencoder(root / "vae", device=device, dtype=dtype)
     sched_file = root / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(sched_file) if sched_file.is_file() else None
+    scheduler = read_json(sched_file) if sched_file.is_file() else None
     width = transformer.params.context_in_dim
     text_encoder = _text_encoder(root, device, dtype, width) if with_text else None
-    files = _weight_files(root / "transformer") + _weight_files(root / "vae")
+    files = weight_files(root / "transformer") + weight_files(root / "vae")
     defaults = sd3_defaults(transformer.params, root.name, scheduler)
     return Bundle(transformer, autoencoder, text_encoder, defaults, root.name, weights_hash(files),
                   "diffusers", root)
@@ -116,7 +116,7 @@ def load_sd3_single(root: Path, device: torch.device, dtype: torch.dtype, with_t
             raise FormatError(f"{tfile} holds no autoencoder and {root} has no vae/ folder: add the SD3 "
                               "autoencoder (vae/ of the diffusers repo)") from None
         autoencoder = load_autoencoder(root / "vae", device=device, dtype=dtype)
-        ae_files = _weight_files(root / "vae")
+        ae_files = weight_files(root / "vae")
     width = transformer.params.context_in_dim
     text_encoder = _text_encoder(root, device, dtype, width) if with_text else None
     return Bundle(transformer, autoencoder, text_encoder, sd3_defaults(transformer.params, tfile.stem),

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from rectiflow.convert.identify import ANCHORS, find_prefix, flux_dims, flux_variant, guess_checkpoint
 from rectiflow.errors import ConfigError, FormatError
 from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.metadata import FLUX_TRANSFORMER_KIND, FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
 from rectiflow.io.safetensors_io import (
     TensorInfo,
     iter_tensors,
@@ -54,12 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMATS = ("rectiflow", "bfl", "diffusers", "stability")  # bfl: FLUX single files; stability: SD3's
-FORMAT_VERSION = "1"
-META_VERSION = "rectiflow.format_version"
-META_MODEL = "rectiflow.model"
-META_CONFIG = "rectiflow.config"
-META_TRAIN_CONFIG = "rectiflow.train_config"  # the resolved run config of trained weights (JSON)
-MODEL_KIND = "flux-transformer"
 DIFFUSERS_CLASS = "FluxTransformer2DModel"
 # diffusers ModelMixin.save_pretrained(max_shard_size="10GB"); huggingface_hub parses "GB" as 10**9 bytes.
 DEFAULT_MAX_SHARD_BYTES = 10 * 10**9
@@ -135,8 +130,8 @@ def _params_from_metadata(p: Path, meta: dict[str, str]) -> FluxParams:
     if meta[META_VERSION] != FORMAT_VERSION:
         raise FormatError(f"{p} uses rectiflow format version {meta[META_VERSION]}, this rectiflow reads "
                           f"version {FORMAT_VERSION}: upgrade rectiflow")
-    kind = meta.get(META_MODEL, MODEL_KIND)
-    if kind != MODEL_KIND:
+    kind = meta.get(META_MODEL, FLUX_TRANSFORMER_KIND)
+    if kind != FLUX_TRANSFORMER_KIND:
         raise FormatError(f"{p} holds a rectiflow {kind}, not a transformer")
     try:
         return transformer_params(json.loads(meta[META_CONFIG]))
@@ -397,7 +392,7 @@ def save_transformer(model: Flux, path: str | Path, format: str = "rectiflow",
         raise FormatError(f"{p} is a file; the diffusers format is a folder: pass a directory path")
     sd = model.state_dict()
     if format == "rectiflow":
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: MODEL_KIND,
+        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: FLUX_TRANSFORMER_KIND,
                      META_CONFIG: json.dumps(params.to_dict(), sort_keys=True)})
         return save_safetensors(sd, p, meta)
     _check_portable(params, format)

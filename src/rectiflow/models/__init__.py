@@ -9,4 +9,5 @@ from rectiflow.lazy_exports import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, dict.fromkeys(
     ("Flux", "FluxParams", "TRANSFORMER_PRESETS", "transformer_params", "pack", "unpack", "image_ids",
-     "text_ids"), ".transformer") | dict.fromkeys(("MMDiT", "SD3Params", "SD3_PRESETS", "sd3_params"), ".sd3"))
+     "text_ids"), ".transformer") | dict.fromkeys(
+    ("MMDiT", "SD3Params", "SD3_PRESETS", "sd3_params"), ".sd3"))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rectiflow.errors import RectiflowError
+from rectiflow.io.metadata import FLUX_TRANSFORMER_KIND, SD3_TRANSFORMER_KIND
 from rectiflow.models.sd3 import SD3Params, is_sd3_config, sd3_params
 from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params, unpack
 
@@ -62,7 +63,7 @@ class FluxFamily(ModelFamily):
     the guidance embedding input for guidance-distilled models. No skip-layer guidance."""
 
     name = "flux"
-    kind = "flux-transformer"  # the rectiflow.model metadata of its rectiflow-format files
+    kind = FLUX_TRANSFORMER_KIND  # the rectiflow.model metadata of its rectiflow-format files
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack(latents)  # [B, (h/2)(w/2), 4C]
@@ -84,7 +85,7 @@ class SD3Family(ModelFamily):
     guidance embedding (a guidance value is refused, as no SD3 model is guidance-distilled)."""
 
     name = "sd3"
-    kind = "sd3-transformer"
+    kind = SD3_TRANSFORMER_KIND
 
     def forward(self, model, x, t, txt, vec, h, w, guidance=None, skip_layers=()):
         if guidance is not None:

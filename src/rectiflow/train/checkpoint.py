@@ -36,15 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rectiflow.convert.transformer import (
-    FORMAT_VERSION,
-    META_CONFIG,
-    META_MODEL,
-    META_TRAIN_CONFIG,
-    META_VERSION,
-)
 from rectiflow.errors import FormatError, RectiflowError
 from rectiflow.io.atomic import atomic_dir
+from rectiflow.io.metadata import FORMAT_VERSION, META_CONFIG, META_MODEL, META_TRAIN_CONFIG, META_VERSION
 from rectiflow.io.safetensors_io import load_tensors, save_safetensors
 from rectiflow.models.family import family_of
 

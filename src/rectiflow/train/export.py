@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rectiflow.convert.transformer import META_TRAIN_CONFIG, build_transformer, save_transformer
+from rectiflow.convert.transformer import build_transformer, save_transformer
 from rectiflow.flow import get_path
+from rectiflow.io.metadata import META_TRAIN_CONFIG
 
 log = logging.getLogger(__name__)
 
