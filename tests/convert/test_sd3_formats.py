@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rectiflow.cli.main import main
-from rectiflow.convert import safetensors_io as sio
+from rectiflow.io import safetensors_io as sio
 from rectiflow.convert.sd3 import infer_sd3_params, inspect_sd3
 from rectiflow.convert.transformer import build_transformer, load_transformer, save_transformer
 from rectiflow.errors import FormatError
