@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rectiflow.cli.main import main
-from rectiflow.io import safetensors_io as sio
 from rectiflow.convert.sd3 import infer_sd3_params, inspect_sd3
 from rectiflow.convert.transformer import build_transformer, load_transformer, save_transformer
 from rectiflow.errors import FormatError
+from rectiflow.io import safetensors_io as sio
 from rectiflow.models.sd3 import MMDiT, SD3Params
 
 # Not presets. Head dim 64 (Stability's), so the shapes alone determine the config even without QK-norm.

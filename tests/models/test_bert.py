@@ -9,7 +9,8 @@ import torch
 
 from rectiflow.errors import FormatError
 from rectiflow.models.bert import load_bert
-from rectiflow.models.text import MiniLMTextEncoder, _FrozenEncoder, _minilm_dir, load_text_encoder
+from rectiflow.models.text import MiniLMTextEncoder, _minilm_dir, load_text_encoder
+from rectiflow.models.text_base import FrozenEncoder
 
 PROMPTS = ["a photo of a red circle", "", "a photo of an orange triangle and a purple diamond left of a star",
            "Ünïcode, punctuation!? and UPPER case", "photo " * 40]
@@ -47,7 +48,7 @@ def test_minilm_tokenizer_and_fingerprint_equal_the_transformers_ones(hf):
     assert [e.attention_mask for e in mine] == ids["attention_mask"]
     # the identity caches record (rectiflow.data.cache_writer), as it was computed with transformers' objects
     old = MiniLMTextEncoder.__new__(MiniLMTextEncoder)
-    _FrozenEncoder.__init__(old)
+    FrozenEncoder.__init__(old)
     old.max_length, old.normalize, old.layer, old.tokenizer, old.model = 24, True, None, tok, reference
     assert enc.fingerprint() == old.fingerprint()
 

@@ -35,7 +35,8 @@ from rectiflow.data.transforms import IMAGE_ERRORS, Buckets, CenterCrop, resize_
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.io.atomic import write_bytes
 from rectiflow.io.safetensors_io import load_tensors, save_safetensors
-from rectiflow.models.text import MINILM_POSITIONS, truncation_warnings
+from rectiflow.models.text import MINILM_POSITIONS
+from rectiflow.models.text_base import truncation_warnings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ the order of operations; Stability sd3_impls.py / sd3_infer.py agree):
 - T5-XXL's last hidden state (max_length tokens, 256 by default as diffusers; padding to max_length,
   truncation, no mask), or zeros of that shape when there is no T5 (the published models accept it);
 - txt = [CLIP tokens; T5 tokens] on the sequence axis; vec = pooled CLIP-L ++ pooled CLIP-G.
-transformers stays in rectiflow.models.text (its _load_hf / _load_tokenizer load the parts).
+transformers stays in rectiflow.models.text (its load_hf / load_tokenizer load the parts).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from rectiflow.errors import ConfigError, FormatError
-from rectiflow.models.text import (
+from rectiflow.models.text_base import (
     CLIP_MAX_LENGTH,
-    _check_length,
-    _count,
-    _dropped_warning,
-    _FrozenEncoder,
-    _load_hf,
-    _load_tokenizer,
+    FrozenEncoder,
+    check_length,
+    dropped_warning,
+    load_hf,
+    load_tokenizer,
     log,
+    token_counts,
 )
 
 __all__ = ["SD3TextEncoder", "SD3_T5_MAX_LENGTH", "SD3_T5_DIM"]
@@ -38,7 +38,7 @@ SD3_T5_MAX_LENGTH = 256
 SD3_T5_DIM = 4096  # T5-XXL d_model = the MMDiT's context width (joint_attention_dim)
 
 
-class SD3TextEncoder(_FrozenEncoder):
+class SD3TextEncoder(FrozenEncoder):
     """CLIP-L, CLIP-G and optionally T5 from local folders (text_encoder/, text_encoder_2/,
     text_encoder_3/ and tokenizer*/ of a diffusers SD3 repo). Without T5, its tokens are zeros of width
     `t5_dim`; `require_t5=True` makes a missing T5 an error instead."""
@@ -65,17 +65,17 @@ class SD3TextEncoder(_FrozenEncoder):
                 raise FormatError(f"SD3 text encoder: {key} {p} is not a directory; point it at the "
                                   "folder (text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer*/ of "
                                   "an SD3 repo)")
-        self.max_length = _check_length("max_length", max_length)
-        self.clip_l_tokenizer = _load_tokenizer(self.paths["clip_l_tokenizer_path"])
-        self.clip_g_tokenizer = _load_tokenizer(self.paths["clip_g_tokenizer_path"])
-        self.clip_l = _load_hf("CLIPTextModelWithProjection", self.paths["clip_l_path"], device, dtype)
-        self.clip_g = _load_hf("CLIPTextModelWithProjection", self.paths["clip_g_path"], device, dtype)
+        self.max_length = check_length("max_length", max_length)
+        self.clip_l_tokenizer = load_tokenizer(self.paths["clip_l_tokenizer_path"])
+        self.clip_g_tokenizer = load_tokenizer(self.paths["clip_g_tokenizer_path"])
+        self.clip_l = load_hf("CLIPTextModelWithProjection", self.paths["clip_l_path"], device, dtype)
+        self.clip_g = load_hf("CLIPTextModelWithProjection", self.paths["clip_g_path"], device, dtype)
         self.t5 = self.t5_tokenizer = None
         if t5_path is not None:
-            self.t5_tokenizer = _load_tokenizer(self.paths["t5_tokenizer_path"])
-            self.t5 = _load_hf("T5EncoderModel", self.paths["t5_path"], device, dtype)
+            self.t5_tokenizer = load_tokenizer(self.paths["t5_tokenizer_path"])
+            self.t5 = load_hf("T5EncoderModel", self.paths["t5_path"], device, dtype)
             t5_dim = self.t5.config.d_model
-        self.t5_dim = _check_length("t5_dim", t5_dim, 1)
+        self.t5_dim = check_length("t5_dim", t5_dim, 1)
         clip_width = self.clip_l.config.hidden_size + self.clip_g.config.hidden_size
         if clip_width > self.t5_dim:
             raise ConfigError(f"SD3 text encoder: CLIP-L + CLIP-G give {clip_width} features, more than the "
@@ -96,7 +96,7 @@ class SD3TextEncoder(_FrozenEncoder):
 
     def count_tokens(self, text: str) -> int:
         """Tokens `text` needs in the binding tokenizer (T5 if present, else CLIP-L) before truncation."""
-        return _count(self.t5_tokenizer or self.clip_l_tokenizer, [text])[0]
+        return token_counts(self.t5_tokenizer or self.clip_l_tokenizer, [text])[0]
 
     def _clip(self, model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
@@ -107,9 +107,9 @@ class SD3TextEncoder(_FrozenEncoder):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = list(prompts)
-        msgs = [_dropped_warning(_count(self.clip_l_tokenizer, prompts), CLIP_MAX_LENGTH, "CLIP", "")]
+        msgs = [dropped_warning(token_counts(self.clip_l_tokenizer, prompts), CLIP_MAX_LENGTH, "CLIP", "")]
         if self.t5 is not None:
-            msgs.append(_dropped_warning(_count(self.t5_tokenizer, prompts), self.max_length, "T5", ""))
+            msgs.append(dropped_warning(token_counts(self.t5_tokenizer, prompts), self.max_length, "T5", ""))
         msgs = [m.rstrip("; ") for m in msgs if m]
         if msgs:
             log.warning("SD3 text encoder: %s; shorten the prompts", "; ".join(msgs))
