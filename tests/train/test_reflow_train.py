@@ -67,7 +67,7 @@ def test_caption_dropout_uses_the_stored_empty_embedding(couplings, tmp_path):
 
 def test_couplings_of_another_latent_shape_are_refused(couplings, tmp_path):
     bad = 'model.params={in_channels = 32, out_channels = 32}'
-    with pytest.raises(ConfigError, match=r"^couplings .* does not fit the model: packed latent"):
+    with pytest.raises(ConfigError, match=r"^couplings .* does not fit the model: latent / text / pooled"):
         Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path, bad)))
 
 
