@@ -27,7 +27,7 @@ def test_quickstart_end_to_end_then_skips_when_done(tmp_path, capsys, caplog):
     assert (run / "data" / "report.txt").read_text().startswith("samples found")
     assert stages["check"] == {**stages["check"], "samples": 40, "kept": 40}
     # steps from the budget: this one is tiny, so each trainer runs its minimum (plus the autoencoder probe)
-    assert stages["autoencoder"]["steps"] == MIN_STEPS + 1 + AE_PROBE_STEPS
+    assert stages["autoencoder"]["steps"] == MIN_STEPS + AE_PROBE_STEPS
     assert stages["transformer"]["steps"] == MIN_STEPS + 1 + PROBE_STEPS
     assert stages["transformer"]["per_step_s"] > 0
     # the bundle: named after the run, guided by default (trained with caption dropout)

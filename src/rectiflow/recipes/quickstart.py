@@ -151,19 +151,16 @@ def _autoencoder(opts: QuickstartOptions, run: Path, state: _State, clock: _Cloc
                              checkpoint_every=max(50, steps // 4))
 
     if "steps" not in st:
-        # probe: a 1-step run, then resumed to 1 + AE_PROBE_STEPS steps (inside the 100-step warmup). Both
-        # calls pay the same fixed cost (the held-out PSNR, latent statistics, writing the file), so their
-        # difference is the time of AE_PROBE_STEPS - 1 steps.
+        # probe: AE_PROBE_STEPS steps (inside the 100-step warmup, so the same steps whatever total follows),
+        # timed by the trainer itself from the end of the first step (allocations) to the last: the run's
+        # fixed costs (held-out PSNR, latent statistics, writing the file) are paid once, not per step.
+        # (Subtracting a 1-step run's time instead counted first-call costs as fixed and halved the estimate.)
         first = clock.now()
-        train_autoencoder(config(1), progress=False, images=images)
-        t1 = clock.now()
-        train_autoencoder(config(1 + AE_PROBE_STEPS), resume=True, progress=False, images=images)
+        probe = train_autoencoder(config(AE_PROBE_STEPS), progress=False, images=images)["step_time"]
         t2 = clock.now()
-        per_step = (t2 - 2 * t1 + first) / (AE_PROBE_STEPS - 1)
-        if per_step <= 0:  # timer noise: fall back to the upper bound
-            per_step = (t2 - t1) / AE_PROBE_STEPS
+        per_step = probe["cpu_s" if opts.clock == "cpu" else "wall_s"] / probe["steps"]
         st["per_step_s"] = round(per_step, 4)
-        st["steps"] = _steps_for(AE_SHARE * clock.budget - (t2 - first), per_step) + 1 + AE_PROBE_STEPS
+        st["steps"] = _steps_for(AE_SHARE * clock.budget - (t2 - first), per_step) + AE_PROBE_STEPS
         state.save()
     report = train_autoencoder(config(st["steps"]), resume=True, progress=opts.progress, images=images)
     return {"steps": st["steps"], "per_step_s": st["per_step_s"],

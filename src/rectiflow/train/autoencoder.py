@@ -173,6 +173,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
     metrics = MetricsLogger(out, tensorboard=False, path=out / "metrics.jsonl")  # closed in the finally
     t0, bar = time.time(), tqdm(total=cfg.steps, initial=step, desc="train-ae", unit="step",
                                 disable=not progress)
+    first_step, timed = step + 1, None  # the loop's time from the end of this call's first step (allocations)
     ae.train()
     try:
         while step < cfg.steps:
@@ -193,6 +194,8 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
             torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
+            if step == first_step:
+                timed = (time.perf_counter(), time.process_time())
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 metrics.log("train", step, {"loss": loss.item(), **parts, "lr": _lr(step - 1, cfg),
@@ -208,7 +211,11 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False, progress: bool =
     finally:
         bar.close()
         metrics.close()
-    return _finish(ae, cfg, train, held, out)
+    report = _finish(ae, cfg, train, held, out)
+    if timed is not None and step > first_step:  # what a step costs, for budgets (rectiflow quickstart)
+        report["step_time"] = {"steps": step - first_step, "wall_s": time.perf_counter() - timed[0],
+                               "cpu_s": time.process_time() - timed[1]}
+    return report
 
 
 @torch.no_grad()
