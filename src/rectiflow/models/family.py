@@ -43,6 +43,10 @@ class ModelFamily:
         """The model's layout -> latents [B, C, h, w] (h, w: latent size)."""
         return x
 
+    def describe(self, params) -> str:
+        """The model's shape in a few words, for logs: width and blocks."""
+        raise NotImplementedError
+
     def image_tokens(self, h: int, w: int) -> int:
         """Image tokens for an h x w latent (both families patch 2 x 2): FLUX's shift reads this length."""
         return (h // 2) * (w // 2)
@@ -71,6 +75,9 @@ class FluxFamily(ModelFamily):
     def unpack(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return unpack(x, h, w)
 
+    def describe(self, params) -> str:
+        return f"hidden {params.hidden_size}, {params.depth} + {params.depth_single_blocks} blocks"
+
     def forward(self, model, x, t, txt, vec, h, w, guidance=None, skip_layers=()):
         if skip_layers:
             raise RectiflowError("skip-layer guidance is an SD3.5 option; FLUX models do not support it")
@@ -86,6 +93,11 @@ class SD3Family(ModelFamily):
 
     name = "sd3"
     kind = SD3_TRANSFORMER_KIND
+
+    def describe(self, params) -> str:
+        dual = len(params.dual_attention_layers)
+        return f"hidden {params.hidden_size}, {params.depth} joint blocks" + \
+            (f" ({dual} with dual attention)" if dual else "")
 
     def forward(self, model, x, t, txt, vec, h, w, guidance=None, skip_layers=()):
         if guidance is not None:

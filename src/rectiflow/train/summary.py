@@ -15,12 +15,13 @@ def startup_summary(trainer) -> str:
     n, held = len(trainer.cache), len(trainer.holdout)
     steps, batch = cfg.train.steps, cfg.data.batch_size
     epochs = steps * batch / max(1, n - held)
-    blocks = f"hidden {p.hidden_size}, {p.depth} + {p.depth_single_blocks} blocks"
+    blocks = trainer.family.describe(p)
     return "\n".join([
         f"model: {cfg.model.preset} transformer, {n_params / 1e6:.2f}M parameters ({blocks}), "
         f"{cfg.train.precision} on {trainer.device}",
         f"data: {n} samples in {cfg.data.cache}: {n - held} to train on, {held} held out for validation; "
-        f"latents {c}x{h}x{w} ({h * w // 4} image tokens), caption dropout {cfg.data.caption_dropout:g}",
+        f"latents {c}x{h}x{w} ({trainer.family.image_tokens(h, w)} image tokens), caption dropout "
+        f"{cfg.data.caption_dropout:g}",
         f"steps: {steps} of batch {batch} ({epochs:.1f} epochs), {max(0, steps - trainer.step)} to go from "
         f"step {trainer.step}; validation every {cfg.validation.every or 'never'}, checkpoint every "
         f"{cfg.checkpoint.every or 'end'}; writing to {trainer.out_dir}",
