@@ -1,6 +1,8 @@
 """LoRA training ([lora]): only the adapters train, optimizer state and checkpoints hold only them (plus the
 base hash), resume is exact, the export writes kohya and diffusers files that load back."""
 
+import fnmatch
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -115,3 +117,38 @@ def test_validation_with_ema_adapters(tiny_cache, base_file, tmp_path):
     from rectiflow.train.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl", "val")] == [3]
+
+
+_ID_GLOB = "sample-00[0-3]"  # 4 of the tiny cache's first 8 ids
+
+
+def test_preserved_samples_learn_the_base_models_own_prediction(tiny_cache, base_file, tmp_path):
+    """lora.preserve: matching samples' target is the base model's output with the adapters off. The adapters
+    start as zero deltas (up = 0), so a LoRA model equals its base: with every sample preserved the loss is 0
+    and nothing moves; with some preserved, only the others' data loss remains."""
+    from rectiflow.nn.lora import lora_modules
+
+    everything = Trainer(_cfg(tiny_cache, tmp_path / "all", base_file, 'lora.preserve="*"'))
+    before = {n: a.up.weight.detach().clone() for n, a in lora_modules(everything.model)}
+    for _ in range(3):
+        assert everything.train_step().loss == 0.0
+    assert all(torch.equal(a.up.weight, before[n]) for n, a in lora_modules(everything.model))
+
+    plain = Trainer(_cfg(tiny_cache, tmp_path / "plain", base_file, "data.caption_dropout=0"))
+    some = Trainer(_cfg(tiny_cache, tmp_path / "some", base_file, "data.caption_dropout=0",
+                        f'lora.preserve="{_ID_GLOB}"'))
+    batch = plain.load_batch(list(range(8)))
+    kept = torch.tensor([fnmatch.fnmatchcase(i, _ID_GLOB) for i in batch["id"]])
+    assert 0 < kept.sum() < 8
+    t = torch.linspace(0.1, 0.9, 8)
+    eps = torch.randn((8, *batch["latents"].shape[1:]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        per_sample = torch.stack([plain.forward_loss(plain.load_batch([i]), t[i:i + 1], eps[i:i + 1])
+                                  for i in range(8)])
+        got = some.forward_loss(batch, t, eps)
+    torch.testing.assert_close(got, (per_sample * ~kept).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_preserve_needs_a_lora(tiny_cache, tmp_path):
+    with pytest.raises(ConfigError, match="lora.preserve='prior-\\*' needs lora.rank > 0"):
+        load_config(TINY_TOML, overrides(tiny_cache, tmp_path, 'lora.preserve="prior-*"'))

@@ -271,7 +271,10 @@ class LoraConfig:
     holds state for them alone, checkpoints hold them plus the base weights' hash, and the export writes the
     adapter in `formats` (kohya: what ComfyUI / Forge load; diffusers: FluxPipeline.load_lora_weights).
     alpha 0 = rank (multiplier 1). trigger: the trigger word the captions were cached with (`rectiflow cache
-    --trigger`), recorded in the exported files' metadata."""
+    --trigger`), recorded in the exported files' metadata. preserve: a glob of sample ids (the cache's ids,
+    e.g. "prior-*") whose target is the frozen base model's own prediction at the same (x_t, t, caption)
+    instead of the data's velocity: prior preservation (DreamBooth's, Ruiz et al. 2023) that keeps what the
+    base does on those prompts, including a distilled base's few-step behaviour (the data loss undoes it)."""
 
     rank: int = 0
     alpha: float = 0.0
@@ -279,6 +282,7 @@ class LoraConfig:
     dropout: float = 0.0
     trigger: str = ""
     formats: list[str] = field(default_factory=lambda: ["kohya", "diffusers"])
+    preserve: str = ""
 
     def __post_init__(self):
         _check(self.rank >= 0, f"lora.rank={self.rank}; use a positive rank (0 = no LoRA, full fine-tune)")
@@ -289,6 +293,9 @@ class LoraConfig:
                "patterns")
         bad = [f for f in self.formats if f not in LORA_EXPORT_FORMATS]
         _check(not bad, f"lora.formats has {bad}; choose from {LORA_EXPORT_FORMATS}")
+        _check(not self.preserve or self.rank > 0,
+               f"lora.preserve={self.preserve!r} needs lora.rank > 0: the base model's prediction is the "
+               "model with its adapters switched off")
 
 
 @dataclass(frozen=True)

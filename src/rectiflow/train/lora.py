@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from rectiflow.errors import ConfigError
-from rectiflow.nn.lora import LORA_ATTR, add_lora, base_hash
+from rectiflow.nn.lora import LORA_ATTR, add_lora, base_hash, enable_lora
 from rectiflow.train.model_transforms import unwrap
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,23 @@ def _write_all(sd, cfg, base: str, step: int, params, out: Path, formats) -> lis
         paths.append(write_lora(adapters, out / EXPORT_NAMES[fmt], format=fmt, params=params, metadata=meta))
         log.info("exported the %s LoRA to %s", fmt, paths[-1])
     return paths
+
+
+def preserved(ids: list[str], pattern: str, device: torch.device) -> torch.Tensor | None:
+    """Mask [b] of the samples whose id matches the lora.preserve glob, or None when none does."""
+    keep = [fnmatch.fnmatchcase(i, pattern) for i in ids]
+    return torch.tensor(keep, device=device) if any(keep) else None
+
+
+def base_prediction(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`forward()` with every adapter of `model` switched off and no gradient: the frozen base model's
+    output, the target of lora.preserve samples."""
+    enable_lora(unwrap(model), enabled=False)
+    try:
+        with torch.no_grad():
+            return forward()
+    finally:
+        enable_lora(unwrap(model), enabled=True)
 
 
 def export_lora(sd: dict[str, torch.Tensor], cfg, *, base_hash: str, step: int, params,

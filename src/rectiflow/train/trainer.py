@@ -203,11 +203,31 @@ class Trainer:
             target = self.distiller.target(x_t, t, txt, vec, h, w, guidance)
         if self.guidance_distiller is not None:
             target = self.guidance_distiller.target(x_t, t, txt, vec, h, w, guidance)
+        if self.cfg.lora.preserve:
+            target = self._preserve(batch["id"], target, x_t, t, txt, vec, h, w, guidance)
         with self.autocast():
             out = self.family.forward(self.model, self.path.model_input(x_t, t), t, txt, vec, h, w, guidance)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=sample_dims(out))  # [b]
         weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
         return (weight * per_sample).mean()
+
+    def _preserve(self, ids, target, x_t, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
+        """lora.preserve: the targets of the matching samples replaced by the frozen base model's output."""
+        from rectiflow.train.lora import base_prediction, preserved
+
+        keep = preserved(ids, self.cfg.lora.preserve, self.device)
+        if keep is None:
+            return target
+        g = None if guidance is None else guidance[keep]
+
+        def base():
+            with self.autocast():
+                return self.family.forward(self.model, self.path.model_input(x_t[keep], t[keep]), t[keep],
+                                           txt[keep], vec[keep], h, w, g)
+
+        target = target.clone()
+        target[keep] = base_prediction(self.model, base).to(target.dtype)
+        return target
 
     def autocast(self):
         """The precision context of every forward (train.precision: bf16 autocast, or none)."""
