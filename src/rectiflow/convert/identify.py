@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 # Where each FLUX dimension can be read, as (key, axis) in the BFL layout and in diffusers' layout
 # (diffusers/models/transformers/transformer_flux.py: FluxTransformer2DModel).
@@ -142,3 +145,28 @@ def guess_checkpoint(keys: Collection[str]) -> str | None:
     if _any(ks, "SelfAttention.q.", "shared.weight"):
         return "a T5 text encoder, not a transformer"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSource:
+    """A transformer checkpoint as found on disk, before any tensor data is read: the file (or diffusers
+    transformer/ folder), its format, its tensors by native key name (prefix stripped) and the params its
+    metadata / config.json records, if any. Each family subclasses it with its `layout` names."""
+
+    path: Path
+    format: str
+    tensors: dict  # native key -> rectiflow.io.safetensors_io.TensorInfo
+    params: Any  # the family's params dataclass, or None when the file does not record them
+    prefix: str = ""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: t.shape for k, t in self.tensors.items()}
+
+    @property
+    def layout(self) -> str:
+        """The key-name layout: "diffusers", or the family's native one."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

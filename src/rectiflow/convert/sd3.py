@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rectiflow.convert.identify import find_prefix
+from rectiflow.convert.identify import CheckpointSource, find_prefix
 from rectiflow.errors import ConfigError, FormatError
 from rectiflow.io.atomic import atomic_dir
 from rectiflow.io.metadata import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION, SD3_TRANSFORMER_KIND
@@ -76,25 +76,14 @@ _DIFFUSERS_DEFAULTS = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Source:
+class SD3Source(CheckpointSource):
     """An SD3 transformer checkpoint as found on disk, before any tensor data is read."""
 
-    path: Path
-    format: str  # "rectiflow" | "stability" | "diffusers"
-    tensors: dict  # native key -> TensorInfo, prefix stripped
-    params: SD3Params | None  # from metadata / config.json, if recorded
-    prefix: str = ""
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: t.shape for k, t in self.tensors.items()}
+    # format: "rectiflow" | "stability" | "diffusers"; params: SD3Params or None
 
     @property
     def layout(self) -> str:
         return "diffusers" if self.format == "diffusers" else "stability"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 # ----------------------------------------------------------------------------------------------- inspect

@@ -31,12 +31,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rectiflow.convert.identify import ANCHORS, find_prefix, flux_dims, flux_variant, guess_checkpoint
+from rectiflow.convert.identify import (
+    ANCHORS,
+    CheckpointSource,
+    find_prefix,
+    flux_dims,
+    flux_variant,
+    guess_checkpoint,
+)
 from rectiflow.errors import ConfigError, FormatError
 from rectiflow.io.atomic import atomic_dir
 from rectiflow.io.metadata import FLUX_TRANSFORMER_KIND, FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
 from rectiflow.io.safetensors_io import (
-    TensorInfo,
     iter_tensors,
     read_diffusers_weights,
     read_header,
@@ -69,25 +75,14 @@ _DIFFUSERS_DEFAULTS = {"patch_size": 1, "in_channels": 64, "out_channels": None,
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerSource:
-    """A transformer checkpoint as found on disk, before any tensor data is read."""
+class TransformerSource(CheckpointSource):
+    """A FLUX transformer checkpoint as found on disk, before any tensor data is read."""
 
-    path: Path  # the file or the diffusers transformer/ folder
-    format: str  # "rectiflow" | "bfl" | "diffusers"
-    tensors: dict[str, TensorInfo]  # native key names (BFL or diffusers), prefix stripped
-    params: FluxParams | None  # from the file's metadata or config.json, if it has one
-    prefix: str = ""
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: t.shape for k, t in self.tensors.items()}
+    # format: "rectiflow" | "bfl" | "diffusers"; params: FluxParams or None
 
     @property
     def layout(self) -> str:
         return "diffusers" if self.format == "diffusers" else "bfl"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 # ----------------------------------------------------------------------------------------------- inspect
