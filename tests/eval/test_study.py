@@ -254,7 +254,12 @@ def test_config_changes_ignore_fields_a_newer_rectiflow_added():
     del old["optim"]["min_lr_ratio"]  # a field the older version did not have, at its default now
     assert config_changes(old, new) == []  # train.steps is not a change either
     new["optim"]["min_lr_ratio"] = 0.5
-    assert config_changes(old, new) == ["optim.min_lr_ratio: None -> 0.5"]
+    default = RunConfig().optim.min_lr_ratio
+    assert config_changes(old, new) == [f"optim.min_lr_ratio: {default!r} -> 0.5"]
+    old["validation"]["shift"] = ""  # an older version's way of saying "no shift": the same run
+    old["optim"]["no_longer_a_field"] = 1  # a field this version dropped cannot change the run
+    new["optim"]["min_lr_ratio"] = default
+    assert config_changes(old, new) == []
 
 
 def test_cpu_minutes_budget_calibrates_once(tmp_path, world, capsys):

@@ -45,23 +45,21 @@ class StudyInterrupted(RectiflowError):
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`section.key: old -> new` for every key of two resolved configs that differs, except train.steps (a
-    constant-schedule run may go on), keys only one side has at their default value (a field added or
-    removed by a newer rectiflow, not by the spec) and train.progress (display only)."""
-    defaults = config_to_dict(RunConfig())
-    changes = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section, {}), new.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if (section, key) in (("train", "steps"), ("train", "progress")):
-                continue
-            if key not in a or key not in b:
-                present = b if key in b else a
-                if present[key] == defaults.get(section, {}).get(key, present[key]):
-                    continue
-            if a.get(key) != b.get(key):
-                changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return changes
+    """`section.key: old -> new` for every key where a run's saved config `old` and the config the spec now
+    gives `new` (both resolved dicts) differ, compared as this rectiflow reads them (train.resume's
+    config_changes: defaults filled in for fields added since, values normalised, e.g. an old "" shift is
+    None now), except train.steps (a constant-schedule run may go on), train.progress (display only) and
+    fields this rectiflow no longer has (they cannot change the run)."""
+    from rectiflow.train.config import config_from_dict
+    from rectiflow.train.resume import config_changes as changed
+
+    known = config_to_dict(RunConfig())
+    old = {s: {k: v for k, v in vals.items() if k in known[s]} for s, vals in old.items() if s in known}
+    try:
+        diffs = changed(old, config_from_dict(new))
+    except ConfigError as e:  # a value this version refuses: the run cannot be continued as it was
+        return [f"{e}"]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs if k not in ("train.steps", "train.progress")]
 
 
 class _RunLock:
