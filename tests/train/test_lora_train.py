@@ -152,3 +152,29 @@ def test_preserved_samples_learn_the_base_models_own_prediction(tiny_cache, base
 def test_preserve_needs_a_lora(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="lora.preserve='prior-\\*' needs lora.rank > 0"):
         load_config(TINY_TOML, overrides(tiny_cache, tmp_path, 'lora.preserve="prior-*"'))
+
+
+def test_guided_target_is_cfg_of_the_data_velocity_and_the_models_unconditional_output(tiny_cache, base_file,
+                                                                                         tmp_path):
+    """lora.guide = g: target = v_u + g (v - v_u), v the data velocity, v_u the model's own output for the
+    cached "" caption; preserved samples keep the base's output instead."""
+    from rectiflow.flow import training_pair
+
+    tr = Trainer(_cfg(tiny_cache, tmp_path / "g", base_file, "lora.guide=2.5", f'lora.preserve="{_ID_GLOB}"'))
+    batch = tr.load_batch(list(range(8)))
+    lat = batch["latents"]
+    b, _, h, w = lat.shape
+    t = torch.linspace(0.1, 0.9, b)
+    eps = torch.randn(lat.shape, generator=torch.Generator().manual_seed(1))
+    x_t, v = training_pair(tr.path, tr.family.pack(lat), tr.family.pack(eps), t)
+    x_in = tr.path.model_input(x_t, t)
+    txt0, vec0 = tr.cache.text(tr.cache.empty_caption_index)
+    with torch.no_grad():
+        v_u = tr.model_forward(x_in, t, txt0.expand(b, *txt0.shape), vec0.expand(b, *vec0.shape), h, w, None)
+        base = tr.model_forward(x_in, t, batch["txt"], batch["vec"], h, w, None)  # adapters are zero at init
+        got = tr.lora_targets(batch["id"], v, x_in, t, batch["txt"], batch["vec"], h, w, None)
+    kept = torch.tensor([fnmatch.fnmatchcase(i, _ID_GLOB) for i in batch["id"]])
+    torch.testing.assert_close(got[~kept], (v_u + 2.5 * (v - v_u))[~kept], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[kept], base[kept], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="lora.guide=0.5"):
+        _cfg(tiny_cache, tmp_path / "bad", base_file, "lora.guide=0.5")

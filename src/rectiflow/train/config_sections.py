@@ -274,7 +274,10 @@ class LoraConfig:
     --trigger`), recorded in the exported files' metadata. preserve: a glob of sample ids (the cache's ids,
     e.g. "prior-*") whose target is the frozen base model's own prediction at the same (x_t, t, caption)
     instead of the data's velocity: prior preservation (DreamBooth's, Ruiz et al. 2023) that keeps what the
-    base does on those prompts, including a distilled base's few-step behaviour (the data loss undoes it)."""
+    base does on those prompts, including a distilled base's few-step behaviour (the data loss undoes it).
+    guide: the CFG scale g of the other samples' target, v_u + g (v - v_u) with v their data velocity and v_u
+    the model's own unconditional prediction (no gradient): a guided target, for a LoRA on a guidance-
+    distilled base that samples without CFG (1 = the plain flow-matching target)."""
 
     rank: int = 0
     alpha: float = 0.0
@@ -283,6 +286,7 @@ class LoraConfig:
     trigger: str = ""
     formats: list[str] = field(default_factory=lambda: ["kohya", "diffusers"])
     preserve: str = ""
+    guide: float = 1.0
 
     def __post_init__(self):
         _check(self.rank >= 0, f"lora.rank={self.rank}; use a positive rank (0 = no LoRA, full fine-tune)")
@@ -293,6 +297,8 @@ class LoraConfig:
                "patterns")
         bad = [f for f in self.formats if f not in LORA_EXPORT_FORMATS]
         _check(not bad, f"lora.formats has {bad}; choose from {LORA_EXPORT_FORMATS}")
+        _check(self.guide >= 1.0, f"lora.guide={self.guide}; use a CFG scale >= 1 (1 = plain target)")
+        _check(self.guide == 1.0 or self.rank > 0, f"lora.guide={self.guide} needs lora.rank > 0")
         _check(not self.preserve or self.rank > 0,
                f"lora.preserve={self.preserve!r} needs lora.rank > 0: the base model's prediction is the "
                "model with its adapters switched off")

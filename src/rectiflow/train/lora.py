@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rectiflow.errors import ConfigError
+from rectiflow.flow import cfg_combine
 from rectiflow.nn.lora import LORA_ATTR, add_lora, base_hash, enable_lora
 from rectiflow.train.model_transforms import unwrap
 
@@ -155,10 +156,38 @@ def _write_all(sd, cfg, base: str, step: int, params, out: Path, formats) -> lis
     return paths
 
 
-def preserved(ids: list[str], pattern: str, device: torch.device) -> torch.Tensor | None:
-    """Mask [b] of the samples whose id matches the lora.preserve glob, or None when none does."""
-    keep = [fnmatch.fnmatchcase(i, pattern) for i in ids]
-    return torch.tensor(keep, device=device) if any(keep) else None
+class LoraTargets:
+    """The [lora] section's changes to the training target (applied in this order):
+    guide g != 1: every sample's target becomes v_u + g (target - v_u), v_u the model's own unconditional
+        output (the cached "" caption; no gradient), a guided target for a base that samples without CFG;
+    preserve (a glob of sample ids): the matching samples' target becomes the frozen base model's output at
+        the same inputs (adapters off, no gradient), replacing the above for them.
+    `forward(model_input, t, txt, vec, h, w, guidance)` is the trainer's model call (the family's, in its
+    precision context); `uncond` = (txt [L, D], vec [Dv]) of the cached "" caption."""
+
+    def __init__(self, lora_cfg, model: torch.nn.Module, forward: Callable[..., torch.Tensor],
+                 uncond: tuple[torch.Tensor, torch.Tensor]):
+        self.guide, self.preserve = float(lora_cfg.guide), lora_cfg.preserve
+        self.model, self.forward = model, forward
+        self.uncond = uncond
+
+    def __call__(self, ids: list[str], target, model_input, t, txt, vec, h: int, w: int, guidance):
+        if self.guide != 1.0:
+            b = model_input.shape[0]
+            txt0, vec0 = (u.to(txt.device, txt.dtype) for u in self.uncond)
+            with torch.no_grad():
+                v_u = self.forward(model_input, t, txt0.expand(b, *txt0.shape), vec0.expand(b, *vec0.shape),
+                                   h, w, guidance).float()
+            target = cfg_combine(target.float(), v_u, self.guide).to(target.dtype)
+        keep = [fnmatch.fnmatchcase(i, self.preserve) for i in ids] if self.preserve else []
+        if any(keep):
+            k = torch.tensor(keep, device=target.device)
+            g = None if guidance is None else guidance[k]
+            base = base_prediction(
+                self.model, lambda: self.forward(model_input[k], t[k], txt[k], vec[k], h, w, g))
+            target = target.clone()
+            target[k] = base.to(target.dtype)
+        return target
 
 
 def base_prediction(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> torch.Tensor:

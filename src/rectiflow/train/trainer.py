@@ -77,6 +77,12 @@ class Trainer:
         self.guidance_distiller = None  # guidance distillation: the teacher's CFG velocity as the target
         if cfg.guidance_distill.teacher:
             self.guidance_distiller = GuidanceDistiller(cfg, self.cache, self.device, self.autocast)
+        self.lora_targets = None  # lora.guide / lora.preserve: the target's changes for a LoRA
+        if cfg.lora.guide != 1.0 or cfg.lora.preserve:
+            from rectiflow.train.lora import LoraTargets
+
+            uncond = self.cache.text(self.cache.empty_caption_index)
+            self.lora_targets = LoraTargets(cfg.lora, self.model, self.model_forward, uncond)
         self.generator = torch.Generator("cpu").manual_seed(cfg.train.seed)  # t and eps of every step
         self.step = 0
         self.bad_consecutive = self.bad_total = 0
@@ -203,31 +209,18 @@ class Trainer:
             target = self.distiller.target(x_t, t, txt, vec, h, w, guidance)
         if self.guidance_distiller is not None:
             target = self.guidance_distiller.target(x_t, t, txt, vec, h, w, guidance)
-        if self.cfg.lora.preserve:
-            target = self._preserve(batch["id"], target, x_t, t, txt, vec, h, w, guidance)
-        with self.autocast():
-            out = self.family.forward(self.model, self.path.model_input(x_t, t), t, txt, vec, h, w, guidance)
+        x_in = self.path.model_input(x_t, t)
+        if self.lora_targets is not None:  # lora.guide / lora.preserve
+            target = self.lora_targets(batch["id"], target, x_in, t, txt, vec, h, w, guidance)
+        out = self.model_forward(x_in, t, txt, vec, h, w, guidance)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=sample_dims(out))  # [b]
         weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
         return (weight * per_sample).mean()
 
-    def _preserve(self, ids, target, x_t, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
-        """lora.preserve: the targets of the matching samples replaced by the frozen base model's output."""
-        from rectiflow.train.lora import base_prediction, preserved
-
-        keep = preserved(ids, self.cfg.lora.preserve, self.device)
-        if keep is None:
-            return target
-        g = None if guidance is None else guidance[keep]
-
-        def base():
-            with self.autocast():
-                return self.family.forward(self.model, self.path.model_input(x_t[keep], t[keep]), t[keep],
-                                           txt[keep], vec[keep], h, w, g)
-
-        target = target.clone()
-        target[keep] = base_prediction(self.model, base).to(target.dtype)
-        return target
+    def model_forward(self, x_in, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
+        """The model's output for model input x_in (model space) in the training precision."""
+        with self.autocast():
+            return self.family.forward(self.model, x_in, t, txt, vec, h, w, guidance)
 
     def autocast(self):
         """The precision context of every forward (train.precision: bf16 autocast, or none)."""
