@@ -25,8 +25,16 @@ import torch
 from rectiflow.convert.identify import find_prefix, guess_checkpoint
 from rectiflow.errors import FormatError
 from rectiflow.io.atomic import atomic_dir
-from rectiflow.io.metadata import AUTOENCODER_KIND, FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
+from rectiflow.io.metadata import (
+    AUTOENCODER_KIND,
+    FORMAT_VERSION,
+    META_CONFIG,
+    META_MODEL,
+    META_VERSION,
+    rectiflow_header,
+)
 from rectiflow.io.safetensors_io import (
+    check_save_path,
     iter_tensors,
     read_diffusers_weights,
     read_header,
@@ -257,13 +265,11 @@ def save_autoencoder(model: AutoEncoder, path: str | Path, format: str = "rectif
     if format not in FORMATS:
         raise FormatError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
     p = Path(path)
-    if format != "diffusers" and p.is_dir():
-        raise FormatError(f"{p} is a directory; the {format} format is one file: pass a .safetensors path")
+    check_save_path(p, format, folder=format == "diffusers")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if format == "rectiflow":
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: AUTOENCODER_KIND,
-                     META_CONFIG: json.dumps(params.to_dict(), sort_keys=True)})
+        meta.update(rectiflow_header(AUTOENCODER_KIND, params.to_dict()))
         return save_safetensors(sd, p, meta)
     meta.setdefault("format", "pt")
     if format == "bfl":

@@ -27,8 +27,16 @@ import torch
 from rectiflow.convert.identify import CheckpointSource, find_prefix
 from rectiflow.errors import ConfigError, FormatError
 from rectiflow.io.atomic import atomic_dir
-from rectiflow.io.metadata import FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION, SD3_TRANSFORMER_KIND
+from rectiflow.io.metadata import (
+    FORMAT_VERSION,
+    META_CONFIG,
+    META_MODEL,
+    META_VERSION,
+    SD3_TRANSFORMER_KIND,
+    rectiflow_header,
+)
 from rectiflow.io.safetensors_io import (
+    check_save_path,
     iter_tensors,
     read_diffusers_weights,
     read_header,
@@ -269,15 +277,10 @@ def save_sd3(model: MMDiT, path: str | Path, format: str, metadata: Mapping[str,
         raise FormatError(f"format {format!r} does not hold an SD3 transformer{hint}: choose one of "
                           f"{', '.join(SD3_FORMATS)}")
     p, params, meta = Path(path), model.params, dict(metadata)
-    if format != "diffusers" and p.is_dir():
-        raise FormatError(f"{p} is a directory; the {format} format is one file: pass a path ending in "
-                          ".safetensors")
-    if format == "diffusers" and p.is_file():
-        raise FormatError(f"{p} is a file; the diffusers format is a folder: pass a directory path")
+    check_save_path(p, format, folder=format == "diffusers")
     sd = model.state_dict()
     if format == "rectiflow":
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: SD3_TRANSFORMER_KIND,
-                     META_CONFIG: json.dumps(params.to_dict(), sort_keys=True)})
+        meta.update(rectiflow_header(SD3_TRANSFORMER_KIND, params.to_dict()))
         return save_safetensors(sd, p, meta)
     meta.setdefault("format", "pt")
     if format == "stability":

@@ -41,8 +41,16 @@ from rectiflow.convert.identify import (
 )
 from rectiflow.errors import ConfigError, FormatError
 from rectiflow.io.atomic import atomic_dir
-from rectiflow.io.metadata import FLUX_TRANSFORMER_KIND, FORMAT_VERSION, META_CONFIG, META_MODEL, META_VERSION
+from rectiflow.io.metadata import (
+    FLUX_TRANSFORMER_KIND,
+    FORMAT_VERSION,
+    META_CONFIG,
+    META_MODEL,
+    META_VERSION,
+    rectiflow_header,
+)
 from rectiflow.io.safetensors_io import (
+    check_save_path,
     iter_tensors,
     read_diffusers_weights,
     read_header,
@@ -380,15 +388,10 @@ def save_transformer(model: Flux, path: str | Path, format: str = "rectiflow",
         raise FormatError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
     p = Path(path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    if format != "diffusers" and p.is_dir():
-        raise FormatError(f"{p} is a directory; the {format} format is one file: pass a path ending in "
-                          ".safetensors")
-    if format == "diffusers" and p.is_file():
-        raise FormatError(f"{p} is a file; the diffusers format is a folder: pass a directory path")
+    check_save_path(p, format, folder=format == "diffusers")
     sd = model.state_dict()
     if format == "rectiflow":
-        meta.update({META_VERSION: FORMAT_VERSION, META_MODEL: FLUX_TRANSFORMER_KIND,
-                     META_CONFIG: json.dumps(params.to_dict(), sort_keys=True)})
+        meta.update(rectiflow_header(FLUX_TRANSFORMER_KIND, params.to_dict()))
         return save_safetensors(sd, p, meta)
     _check_portable(params, format)
     meta.setdefault("format", "pt")  # what diffusers / transformers write; some readers check it

@@ -13,8 +13,11 @@ the model families all read them from here.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 __all__ = ["FORMAT_VERSION", "META_VERSION", "META_MODEL", "META_CONFIG", "META_TRAIN_CONFIG",
-           "FLUX_TRANSFORMER_KIND", "SD3_TRANSFORMER_KIND", "AUTOENCODER_KIND"]
+           "FLUX_TRANSFORMER_KIND", "SD3_TRANSFORMER_KIND", "AUTOENCODER_KIND", "rectiflow_header"]
 
 FORMAT_VERSION = "1"
 META_VERSION = "rectiflow.format_version"
@@ -25,3 +28,8 @@ META_TRAIN_CONFIG = "rectiflow.train_config"
 FLUX_TRANSFORMER_KIND = "flux-transformer"
 SD3_TRANSFORMER_KIND = "sd3-transformer"
 AUTOENCODER_KIND = "flux-autoencoder"
+
+
+def rectiflow_header(kind: str, params: dict[str, Any]) -> dict[str, str]:
+    """The metadata that makes a safetensors file a rectiflow-format file of `kind` with these params."""
+    return {META_VERSION: FORMAT_VERSION, META_MODEL: kind, META_CONFIG: json.dumps(params, sort_keys=True)}

@@ -314,6 +314,16 @@ def _write_safetensors(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping
             f.write(memoryview(flat.numpy()))
 
 
+def check_save_path(path: Path, format: str, folder: bool) -> None:
+    """Refuse a destination of the wrong kind: `format` writes a folder (folder=True, e.g. diffusers) or one
+    file; FormatError in one line naming what to pass."""
+    if not folder and path.is_dir():
+        raise FormatError(f"{path} is a directory; the {format} format is one file: pass a path ending in "
+                          ".safetensors")
+    if folder and path.is_file():
+        raise FormatError(f"{path} is a file; the {format} format is a folder: pass a directory path")
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> Path:
     """Write `tensors` to `path` atomically (temp file in the same dir, fsync, rename). Streams per tensor."""
