@@ -3,19 +3,11 @@ the text-stack and pipeline tests)."""
 
 import torch
 
-WORDS = ["<pad>", "<unk>", "</s>", "<s>", "a", "red", "circle", "blue", "square", "photo", "of", "and", "two"]
+from text_fixtures import WORDS, save_word_tokenizer
 
 
 def _save_tokenizer(folder, template):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=template,
-                                                       special_tokens=[("</s>", 2), ("<s>", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
-                            bos_token="<s>", model_max_length=77).save_pretrained(folder)
+    save_word_tokenizer(folder, template, model_max_length=77)
 
 
 def save_sd3_text(root, seed=0, max_length=12):

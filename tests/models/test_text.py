@@ -21,8 +21,8 @@ from rectiflow.models.text import (
     load_text_encoder,
     text_encoder_from_spec,
 )
+from text_fixtures import WORDS, save_word_tokenizer
 
-WORDS = ["<pad>", "<unk>", "</s>", "<s>", "a", "red", "circle", "blue", "square", "photo", "of", "and", "two"]
 T5_LEN = 8
 
 
@@ -32,16 +32,7 @@ def _warnings(caplog):
 
 # ------------------------------------------------------------------------------------------ FLUX pair
 def _save_tokenizer(folder, template):
-    """A word-level tokenizer; `template` adds the special tokens the way T5 ("$A </s>") / CLIP do."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=template,
-                                                       special_tokens=[("</s>", 2), ("<s>", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
-                            bos_token="<s>").save_pretrained(folder)
+    save_word_tokenizer(folder, template)
 
 
 def _save_flux(root, seed=0):

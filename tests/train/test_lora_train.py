@@ -152,6 +152,8 @@ def test_preserved_samples_learn_the_base_models_own_prediction(tiny_cache, base
 def test_preserve_needs_a_lora(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="lora.preserve='prior-\\*' needs lora.rank > 0"):
         load_config(TINY_TOML, overrides(tiny_cache, tmp_path, 'lora.preserve="prior-*"'))
+    with pytest.raises(ConfigError, match=r"^lora.guide=2.0 needs lora.rank > 0$"):
+        load_config(TINY_TOML, overrides(tiny_cache, tmp_path, "lora.guide=2.0"))
 
 
 def test_guided_target_is_cfg_of_the_data_velocity_and_the_models_unconditional_output(tiny_cache, base_file,
