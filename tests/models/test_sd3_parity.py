@@ -171,3 +171,19 @@ def test_bad_inputs_one_line():
         m(x, t, y, torch.zeros(1, 3, 10))
     with pytest.raises(RectiflowError, match="y has batch size 2"):
         m(x, t, torch.zeros(2, 384), ctx)
+
+
+def test_patch_size_one_gives_a_token_per_latent_pixel():
+    """An MM-DiT with 1 x 1 patches (64 image tokens on an 8 x 8 latent, studies/default-cpu.toml) runs,
+    keeps the latent's shape, and the family counts its tokens (the summary line and the shift read them)."""
+    from rectiflow.models.family import FLUX, family_of
+    from rectiflow.models.sd3 import sd3_params
+
+    p1 = sd3_params({**sd3_params("sd3-micro").to_dict(), "patch_size": 1, "sample_size": 32})
+    m = MMDiT(p1)
+    out = m(torch.randn(2, 16, 8, 8), torch.rand(2), torch.zeros(2, 384), torch.zeros(2, 3, 384))
+    assert out.shape == (2, 16, 8, 8)
+    assert m.x_embedder.proj.kernel_size == (1, 1)
+    fam = family_of(m)
+    assert fam.image_tokens(8, 8, p1) == 64
+    assert fam.image_tokens(8, 8, sd3_params("sd3-micro")) == 16 == FLUX.image_tokens(8, 8)

@@ -47,8 +47,9 @@ class ModelFamily:
         """The model's shape in a few words, for logs: width and blocks."""
         raise NotImplementedError
 
-    def image_tokens(self, h: int, w: int) -> int:
-        """Image tokens for an h x w latent (both families patch 2 x 2): FLUX's shift reads this length."""
+    def image_tokens(self, h: int, w: int, params=None) -> int:
+        """Image tokens for an h x w latent of a model with `params` (FLUX patches 2 x 2 always, SD3 its
+        patch_size; 2 without params): FLUX's shift reads this length."""
         return (h // 2) * (w // 2)
 
     def forward(self, model, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
@@ -98,6 +99,10 @@ class SD3Family(ModelFamily):
         dual = len(params.dual_attention_layers)
         return f"hidden {params.hidden_size}, {params.depth} joint blocks" + \
             (f" ({dual} with dual attention)" if dual else "")
+
+    def image_tokens(self, h: int, w: int, params=None) -> int:
+        p = params.patch_size if params is not None else 2
+        return (h // p) * (w // p)
 
     def forward(self, model, x, t, txt, vec, h, w, guidance=None, skip_layers=()):
         if guidance is not None:

@@ -275,7 +275,8 @@ class Pipeline:
         elif generator is None:
             seeds = [seed + i for i in range(n)]
         noise = initial_noise(seeds, n, self.autoencoder.params.z_channels, lh, lw, generator)
-        ts = timestep_grid(steps, shift=shift, seq_len=self.family.image_tokens(lh, lw))
+        tokens = self.family.image_tokens(lh, lw, getattr(self.transformer, "params", None))
+        ts = timestep_grid(steps, shift=shift, seq_len=tokens)
         txt, vec = self.encode_prompts(prompts) if prompt_embeds is None else self._given_embeds(
             prompt_embeds, len(prompts))
         neg = self.encode_prompts(negatives) if negatives is not None else None

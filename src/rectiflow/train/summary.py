@@ -20,7 +20,7 @@ def startup_summary(trainer) -> str:
         f"model: {cfg.model.preset} transformer, {n_params / 1e6:.2f}M parameters ({blocks}), "
         f"{cfg.train.precision} on {trainer.device}",
         f"data: {n} samples in {cfg.data.cache}: {n - held} to train on, {held} held out for validation; "
-        f"latents {c}x{h}x{w} ({trainer.family.image_tokens(h, w)} image tokens), caption dropout "
+        f"latents {c}x{h}x{w} ({trainer.family.image_tokens(h, w, p)} image tokens), caption dropout "
         f"{cfg.data.caption_dropout:g}",
         f"steps: {steps} of batch {batch} ({epochs:.1f} epochs), {max(0, steps - trainer.step)} to go from "
         f"step {trainer.step}; validation every {cfg.validation.every or 'never'}, checkpoint every "

@@ -209,7 +209,8 @@ class Validator:
             v = path.to_velocity(out, xx, tb)
             return cfg_guide(v, c.cfg_scale) if c.cfg_scale > 1 else v
 
-        grid = timestep_grid(c.sample_steps, shift=c.shift, seq_len=self.family.image_tokens(h, w))
+        tokens = self.family.image_tokens(h, w, getattr(unwrap(model), "params", None))
+        grid = timestep_grid(c.sample_steps, shift=c.shift, seq_len=tokens)
         return self.family.unpack(solve(velocity, x, grid, method=c.sampler), h, w)  # [P*S, C, h, w]
 
     def sample_grid(self, model, step: int) -> Path | None:
