@@ -87,6 +87,9 @@ def test_transformer_params_inputs():
     (dict(depth=-1), "depth"),
     (dict(in_channels=0), "in_channels"),
     (dict(theta=0), "theta"),
+    (dict(patch_size=3), "for 16-channel latents set in_channels = out_channels = 144"),
+    (dict(patch_size=4, in_channels=256, out_channels=72), "patch_size 4"),
+    (dict(patch_size=0), "patch_size 0"),
 ])
 def test_invariants(change, match):
     with pytest.raises(ConfigError, match=match):
@@ -271,3 +274,32 @@ def test_pack_unpack_and_ids():
 def test_helper_errors(call, match):
     with pytest.raises(RectiflowError, match=match):
         call()
+
+
+def test_patch_size_one_packs_a_token_per_latent_pixel():
+    """patch_size 1 (rectiflow's ablation): 64 tokens of 16 channels for an 8 x 8 latent, positions (0, row,
+    col) per latent pixel; the family packs, counts and calls it so; BFL's layout (2x2) is the default."""
+    from rectiflow.models.family import FLUX, family_of
+
+    x = torch.randn(2, 16, 8, 6)
+    tokens = pack(x, 1)
+    assert tokens.shape == (2, 48, 16)
+    torch.testing.assert_close(tokens[:, 1 * 6 + 2], x[:, :, 1, 2], rtol=0, atol=0)
+    assert torch.equal(unpack(tokens, 8, 6, 1), x)
+    assert image_ids(1, 8, 6, patch=1)[0, 1 * 6 + 2].tolist() == [0.0, 1.0, 2.0]
+    assert torch.equal(unpack(pack(x, 2), 8, 6, 2), x) and pack(x, 2).shape == (2, 12, 64)
+
+    p1 = dataclasses.replace(MICRO, patch_size=1, in_channels=16, out_channels=16)
+    assert p1.latent_channels == 16 == MICRO.latent_channels
+    fam = family_of(p1)
+    assert fam is not FLUX and fam.patch == 1 and family_of(MICRO) is FLUX
+    assert family_of({**p1.to_dict()}).patch == 1
+    assert fam.image_tokens(8, 6) == 48 and FLUX.image_tokens(8, 6) == 12
+    torch.manual_seed(0)
+    model = Flux(p1).eval()
+    txt, vec = torch.randn(2, 5, p1.context_in_dim), torch.randn(2, p1.vec_in_dim)
+    with torch.no_grad():
+        v = fam.unpack(fam.forward(model, fam.pack(x), torch.rand(2), txt, vec, 8, 6), 8, 6)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    with pytest.raises(RectiflowError, match="not divisible by 4; use image sizes divisible by 32"):
+        pack(x, 4)

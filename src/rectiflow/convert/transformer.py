@@ -58,7 +58,7 @@ from rectiflow.io.safetensors_io import (
     save_sharded,
     state_dict_mismatch,
 )
-from rectiflow.models.transformer import TRANSFORMER_PRESETS, Flux, FluxParams, transformer_params
+from rectiflow.models.transformer import PATCH_SIZE, TRANSFORMER_PRESETS, Flux, FluxParams, transformer_params
 
 __all__ = [
     "FORMATS", "TransformerSource", "build_transformer", "load_transformer", "save_transformer",
@@ -209,6 +209,9 @@ def _check_portable(params: FluxParams, fmt: str) -> None:
     if not params.pooled_text:
         raise FormatError(f"pooled_text=False is a rectiflow-only ablation (no vector_in) that the {fmt} "
                           "format cannot record: save with format='rectiflow'")
+    if params.patch_size != PATCH_SIZE:
+        raise FormatError(f"patch_size={params.patch_size} is a rectiflow-only ablation (FLUX packs 2x2 "
+                          f"patches) that the {fmt} format cannot record: save with format='rectiflow'")
     if fmt == "diffusers":
         fixed = {"mlp_ratio": 4.0, "qkv_bias": True, "theta": FLUX_THETA}
         bad = {k: getattr(params, k) for k, v in fixed.items() if getattr(params, k) != v}

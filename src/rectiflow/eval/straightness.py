@@ -77,7 +77,7 @@ def evaluate_straightness(pipe: Pipeline, *, n: int = 64, prompts: Sequence[str]
                 ref, nfe = solve_adaptive(velocity, x1, 1.0, 0.0, rtol=1e-5, atol=1e-5)
                 ref_nfe += nfe
             for k, v in endpoint_errors(velocity, x1, ref, few_steps, shift=shift,
-                                        seq_len=(lh // 2) * (lw // 2)).items():
+                                        seq_len=pipe.image_tokens(lh, lw)).items():
                 errs[k] = errs.get(k, 0.0) + v * len(idx)
             if reference == "dopri5":
                 errs[steps] = errs.get(steps, 0.0) + float(rms_distance(rep.endpoint, ref).sum())

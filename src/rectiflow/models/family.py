@@ -2,9 +2,10 @@
 drive FLUX and SD3 / SD3.5 transformers with the same code and never branch on the family.
 
 A family says how latents [B, C, H, W] become the model's input ("model space": FLUX's packed 2x2 tokens
-[B, L, 4C], SD3's latents themselves, since its patch embedding is inside the model) and back, and how to
-call the network with the conditioning it needs (FLUX: position ids, guidance for guidance-distilled models;
-SD3: the pooled vector and the text tokens, optionally skipping blocks). Flow math is elementwise, so it runs
+[B, L, 4C], or p x p ones for a FLUX model with another `patch_size`; SD3's latents themselves, since its
+patch embedding is inside the model) and back, and how to call the network with the conditioning it
+needs (FLUX: position ids, guidance for guidance-distilled models; SD3: the pooled vector and the text
+tokens, optionally skipping blocks). Flow math is elementwise, so it runs
 unchanged in either model space; per-sample reductions use `sample_dims`.
 
     family = family_of(model.params)
@@ -23,7 +24,15 @@ import torch
 from rectiflow.errors import RectiflowError
 from rectiflow.io.metadata import FLUX_TRANSFORMER_KIND, SD3_TRANSFORMER_KIND
 from rectiflow.models.sd3 import SD3Params, is_sd3_config, sd3_params
-from rectiflow.models.transformer import image_ids, pack, text_ids, transformer_params, unpack
+from rectiflow.models.transformer import (
+    PATCH_SIZE,
+    FluxParams,
+    image_ids,
+    pack,
+    text_ids,
+    transformer_params,
+    unpack,
+)
 
 __all__ = ["ModelFamily", "FluxFamily", "SD3Family", "FLUX", "SD3", "family_of", "sample_dims",
            "model_params"]
@@ -48,8 +57,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def image_tokens(self, h: int, w: int, params=None) -> int:
-        """Image tokens for an h x w latent of a model with `params` (FLUX patches 2 x 2 always, SD3 its
-        patch_size; 2 without params): FLUX's shift reads this length."""
+        """Image tokens for an h x w latent of a model with `params` (SD3: its patch_size, 2 without params;
+        FLUX: the family's patch): FLUX's shift reads this length."""
         return (h // 2) * (w // 2)
 
     def forward(self, model, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
@@ -64,17 +73,24 @@ class ModelFamily:
 
 
 class FluxFamily(ModelFamily):
-    """FLUX.1: latents packed into 2x2 tokens, (0, row, col) image ids, all-zero text ids (BFL prepare()),
-    the guidance embedding input for guidance-distilled models. No skip-layer guidance."""
+    """FLUX.1: latents packed into 2x2 tokens (`patch`: the model's patch_size), (0, row, col) image ids,
+    all-zero text ids (BFL prepare()), the guidance embedding input for guidance-distilled models. No
+    skip-layer guidance."""
 
     name = "flux"
     kind = FLUX_TRANSFORMER_KIND  # the rectiflow.model metadata of its rectiflow-format files
 
+    def __init__(self, patch: int = PATCH_SIZE):
+        self.patch = patch
+
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        return pack(latents)  # [B, (h/2)(w/2), 4C]
+        return pack(latents, self.patch)  # [B, (h/p)(w/p), p*p*C]
 
     def unpack(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return unpack(x, h, w)
+        return unpack(x, h, w, self.patch)
+
+    def image_tokens(self, h: int, w: int, params=None) -> int:
+        return (h // self.patch) * (w // self.patch)
 
     def describe(self, params) -> str:
         return f"hidden {params.hidden_size}, {params.depth} + {params.depth_single_blocks} blocks"
@@ -84,8 +100,8 @@ class FluxFamily(ModelFamily):
             raise RectiflowError("skip-layer guidance is an SD3.5 option; FLUX models do not support it")
         dev = x.device
         # ids shared over the batch ([1, L, 3]): the RoPE tables are built once and broadcast
-        return model(img=x, img_ids=image_ids(1, h, w, dev), txt=txt, txt_ids=text_ids(1, txt.shape[1], dev),
-                     timesteps=t, y=vec, guidance=guidance)
+        return model(img=x, img_ids=image_ids(1, h, w, dev, self.patch), txt=txt,
+                     txt_ids=text_ids(1, txt.shape[1], dev), timesteps=t, y=vec, guidance=guidance)
 
 
 class SD3Family(ModelFamily):
@@ -116,7 +132,11 @@ FLUX, SD3 = FluxFamily(), SD3Family()
 def family_of(params_or_model: Any) -> ModelFamily:
     """The family of a model (or a wrapped model exposing `.params`), its params, or a dict of them."""
     params = getattr(params_or_model, "params", params_or_model)
-    return SD3 if isinstance(params, SD3Params) or is_sd3_config(params) else FLUX
+    if isinstance(params, SD3Params) or is_sd3_config(params):
+        return SD3
+    patch = params.get("patch_size", PATCH_SIZE) if isinstance(params, dict) else \
+        params.patch_size if isinstance(params, FluxParams) else PATCH_SIZE
+    return FLUX if patch == PATCH_SIZE else FluxFamily(int(patch))
 
 
 def sample_dims(x: torch.Tensor) -> tuple[int, ...]:

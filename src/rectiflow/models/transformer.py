@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 # FLUX packs 2x2 latent patches into one token
-# (BFL sampling.py prepare(): "b c (h ph) (w pw) -> b (h w) (c ph pw)").
+# (BFL sampling.py prepare(): "b c (h ph) (w pw) -> b (h w) (c ph pw)"); `FluxParams.patch_size` changes it
+# (a rectiflow-only ablation: 1 gives a token per latent pixel, 4x the tokens).
 PATCH_SIZE = 2
 # Width of the sinusoidal timestep / guidance features (BFL model.py: MLPEmbedder(in_dim=256, ...)).
 TIME_EMBED_DIM = 256
@@ -45,7 +46,9 @@ class FluxParams:
     `text_pos`, "none" (FLUX: text ids all zero) or "index" (text token i gets RoPE id (i, 0, 0)); and
     `pooled_text`, True (FLUX: the pooled text vector y joins the adaLN conditioning through vector_in) or
     False (no vector_in: adaLN sees the timestep (and guidance) only, and the text reaches the image through
-    joint attention alone; y is still passed, checked for shape, and ignored)."""
+    joint attention alone; y is still passed, checked for shape, and ignored); and `patch_size`, the side of
+    the latent patch one token packs (FLUX: 2, so in_channels = 4 x 16 latent channels; 1: a token per latent
+    pixel, in_channels = 16)."""
 
     in_channels: int
     out_channels: int
@@ -63,6 +66,7 @@ class FluxParams:
     pos_embed: str = "rope"
     text_pos: str = "none"
     pooled_text: bool = True
+    patch_size: int = PATCH_SIZE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -98,6 +102,12 @@ class FluxParams:
             raise ConfigError(f"FluxParams.text_pos={self.text_pos!r} needs pos_embed='rope'")
         if self.pos_embed == "sincos" and self.hidden_size % 4:
             raise ConfigError("FluxParams.pos_embed='sincos' needs hidden_size divisible by 4")
+        area = int(self.patch_size) ** 2
+        if int(self.patch_size) < 1 or self.in_channels % area or self.out_channels % area:
+            raise ConfigError(
+                f"FluxParams.patch_size {self.patch_size}: in_channels and out_channels must be latent "
+                f"channels x patch_size^2 (got {self.in_channels} and {self.out_channels}); for 16-channel "
+                f"latents set in_channels = out_channels = {16 * max(1, int(self.patch_size)) ** 2}")
 
     @property
     def head_dim(self) -> int:
@@ -105,8 +115,8 @@ class FluxParams:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the unpacked latent (in_channels / 2x2)."""
-        return self.in_channels // (PATCH_SIZE * PATCH_SIZE)
+        """Channels of the unpacked latent (in_channels / patch area)."""
+        return self.in_channels // (self.patch_size * self.patch_size)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -259,48 +269,51 @@ def _check_shape(name: str, t: torch.Tensor, ndim: int, last: int, what: str) ->
         raise RectiflowError(f"{name} must be {what}: last dimension {t.shape[-1]} should be {last}")
 
 
-def _odd_size(h: int, w: int) -> RectiflowError:
+def _odd_size(h: int, w: int, patch: int) -> RectiflowError:
     return RectiflowError(
-        f"latent size {h}x{w} is not divisible by {PATCH_SIZE}; use image sizes divisible by 16"
+        f"latent size {h}x{w} is not divisible by {patch}; use image sizes divisible by {8 * patch}"
     )
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] latents -> [B, (H/2)(W/2), 4C] tokens, "b c (h ph) (w pw) -> b (h w) (c ph pw)" (FLUX)."""
+def pack(latents: torch.Tensor, patch: int = PATCH_SIZE) -> torch.Tensor:
+    """[B, C, H, W] latents -> [B, (H/p)(W/p), p*p*C] tokens, "b c (h ph) (w pw) -> b (h w) (c ph pw)"
+    (FLUX, p = 2)."""
     if latents.ndim != 4:
         raise RectiflowError(f"pack expects latents [B, C, H, W], got shape {tuple(latents.shape)}")
     b, c, h, w = latents.shape
-    if h % PATCH_SIZE or w % PATCH_SIZE:
-        raise _odd_size(h, w)
-    x = latents.view(b, c, h // 2, 2, w // 2, 2)  # b c h ph w pw
+    if h % patch or w % patch:
+        raise _odd_size(h, w, patch)
+    x = latents.view(b, c, h // patch, patch, w // patch, patch)  # b c h ph w pw
     x = x.permute(0, 2, 4, 1, 3, 5)  # b h w c ph pw
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)  # b (h w) (c ph pw)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)  # b (h w) (c ph pw)
 
 
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of pack: [B, (h/2)(w/2), 4C] -> [B, C, h, w]; h, w are the LATENT height and width."""
-    if h % PATCH_SIZE or w % PATCH_SIZE:
-        raise _odd_size(h, w)
-    if tokens.ndim != 3 or tokens.shape[1] != (h // 2) * (w // 2) or tokens.shape[2] % 4:
+def unpack(tokens: torch.Tensor, h: int, w: int, patch: int = PATCH_SIZE) -> torch.Tensor:
+    """Inverse of pack: [B, (h/p)(w/p), p*p*C] -> [B, C, h, w]; h, w are the LATENT height and width."""
+    if h % patch or w % patch:
+        raise _odd_size(h, w, patch)
+    area, n = patch * patch, (h // patch) * (w // patch)
+    if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] % area:
         raise RectiflowError(
             f"unpack: tokens of shape {tuple(tokens.shape)} do not fit a {h}x{w} latent "
-            f"(expected [B, {(h // 2) * (w // 2)}, 4C])"
+            f"(expected [B, {n}, {area}C])"
         )
     b, _, f = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, f // 4, 2, 2)  # b h w c ph pw
+    x = tokens.view(b, h // patch, w // patch, f // area, patch, patch)  # b h w c ph pw
     x = x.permute(0, 3, 1, 4, 2, 5)  # b c h ph w pw
-    return x.reshape(b, f // 4, h, w)  # b c (h ph) (w pw)
+    return x.reshape(b, f // area, h, w)  # b c (h ph) (w pw)
 
 
-def image_ids(b: int, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Position ids [b, (h/2)(w/2), 3] = (0, row, col) of the packed tokens of an h x w LATENT
-    (FLUX prepare())."""
-    if h % PATCH_SIZE or w % PATCH_SIZE:
-        raise _odd_size(h, w)
-    ids = torch.zeros(h // 2, w // 2, 3, device=device)  # [h/2, w/2, 3]
-    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
-    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
-    return ids.reshape(1, -1, 3).expand(b, -1, -1).contiguous()  # [b, (h/2)(w/2), 3]
+def image_ids(b: int, h: int, w: int, device: torch.device | str = "cpu",
+              patch: int = PATCH_SIZE) -> torch.Tensor:
+    """Position ids [b, (h/p)(w/p), 3] = (0, row, col) of the packed tokens of an h x w LATENT
+    (FLUX prepare(), p = 2)."""
+    if h % patch or w % patch:
+        raise _odd_size(h, w, patch)
+    ids = torch.zeros(h // patch, w // patch, 3, device=device)  # [h/p, w/p, 3]
+    ids[..., 1] = torch.arange(h // patch, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // patch, device=device)[None, :]
+    return ids.reshape(1, -1, 3).expand(b, -1, -1).contiguous()  # [b, (h/p)(w/p), 3]
 
 
 def text_ids(b: int, l: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -169,7 +169,7 @@ def make_couplings(pipe: Pipeline, source: PromptSource, out: str | Path, n: int
     done = {s["start"] for s in shards}
     manifest["shards"] = shards
     write_manifest(out, manifest)
-    ts = None if solver == "dopri5" else timestep_grid(steps, shift=shift, seq_len=(lh // 2) * (lw // 2))
+    ts = None if solver == "dopri5" else timestep_grid(steps, shift=shift, seq_len=pipe.image_tokens(lh, lw))
     uncond = (empty_txt, empty_vec) if cfg_scale != 1.0 else None
     todo = [k for k in range(math.ceil(n / shard_size)) if k * shard_size not in done]
     bar = tqdm(total=n, initial=n - sum(min(shard_size, n - k * shard_size) for k in todo), unit="pair",

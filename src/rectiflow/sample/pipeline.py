@@ -205,6 +205,10 @@ class Pipeline:
             txt, vec = enc(list(prompts))
         return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
 
+    def image_tokens(self, lh: int, lw: int) -> int:
+        """Image tokens of an lh x lw latent for this transformer (the sequence length FLUX's shift reads)."""
+        return self.family.image_tokens(lh, lw, getattr(self.transformer, "params", None))
+
     def _check_size(self, width: int, height: int) -> None:
         m = 2 * self.downsample  # latents are packed in 2x2 patches
         for name, v in (("width", width), ("height", height)):
@@ -275,8 +279,7 @@ class Pipeline:
         elif generator is None:
             seeds = [seed + i for i in range(n)]
         noise = initial_noise(seeds, n, self.autoencoder.params.z_channels, lh, lw, generator)
-        tokens = self.family.image_tokens(lh, lw, getattr(self.transformer, "params", None))
-        ts = timestep_grid(steps, shift=shift, seq_len=tokens)
+        ts = timestep_grid(steps, shift=shift, seq_len=self.image_tokens(lh, lw))
         txt, vec = self.encode_prompts(prompts) if prompt_embeds is None else self._given_embeds(
             prompt_embeds, len(prompts))
         neg = self.encode_prompts(negatives) if negatives is not None else None
