@@ -92,6 +92,20 @@ def make_cache(out: Path) -> Path:
     return build_cache(src, PoolAutoEncoder(), HashTextEncoder(), out, size=SIZE, batch_size=8, shard_size=16)
 
 
+def random_bundle_cache(root: Path, n: int) -> tuple[Path, Path]:
+    """For tests that export and sample: a random bundle's tiny autoencoder (under root/random) and an
+    n-sample cache of the squares made with it and MiniLM (root/cache). Returns (autoencoder file, cache)."""
+    from rectiflow.convert.autoencoder import load_autoencoder
+    from rectiflow.models.text import load_text_encoder
+    from rectiflow.sample.random_model import random_bundle
+
+    ae_file = random_bundle(root / "random") / "ae.safetensors"
+    encoder = load_text_encoder("minilm", device="cpu", dtype=torch.float32)
+    cache = build_cache(ArraySource(n, _item, name="squares"), load_autoencoder(ae_file), encoder,
+                        root / "cache", size=SIZE, batch_size=8, shard_size=16)
+    return ae_file, cache
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     return make_cache(tmp_path_factory.mktemp("cache") / "squares")

@@ -7,19 +7,16 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_TOML, _item, overrides
+from conftest import TINY_TOML, overrides, random_bundle_cache
 from rectiflow.cli.main import main
 from rectiflow.convert.autoencoder import load_autoencoder
 from rectiflow.convert.bundle import load_bundle
 from rectiflow.convert.transformer import load_transformer
-from rectiflow.data.cache_writer import build_cache
-from rectiflow.data.sources import ArraySource
 from rectiflow.errors import RectiflowError
 from rectiflow.flow import PATHS, get_path
 from rectiflow.models.text import load_text_encoder
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
 from rectiflow.sample import Pipeline
-from rectiflow.sample.random_model import random_bundle
 
 pytestmark = pytest.mark.slow  # four tiny trainings and exports: ~20 s of CPU
 
@@ -31,10 +28,7 @@ STEPS, SIZE = 3, 32
 def parts(tmp_path_factory):
     """The tiny random autoencoder (from a random bundle) and a 16-sample cache made with it and MiniLM."""
     root = tmp_path_factory.mktemp("flow-paths")
-    ae_file = random_bundle(root / "random") / "ae.safetensors"
-    encoder = load_text_encoder("minilm", device="cpu", dtype=torch.float32)
-    cache = build_cache(ArraySource(16, _item, name="squares"), load_autoencoder(ae_file), encoder,
-                        root / "cache", size=SIZE, batch_size=8, shard_size=16)
+    ae_file, cache = random_bundle_cache(root, 16)
     return root, ae_file, cache
 
 

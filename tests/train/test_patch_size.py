@@ -6,16 +6,12 @@ patch size, are refused with one line."""
 import pytest
 import torch
 
-from conftest import TINY_TOML, _item, overrides
-from rectiflow.convert.autoencoder import load_autoencoder
+from conftest import TINY_TOML, overrides, random_bundle_cache
 from rectiflow.convert.transformer import load_transformer, save_transformer
-from rectiflow.data.cache_writer import build_cache
-from rectiflow.data.sources import ArraySource
 from rectiflow.errors import FormatError
 from rectiflow.models.text import load_text_encoder
 from rectiflow.models.transformer import image_ids, pack, text_ids, unpack
 from rectiflow.sample import Pipeline
-from rectiflow.sample.random_model import random_bundle
 
 PROMPTS = ["a red square", "a blue square in the top left on white"]
 STEPS, SIZE = 3, 32
@@ -29,10 +25,7 @@ def bundle(tmp_path_factory):
     from rectiflow.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("patch1")
-    ae_file = random_bundle(root / "random") / "ae.safetensors"
-    encoder = load_text_encoder("minilm", device="cpu", dtype=torch.float32)
-    cache = build_cache(ArraySource(8, _item, name="squares"), load_autoencoder(ae_file), encoder,
-                        root / "cache", size=SIZE, batch_size=8, shard_size=8)
+    ae_file, cache = random_bundle_cache(root, 8)
     cfg = load_config(TINY_TOML, overrides(cache, root / "run", "model.preset=micro", PATCH1, "train.steps=3",
                                            f'model.autoencoder="{ae_file}"', "export.bundle=true",
                                            "checkpoint.every=0"))
