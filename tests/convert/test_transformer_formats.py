@@ -70,7 +70,7 @@ def test_rectiflow_file_metadata(tmp_path, tiny_model, tiny):
 
 
 @pytest.mark.parametrize("change", [dict(pos_embed="sincos"), dict(text_pos="index"),
-                                    dict(pooled_text=False)])
+                                    dict(pooled_text=False), dict(text_refiner=1)])
 def test_ablations_only_in_rectiflow_format(tmp_path, tiny, make_model, change):
     m = make_model(dataclasses.replace(tiny, **change))
     save_transformer(m, tmp_path / "ok.safetensors")

@@ -157,11 +157,52 @@ def test_pooled_text_false_routes_text_through_attention_only():
         bare(**{**x, "y": x["y"][:, :-1]})  # y is still checked
 
 
+@pytest.mark.parametrize("text_pos", ["none", "index"])
+def test_text_refiner_is_a_single_stream_stack_over_the_text_alone(text_pos):
+    """text_refiner = n runs n single-stream blocks over txt_in's output, with the adaLN vector and the text's
+    own RoPE rows, before the joint blocks: the same as FLUX (same weights) with those blocks spliced in by
+    hand after txt_in; and FLUX exactly when the refiner's modulation is zero (its gates are closed)."""
+    torch.manual_seed(0)
+    base = dataclasses.replace(MICRO, text_pos=text_pos)
+    refined = Flux(dataclasses.replace(base, text_refiner=2)).eval()
+    for q in refined.txt_refiner.parameters():
+        torch.nn.init.normal_(q, std=0.1)
+    flux = Flux(base).eval()
+    missing, unexpected = flux.load_state_dict(refined.state_dict(), strict=False)
+    assert missing == [] and unexpected and all(k.startswith("txt_refiner.") for k in unexpected)
+    x = _inputs(base)
+    parts = {}
+    flux.time_in.register_forward_hook(lambda m, i, o: parts.__setitem__("t", o))
+    flux.vector_in.register_forward_hook(lambda m, i, o: parts.__setitem__("y", o))
+
+    def splice(module, inputs, txt):
+        ids = x["txt_ids"].clone()
+        if text_pos == "index":
+            ids[..., 0] += torch.arange(ids.shape[1])
+        pe = flux.pe_embedder(ids)
+        for block in refined.txt_refiner:
+            txt = block(txt, parts["t"] + parts["y"], pe)
+        return txt
+
+    with torch.no_grad():
+        out = refined(**x)
+        assert not torch.allclose(out, flux(**x), atol=1e-4)
+        hook = flux.txt_in.register_forward_hook(splice)
+        torch.testing.assert_close(flux(**x), out, rtol=1e-5, atol=1e-6)
+        hook.remove()
+        for block in refined.txt_refiner:
+            torch.nn.init.zeros_(block.modulation.lin.weight)
+            torch.nn.init.zeros_(block.modulation.lin.bias)
+        torch.testing.assert_close(refined(**x), flux(**x), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="text_refiner must be >= 0"):
+        dataclasses.replace(base, text_refiner=-1)
+
+
 @pytest.mark.parametrize("pooled_text", [True, False])
 def test_gradients_reach_every_parameter(pooled_text):
     torch.manual_seed(0)
     p = dataclasses.replace(MICRO, depth=1, depth_single_blocks=1, guidance_embed=True,
-                            pooled_text=pooled_text)
+                            pooled_text=pooled_text, text_refiner=1)
     model = Flux(p)
     for q in model.parameters():  # adaLN-style nets are often zero-initialised; random keeps grads alive
         torch.nn.init.normal_(q, std=0.1)

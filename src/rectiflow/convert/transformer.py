@@ -212,6 +212,10 @@ def _check_portable(params: FluxParams, fmt: str) -> None:
     if params.patch_size != PATCH_SIZE:
         raise FormatError(f"patch_size={params.patch_size} is a rectiflow-only ablation (FLUX packs 2x2 "
                           f"patches) that the {fmt} format cannot record: save with format='rectiflow'")
+    if params.text_refiner:
+        raise FormatError(f"text_refiner={params.text_refiner} is a rectiflow-only ablation (blocks over the "
+                          f"text tokens alone) that the {fmt} format cannot record: "
+                          "save with format='rectiflow'")
     if fmt == "diffusers":
         fixed = {"mlp_ratio": 4.0, "qkv_bias": True, "theta": FLUX_THETA}
         bad = {k: getattr(params, k) for k, v in fixed.items() if getattr(params, k) != v}
@@ -240,7 +244,8 @@ def infer_params(shapes: dict[str, tuple[int, ...]], layout: str = "bfl") -> Flu
     base["num_heads"] = int(dims["hidden_size"]) // head_dim
     base["qkv_bias"] = dims.get("qkv_bias", True)
     for name, preset in TRANSFORMER_PRESETS.items():
-        plain = preset.pos_embed == "rope" and preset.text_pos == "none" and preset.pooled_text
+        plain = preset.pos_embed == "rope" and preset.text_pos == "none" and preset.pooled_text \
+            and not preset.text_refiner
         if plain and all(getattr(preset, k) == v for k, v in base.items()):
             log.info("checkpoint shapes match preset %r", name)
             return preset

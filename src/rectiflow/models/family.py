@@ -93,7 +93,8 @@ class FluxFamily(ModelFamily):
         return (h // self.patch) * (w // self.patch)
 
     def describe(self, params) -> str:
-        return f"hidden {params.hidden_size}, {params.depth} + {params.depth_single_blocks} blocks"
+        refiner = f", {params.text_refiner} text-refiner blocks" if params.text_refiner else ""
+        return f"hidden {params.hidden_size}, {params.depth} + {params.depth_single_blocks} blocks{refiner}"
 
     def forward(self, model, x, t, txt, vec, h, w, guidance=None, skip_layers=()):
         if skip_layers:

@@ -48,7 +48,10 @@ class FluxParams:
     False (no vector_in: adaLN sees the timestep (and guidance) only, and the text reaches the image through
     joint attention alone; y is still passed, checked for shape, and ignored); and `patch_size`, the side of
     the latent patch one token packs (FLUX: 2, so in_channels = 4 x 16 latent channels; 1: a token per latent
-    pixel, in_channels = 16)."""
+    pixel, in_channels = 16); and `text_refiner`, the number of single-stream blocks that run over the text
+    tokens alone (after txt_in, before the joint blocks, adaLN-conditioned on the same vector): a small
+    trainable transformer over a frozen encoder's token states, the "token refiner" idea of HunyuanVideo
+    (Kong et al. 2024, arXiv:2412.03603); FLUX: 0."""
 
     in_channels: int
     out_channels: int
@@ -67,6 +70,7 @@ class FluxParams:
     text_pos: str = "none"
     pooled_text: bool = True
     patch_size: int = PATCH_SIZE
+    text_refiner: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -74,8 +78,8 @@ class FluxParams:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"FluxParams.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.depth < 0 or self.depth_single_blocks < 0:
-            raise ConfigError("FluxParams.depth and depth_single_blocks must be >= 0")
+        if self.depth < 0 or self.depth_single_blocks < 0 or self.text_refiner < 0:
+            raise ConfigError("FluxParams.depth, depth_single_blocks and text_refiner must be >= 0")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"FluxParams.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.hidden_size % self.num_heads:
@@ -180,6 +184,11 @@ class Flux(nn.Module):
             if params.guidance_embed else nn.Identity()
         )
         self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)
+        # text_refiner = 0 (FLUX): an empty list, so no extra state-dict keys
+        self.txt_refiner = nn.ModuleList(
+            SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio)
+            for _ in range(params.text_refiner)
+        )
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
             for _ in range(params.depth)
@@ -221,6 +230,10 @@ class Flux(nn.Module):
         else:  # SD3-style absolute position of the image tokens (row, col), no RoPE
             img = img + sincos_2d_embedding(img_ids[..., 1], img_ids[..., 2], self.hidden_size).to(img.dtype)
             pe = None
+        # the text's own positions only: the first L_txt rows of the [txt; img] RoPE tables
+        pe_txt = None if pe is None else pe.tokens(0, txt.shape[1])
+        for block in self.txt_refiner:
+            txt = block(txt, vec, pe_txt)
 
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)

@@ -22,9 +22,9 @@ __all__ = ["transformer_blocks", "apply_activation_checkpointing", "apply_region
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of a Flux (double- and single-stream) or SD3 (joint) model: the units of FSDP,
+    """The blocks of a Flux (text refiner, double- and single-stream) or SD3 (joint) model: the units of FSDP,
     checkpointing and compile."""
-    names = ("double_blocks", "single_blocks", "joint_blocks")
+    names = ("txt_refiner", "double_blocks", "single_blocks", "joint_blocks")
     return [block for name in names for block in getattr(model, name, [])]
 
 
