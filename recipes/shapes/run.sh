@@ -9,12 +9,15 @@
 #   CFG=<CFG scale of the undistilled model's eval>  SHIFT=<time shift of the shipped sampling, default 3>
 #   TIMESTEP_M=<mean of the logit-normal training timesteps, default configs/shapes.toml's 1 (the bundled
 #              model; SD3's default 0 is compared in docs/training.md)>
+#   MODEL_PARAMS=<the transformer's model.params as a TOML inline table, for teacher and student alike, e.g.
+#              '{hidden_size = 192, num_heads = 3, depth = 4, depth_single_blocks = 4}': the
+#              studies/default-cpu.toml leader; default configs/shapes.toml's (docs/studies.md)>
 #   DEST=src/rectiflow/assets/default
 set -euo pipefail
 # the command the model card names: with the knobs (below) this run was given, so that it reproduces the model
 RECIPE="bash recipes/shapes/run.sh"
-for knob in TIMESTEP_M SHIFT CFG LR STEPS N_IMAGES; do
-  if [ -n "${!knob:-}" ]; then RECIPE="$knob=${!knob} $RECIPE"; fi
+for knob in MODEL_PARAMS TIMESTEP_M SHIFT CFG LR STEPS N_IMAGES; do
+  if [ -n "${!knob:-}" ]; then RECIPE="$knob=${!knob@Q} $RECIPE"; fi
 done
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/shapes}
@@ -50,6 +53,8 @@ stage cache rectiflow cache --data "$RUNS/data" --caption-column text --caption-
 #    under a 13000-step schedule before it was lengthened). STEPS=N adds a further phase to N steps.
 OVERRIDES=(model.autoencoder="$RUNS/ae/ae.safetensors" data.cache="$RUNS/cache" train.out_dir="$RUNS/train")
 if [ -n "${TIMESTEP_M:-}" ]; then OVERRIDES+=(flow.timestep_params.m="$TIMESTEP_M"); fi
+MODEL=()  # the architecture, which the distilled student shares with its teacher
+if [ -n "${MODEL_PARAMS:-}" ]; then MODEL=(model.params="$MODEL_PARAMS"); OVERRIDES+=("${MODEL[@]}"); fi
 done_steps() {  # the step of the newest complete checkpoint (0 if none)
   local last; last=$(ls -d "$RUNS/train/checkpoints"/step-* 2>/dev/null | sort | tail -1)
   if [ -n "$last" ]; then echo $((10#${last##*step-})); else echo 0; fi
@@ -84,7 +89,7 @@ if [ ! -f "$RUNS/distill/export/bundle/model.json" ]; then
   resume=(); if ls -d "$RUNS/distill/checkpoints"/step-* >/dev/null 2>&1; then resume=(--resume); fi
   stage distill rectiflow train configs/shapes_distill.toml model.init="$T" distill.teacher="$T" \
     model.autoencoder="$RUNS/ae/ae.safetensors" data.cache="$RUNS/cache" train.out_dir="$RUNS/distill" \
-    "${resume[@]}"
+    "${MODEL[@]}" "${resume[@]}"
 fi
 # Sampled on a shifted grid (SD3's time shift, alpha 3: more of the few steps spent at high noise, where the
 # layout forms); the alphas compared are in docs/training.md.
