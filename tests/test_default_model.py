@@ -63,3 +63,26 @@ def test_accuracy_does_not_regress(pipe):
 # README prompt 1/4); one image of margin for float differences across CPUs. The full benchmark is in the
 # model card.
 MIN_CORRECT = 12
+
+
+def test_eval_prompt_scores_what_generate_draws(tmp_path, capsys):
+    # `rectiflow eval prompt` draws seed i as `rectiflow generate --seed i` does (the bundle's defaults) and
+    # scores it as the benchmark does: the seeds it reports right are those whose PNG scores right.
+    out = tmp_path / "e"
+    assert main(["eval", "prompt", PROMPT, "--seeds", "3", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    right = []
+    for seed in range(3):
+        png = tmp_path / f"{seed}.png"
+        assert main(["generate", PROMPT, "-o", str(png), "--seed", str(seed), "--no-progress"]) == 0
+        if score_image(PROMPT, np.asarray(Image.open(png).convert("RGB"))):
+            right.append(seed)
+    assert report["results"]["8"]["correct_seeds"] == right
+    assert f"steps= 8 {len(right)}/3 correct" in capsys.readouterr().out
+
+
+def test_eval_prompt_outside_the_grammar_is_one_line(capsys):
+    assert main(["eval", "prompt", "a yellow star", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: not a shapes-world prompt: 'a yellow star'; use one of the six templates, e.g. "
+                   "'a photo of an orange circle' or 'a photo of two stars'"]

@@ -13,7 +13,7 @@ from rectiflow.convert.bundle import SamplingDefaults
 from rectiflow.data.shapes import TASKS, parse_prompt, render, scene_for_prompt
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.eval.shapes import prompt_set
-from rectiflow.eval.shapes_eval import evaluate_shapes, geneval_metadata, report_markdown
+from rectiflow.eval.shapes_eval import evaluate_prompt, evaluate_shapes, geneval_metadata, report_markdown
 
 
 class FakePipeline:
@@ -118,3 +118,29 @@ def test_geneval_metadata():
     assert m["include"] == [{"class": "square", "count": 1, "color": "orange"},
                             {"class": "circle", "count": 1, "color": "red"}]
     assert m["tag"] == "color_attr" and m["held_out"] is False
+
+
+def test_evaluate_prompt_counts_the_seeds_that_come_out_right(tmp_path):
+    text = "a photo of a yellow star and a blue square"
+    truth = evaluate_prompt(FakePipeline(), text, seeds=range(5), steps=[1, 2], out_dir=tmp_path,
+                            progress=False)
+    assert truth["task"] == "color_attr" and list(truth["results"]) == ["1", "2"]
+    assert truth["results"]["2"] == {"correct": 5, "n": 5, "correct_seeds": [0, 1, 2, 3, 4], "failures": {}}
+    assert json.loads((tmp_path / "report.json").read_text())["settings"]["seeds"] == [0, 1, 2, 3, 4]
+    with Image.open(tmp_path / "steps1" / "grid.png") as grid:
+        assert grid.size == (5 * 64, 64)
+    pipe = FakePipeline("cross")
+    wrong = evaluate_prompt(pipe, text, seeds=[3, 4, 5], steps=[4], cfg_scale=2.0, progress=False)
+    assert wrong["results"]["4"] == {"correct": 0, "n": 3, "correct_seeds": [],
+                                     "failures": {"both shapes missing": 3}}
+    assert pipe.calls == [dict(prompts=[text], steps=4, seeds=[3, 4, 5], sampler="euler")]
+    assert wrong["settings"]["cfg_scale"] == 2.0
+
+
+def test_evaluate_prompt_bad_input_one_line_each():
+    with pytest.raises(RectiflowError, match="not a shapes-world prompt"):
+        evaluate_prompt(FakePipeline(), "a yellow star", progress=False)
+    with pytest.raises(RectiflowError, match="seeds must not be empty"):
+        evaluate_prompt(FakePipeline(), "a photo of a star", seeds=[], progress=False)
+    with pytest.raises(RectiflowError, match="steps"):
+        evaluate_prompt(FakePipeline(), "a photo of a star", steps=[0], progress=False)

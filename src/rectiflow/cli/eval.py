@@ -1,7 +1,8 @@
 """`rectiflow eval shapes --model M --steps 1,2,4,8 [--sampler euler] [--shift none|flux|A] [--cfg X]
 [--guidance G] [--size S] [--split seen,heldout] [--limit N] --out DIR`: the shapes-world benchmark
 (rectiflow.eval.shapes_eval). `rectiflow eval straightness --model M [--n N] [--reference euler|dopri5]`:
-straightness and few-step endpoint errors (rectiflow.eval.straightness)."""
+straightness and few-step endpoint errors (rectiflow.eval.straightness). `rectiflow eval prompt TEXT
+[--seeds 16] [--steps 4,8]`: how many seeds of one shapes-world prompt come out right."""
 
 from __future__ import annotations
 
@@ -71,6 +72,22 @@ def register(sub) -> None:
     s.add_argument("--out", required=True, help="output directory for reports, grids and images")
     s.set_defaults(func=run)
 
+    q = bench.add_parser("prompt", help="one shapes-world prompt drawn with many seeds and scored: how often "
+                                         "`rectiflow generate PROMPT` comes out right")
+    q.add_argument("prompt", help="a shapes-world prompt, e.g. 'a photo of a yellow star and a blue square'")
+    q.add_argument("--seeds", type=_positive, default=16, help="seeds 0..N-1, as `generate --seed` (16)")
+    q.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
+    q.add_argument("--steps", type=_steps, default=None, help="step counts, e.g. 4,8 (default: the model's)")
+    q.add_argument("--sampler", type=parse_sampler, default=None, help="euler | heun | midpoint | rk4")
+    q.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
+                   help="time shift of the step grid: none, flux or a number (default: the model's)")
+    q.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    q.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
+    q.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--out", default=None, help="also write report.json and a grid per step count here")
+    q.set_defaults(func=run_prompt)
+
     r = bench.add_parser("straightness", help="straightness S of the model's ODE paths and few-step endpoint "
                                                "errors (rectiflow.eval.straightness)")
     r.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
@@ -117,6 +134,29 @@ def run_straightness(args) -> int:
     print(format_straightness(report))
     if args.out:
         print(f"report: {write_report(report, args.out)}")
+    return 0
+
+
+def run_prompt(args) -> int:
+    from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.data.shapes import parse_prompt
+    from rectiflow.eval.shapes_eval import evaluate_prompt
+    from rectiflow.sample.pipeline import DEFAULT, Pipeline
+
+    parse_prompt(args.prompt)  # a prompt the scorer cannot read fails before the model loads
+    pipe = Pipeline.from_bundle(args.model or default_bundle_path())
+    report = evaluate_prompt(pipe, args.prompt, seeds=range(args.seeds),
+                             steps=args.steps or [pipe.defaults.steps], sampler=args.sampler,
+                             shift=getattr(args, "shift", DEFAULT), cfg_scale=args.cfg,
+                             guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
+                             out_dir=args.out, progress=not args.no_progress)
+    for n, r in report["results"].items():
+        seeds = ", ".join(map(str, r["correct_seeds"])) or "none"
+        fails = "; ".join(f"{k} {v}" for k, v in r["failures"].items())
+        failed = f"; failed: {fails}" if fails else ""
+        print(f"steps={n:>2s} {r['correct']}/{r['n']} correct (seeds {seeds}){failed}")
+    if args.out:
+        print(f"report: {args.out}/report.json")
     return 0
 
 

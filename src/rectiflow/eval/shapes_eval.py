@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rectiflow.data.shapes import Prompt
+from rectiflow.data.shapes import Prompt, parse_prompt
 from rectiflow.errors import RectiflowError
 from rectiflow.eval.shapes import (
     EVAL_SEEDS,
@@ -45,7 +45,7 @@ from rectiflow.eval.shapes import (
 )
 from rectiflow.sample.pipeline import DEFAULT
 
-__all__ = ["evaluate_shapes", "geneval_metadata", "image_grid"]
+__all__ = ["evaluate_prompt", "evaluate_shapes", "geneval_metadata", "image_grid"]
 
 log = logging.getLogger(__name__)
 USED_KEYS = ("sampler", "shift", "guidance", "cfg_scale")  # generation settings the report records as used
@@ -160,6 +160,25 @@ def _select(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
     return kept
 
 
+def _check_steps(steps: Sequence[int]) -> list[int]:
+    steps = list(steps)
+    if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
+        raise RectiflowError(f"steps must be integers >= 1, got {steps}")
+    return steps
+
+
+def _settings(pipe, sampler, shift, guidance, cfg_scale, size) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The generate() keywords of an evaluation and the settings its report records (defaults resolved)."""
+    d = pipe.defaults
+    size = size or d.width
+    gen_kw = dict(width=size, height=size, sampler=sampler or d.sampler, shift=shift, guidance=guidance,
+                  cfg_scale=d.cfg_scale if cfg_scale is None else float(cfg_scale))
+    settings = {"sampler": gen_kw["sampler"], "shift": d.shift if shift is DEFAULT else shift,
+                "guidance": d.guidance if guidance is DEFAULT else guidance,
+                "cfg_scale": gen_kw["cfg_scale"], "size": size}
+    return gen_kw, settings
+
+
 def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str | None = None,
                     shift: Any = DEFAULT, guidance: Any = DEFAULT, cfg_scale: float | None = None,
                     size: int | None = None, splits: Sequence[str] = SPLITS,
@@ -171,27 +190,19 @@ def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str |
 
     limit: at most this many prompts per task (a quick look; the protocol uses all of them).
     """
-    steps = list(steps)
-    if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
-        raise RectiflowError(f"steps must be integers >= 1, got {steps}")
+    steps = _check_steps(steps)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise RectiflowError(f"limit must be a positive integer, got {limit!r}")
     if batch_prompts < 1:
         raise RectiflowError(f"batch_prompts must be >= 1, got {batch_prompts}")
     splits = list(dict.fromkeys(normalize_split(s) for s in splits))
-    d = pipe.defaults
-    size = size or d.width
-    gen_kw = dict(width=size, height=size, sampler=sampler or d.sampler, shift=shift, guidance=guidance,
-                  cfg_scale=d.cfg_scale if cfg_scale is None else float(cfg_scale))
+    gen_kw, settings = _settings(pipe, sampler, shift, guidance, cfg_scale, size)
+    size = gen_kw["width"]
     out = Path(out_dir) if out_dir is not None else None
     report: dict[str, Any] = {
         "benchmark": "shapes-world",
         "model": {"name": pipe.name, "hash": pipe.model_hash},
-        "settings": {"sampler": gen_kw["sampler"],
-                     "shift": d.shift if shift is DEFAULT else shift,
-                     "guidance": d.guidance if guidance is DEFAULT else guidance,
-                     "cfg_scale": gen_kw["cfg_scale"], "size": size, "seeds": list(seeds),
-                     "steps": steps, "limit_per_task": limit},
+        "settings": dict(settings, seeds=list(seeds), steps=steps, limit_per_task=limit),
         "results": {},
     }
     prompt_sets = {split: _select(prompt_set(split), limit) for split in splits}
@@ -215,6 +226,46 @@ def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str |
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def evaluate_prompt(pipe, text: str, *, seeds: Sequence[int] = tuple(range(16)),
+                    steps: Sequence[int] = (4,), sampler: str | None = None, shift: Any = DEFAULT,
+                    guidance: Any = DEFAULT, cfg_scale: float | None = None, size: int | None = None,
+                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """One shapes-world prompt (any of the six templates, seen or not) drawn with every seed at every step
+    count and scored like the benchmark: how often does `rectiflow generate TEXT` come out right? Returns
+    (and, with out_dir, writes as report.json plus a grid per step count) per step count the number right,
+    the seeds that were right and the failure kinds of the others."""
+    prompt = parse_prompt(text)  # one line naming the problem for a prompt outside the grammar
+    steps = _check_steps(steps)
+    seeds = list(seeds)
+    if not seeds:
+        raise RectiflowError("seeds must not be empty")
+    gen_kw, settings = _settings(pipe, sampler, shift, guidance, cfg_scale, size)
+    report: dict[str, Any] = {"prompt": prompt.text, "task": prompt.task,
+                              "model": {"name": pipe.name, "hash": pipe.model_hash},
+                              "settings": dict(settings, seeds=seeds, steps=steps), "results": {}}
+    out = Path(out_dir) if out_dir is not None else None
+    used: dict[str, Any] = {}
+    with tqdm(total=len(seeds) * len(steps), desc="prompt eval", unit="img", disable=not progress) as bar:
+        for n in steps:
+            images = _generate(pipe, [text], n, seeds, gen_kw, len(seeds), bar, used)[text]
+            scores = [score_image(prompt, np.asarray(im)) for im in images]
+            kinds: dict[str, int] = {}
+            for sc in scores:
+                kind = failure(sc)
+                if kind is not None:
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            right = [seed for seed, sc in zip(seeds, scores) if sc.correct]
+            report["results"][str(n)] = {"correct": len(right), "n": len(seeds), "correct_seeds": right,
+                                         "failures": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+            if out is not None:
+                (out / f"steps{n}").mkdir(parents=True, exist_ok=True)
+                image_grid(images, min(len(images), 8)).save(out / f"steps{n}" / "grid.png")
+    report["settings"].update(used)
+    if out is not None:
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
