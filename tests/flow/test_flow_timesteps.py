@@ -19,6 +19,8 @@ CASES = [
     ("mode", {}),
     ("mode", {"s": -0.5}),
     ("cosmap", {}),
+    ("u_shaped", {}),
+    ("u_shaped", {"a": 1.5}),
 ]
 
 
@@ -66,12 +68,22 @@ def test_densities_closed_forms():
     # cosmap: derivative of its inverse u = (2/pi) atan(t / (1 - t))
     inv = lambda x: (2 / math.pi) * torch.atan(x / (1 - x))  # noqa: E731
     assert torch.allclose(PDFS["cosmap"](t), (inv(t + h) - inv(t - h)) / (2 * h), rtol=1e-6)
+    # u_shaped: Lee et al. 2024's construction, an exponential a e^{ax} / (e^a - 1) on [0, 1] mirrored with
+    # probability 1/2, has the density (e^{at} + e^{a(1-t)}) a / (2 (e^a - 1))
+    def expo(x, a):
+        return a * torch.exp(a * x) / (math.exp(a) - 1)
+
+    for a in (4.0, 1.5):
+        assert torch.allclose(PDFS["u_shaped"](t, a=a), 0.5 * (expo(t, a) + expo(1 - t, a)))
+    # U-shaped: cosh(2) = 3.76 times denser at either end than in the middle for a = 4
+    ends = PDFS["u_shaped"](torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert math.isclose(ends[0] / ends[1], math.cosh(2.0)) and math.isclose(ends[0], ends[2])
 
 
 def test_loss_weights():
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.float32)
     assert torch.equal(loss_weight("none", t), torch.ones_like(t))
-    for name in ("logit_normal", "mode", "cosmap"):
+    for name in ("logit_normal", "mode", "cosmap", "u_shaped"):
         w = loss_weight(name, t)
         assert w.dtype == torch.float32 and torch.allclose(w, PDFS[name](t.double()).float())
     w = loss_weight("logit_normal", t, m=1.0, s=0.5)
@@ -82,14 +94,14 @@ def test_loss_weights():
     for name in ("cosmap", "sigma_sqrt"):
         ref = compute_loss_weighting_for_sd3(name, t)
         assert torch.allclose(loss_weight(name, t), ref, rtol=1e-6), name
-    assert set(LOSS_WEIGHTS) == {"none", "logit_normal", "mode", "cosmap", "sigma_sqrt"}
+    assert set(LOSS_WEIGHTS) == {"none", "logit_normal", "mode", "cosmap", "u_shaped", "sigma_sqrt"}
 
 
 def test_importance_weighting_equals_sampling():
     """E_{t~pi}[g(t)] == E_{t~U}[pi(t) g(t)] (SD3 3.1: a sampler is a loss weight), Monte Carlo."""
     g = torch.Generator().manual_seed(7)
     f = lambda t: torch.sin(3 * t) + t**2  # noqa: E731
-    for name in ("logit_normal", "mode", "cosmap"):
+    for name in ("logit_normal", "mode", "cosmap", "u_shaped"):
         direct = f(sample_timesteps(name, 200000, g, dtype=torch.float64)).mean()
         u = sample_timesteps("uniform", 200000, g, dtype=torch.float64)
         weighted = (loss_weight(name, u) * f(u)).mean()
@@ -117,6 +129,8 @@ def test_bad_inputs():
         sample_timesteps("mode", 4, g, s=2.0)
     with pytest.raises(ConfigError, match="s > 0"):
         sample_timesteps("logit_normal", 4, g, s=0.0)
+    with pytest.raises(ConfigError, match="a > 0"):
+        sample_timesteps("u_shaped", 4, g, a=0.0)
     with pytest.raises(ConfigError, match="CPU generator"):
         sample_timesteps("uniform", 4, None)
     with pytest.raises(ConfigError, match=">= 0"):

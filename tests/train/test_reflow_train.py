@@ -122,3 +122,23 @@ def test_mixing_in_the_real_data_loss(couplings, teacher, tiny_cache, tmp_path):
     tr.cache.set_epoch(1)
     assert not torch.equal(tr.load_batch([pairs + 2])["noise"][0], again)  # ... and new noise the next
     tr.train_step()
+
+
+def test_lee_et_al_settings_pseudo_huber_on_the_paired_line(couplings, teacher, tmp_path):
+    """flow.loss = "pseudo_huber" (Lee et al. 2024's 2-RF metric) is sqrt(mse + c^2) - c of the same
+    residual per sample, then averaged; flow.timesteps = "u_shaped" is accepted and a bad loss is one line."""
+    extra = ("data.caption_dropout=0", f'model.init="{teacher / "transformer.safetensors"}"',
+             'flow.timesteps="u_shaped"', "flow.timestep_params={a = 4.0}")
+    mse_tr = Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path / "a", *extra)))
+    huber = ('flow.loss="pseudo_huber"', "flow.loss_params={c = 0.01}")
+    hub_tr = Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path / "b", *extra, *huber)))
+    batch = mse_tr.load_batch([0, 3, 5, 6])
+    t = torch.tensor([1.0, 0.7, 0.3, 0.05])
+    with torch.no_grad():
+        mses = torch.stack([mse_tr.forward_loss({k: v[i:i + 1] for k, v in batch.items()}, t[i:i + 1], None)
+                            for i in range(4)])
+        huber = hub_tr.forward_loss(batch, t, None)
+    torch.testing.assert_close(huber, ((mses + 1e-4).sqrt() - 0.01).mean(), rtol=1e-5, atol=1e-7)
+    assert hub_tr.train_step().loss > 0  # a step runs with u-shaped timesteps
+    with pytest.raises(ConfigError, match="unknown loss 'huber'"):
+        Trainer(load_config(TINY_TOML, _overrides(couplings, tmp_path / "c", 'flow.loss="huber"')))

@@ -21,8 +21,10 @@ a 0-d tensor or a float; coefficient math runs in float64 and is cast to x's dty
 
 Timestep samplers (rectiflow.flow.timesteps): `sample_timesteps(name, n, generator, device=None,
 dtype=torch.float32, **params) -> t [n]`; names "uniform", "logit_normal" (m=0, s=1), "mode" (s=1.29),
-"cosmap"; each also as a function `uniform(n, *, generator, device=None, dtype=...)` etc. and its density
-`*_pdf(t, ...)`. `loss_weight(name, t, **params)` for "none", "logit_normal", "mode", "cosmap", "sigma_sqrt".
+"cosmap", "u_shaped" (a=4); each also as a function `uniform(n, *, generator, device=None, dtype=...)`
+etc. and its density `*_pdf(t, ...)`. `loss_weight(name, t, **params)` for "none", "logit_normal", "mode",
+"cosmap", "u_shaped", "sigma_sqrt". Losses (rectiflow.flow.losses): `per_sample_loss(name, out, target,
+dims, **params)` for "mse" and "pseudo_huber" (c).
 The generator must be a CPU torch.Generator.
 
 Inference grids (rectiflow.flow.schedules): `timestep_grid(steps, *, shift=None | "flux" | alpha,
@@ -49,6 +51,7 @@ where model_fn(cat([x, x]), t) returns [uncond; cond] halves; `guidance_vector(v
 """
 
 from rectiflow.flow.guidance import cfg_batch, cfg_combine, cfg_guide, cfg_velocity_fn, guidance_vector
+from rectiflow.flow.losses import LOSSES, per_sample_loss
 from rectiflow.flow.paths import (
     EDM,
     PATHS,
@@ -86,16 +89,19 @@ from rectiflow.flow.timesteps import (
     mode,
     mode_pdf,
     sample_timesteps,
+    u_shaped,
+    u_shaped_pdf,
     uniform,
     uniform_pdf,
 )
 
 __all__ = [
-    "EDM", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
+    "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
     "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_velocity_fn",
     "cosmap", "cosmap_pdf", "endpoint_errors", "equivalent_rf_weight", "flux_mu", "get_path",
     "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
-    "parse_time_shift", "path_from_record", "path_record", "rms_distance", "sample_timesteps", "sd3_shift",
+    "parse_time_shift", "path_from_record", "path_record", "per_sample_loss", "rms_distance",
+    "sample_timesteps", "sd3_shift",
     "solve", "solve_adaptive", "solver_nfe", "straightness", "t_from_log_snr", "time_shift", "timestep_grid",
-    "training_pair", "uniform", "uniform_pdf", "velocity_fn_from_model",
+    "training_pair", "u_shaped", "u_shaped_pdf", "uniform", "uniform_pdf", "velocity_fn_from_model",
 ]

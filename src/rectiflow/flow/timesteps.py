@@ -11,14 +11,20 @@ torch.Generator), so a seed gives the same t on every device; the result is then
                                           (-1 <= s <= 2/(pi-2) keeps f_mode monotone)
                                           pdf |d f_mode^{-1}(t) / dt| = 1 / |f_mode'(u)|
     cosmap         t = 1 - 1 / (tan(pi u / 2) + 1)    pdf 2 / (pi - 2 pi t + 2 pi t^2)
+    u_shaped       t = 1/2 + asinh((2u - 1) sinh(a/2)) / a
+                                          pdf a cosh(a (t - 1/2)) / (2 sinh(a/2))   (a > 0; default 4)
     grid           t = 1 - k / N, k ~ U{0..N-1}        discrete (steps = N; N = 1: t = 1 only)
 
 SD3's defaults are logit_normal(m=0, s=1) (their best "rf/lognorm(0.00, 1.00)") and mode(s=1.29).
+u_shaped is the reflow sampler of Lee et al. 2024 ("Improving the Training of Rectified Flows",
+arXiv:2405.20320, sec. 4.1): p(t) proportional to e^{at} + e^{a(1-t)}, a = 4, which puts the training where a
+2-rectified flow's loss is largest, at both ends (their figure 3). Their code draws it as a truncated
+exponential mirrored with probability 1/2; the inverse CDF above is the same law from one uniform draw.
 
 Loss weights (`loss_weight(name, t, **params)`): SD3 section 3.1 notes that drawing t ~ pi(t) is the same
 objective as drawing t uniformly and weighting the eps-loss by w_t = t/(1-t) pi(t), i.e. weighting the
 rectified-flow (v) loss by pi(t). So each sampler's density doubles as a per-sample weight for the RF loss
-under uniform t: "none", "logit_normal", "mode", "cosmap"; plus "sigma_sqrt" = t^-2 (diffusers'
+under uniform t: "none", "logit_normal", "mode", "cosmap", "u_shaped"; plus "sigma_sqrt" = t^-2 (diffusers'
 compute_loss_weighting_for_sd3, for comparison). For a whole formulation's weight relative to RF, see
 `rectiflow.flow.paths.equivalent_rf_weight`.
 """
@@ -57,6 +63,11 @@ def _check_mode_s(s: float) -> None:
         raise ConfigError(f"mode sampling needs -1 <= s <= 2/(pi-2) = {_MODE_S_MAX:.4f}, got s={s}")
 
 
+def _check_u_shaped_a(a: float) -> None:
+    if not a > 0:
+        raise ConfigError(f"u_shaped needs a > 0 (Lee et al. 2024 use a = 4), got a={a}")
+
+
 def _check_lognorm_s(s: float) -> None:
     if not s > 0:
         raise ConfigError(f"logit_normal needs a scale s > 0, got s={s}")
@@ -93,6 +104,14 @@ def cosmap(n: int, *, generator: torch.Generator, device=None, dtype=torch.float
     return _out(1.0 - 1.0 / (torch.tan(0.5 * math.pi * u) + 1.0), device, dtype)
 
 
+def u_shaped(
+    n: int, *, generator: torch.Generator, device=None, dtype=torch.float32, a: float = 4.0
+) -> Tensor:
+    _check_u_shaped_a(a)
+    u = _uniform64(n, generator)
+    return _out(0.5 + torch.asinh((2.0 * u - 1.0) * math.sinh(0.5 * a)) / a, device, dtype)
+
+
 # -- densities (closed forms, float64 in, same dtype out) ----------------------------------------------
 
 
@@ -104,6 +123,11 @@ def logit_normal_pdf(t: Tensor, m: float = 0.0, s: float = 1.0) -> Tensor:
     _check_lognorm_s(s)
     logit = torch.log(t) - torch.log1p(-t)
     return torch.exp(-((logit - m) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi) * t * (1 - t))
+
+
+def u_shaped_pdf(t: Tensor, a: float = 4.0) -> Tensor:
+    _check_u_shaped_a(a)
+    return a * torch.cosh(a * (t - 0.5)) / (2.0 * math.sinh(0.5 * a))
 
 
 def _f_mode_inverse(t: Tensor, s: float, iters: int = 64) -> Tensor:
@@ -147,6 +171,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "logit_normal": logit_normal,
     "mode": mode,
     "cosmap": cosmap,
+    "u_shaped": u_shaped,
 }
 
 PDFS: dict[str, Callable[..., Tensor]] = {
@@ -154,13 +179,14 @@ PDFS: dict[str, Callable[..., Tensor]] = {
     "logit_normal": logit_normal_pdf,
     "mode": mode_pdf,
     "cosmap": cosmap_pdf,
+    "u_shaped": u_shaped_pdf,
 }
 
 
 def sample_timesteps(
     name: str, n: int, generator: torch.Generator, device=None, dtype=torch.float32, **params
 ) -> Tensor:
-    """Dispatch to a sampler by name ("uniform", "logit_normal", "mode", "cosmap") -> t [n]."""
+    """Dispatch to a sampler by name (a key of SAMPLERS) -> t [n]."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown timestep sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     try:
@@ -169,14 +195,14 @@ def sample_timesteps(
         raise ConfigError(f"bad parameters {sorted(params)} for timestep sampler {name!r}: {e}") from None
 
 
-LOSS_WEIGHTS = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+LOSS_WEIGHTS = ("none", "logit_normal", "mode", "cosmap", "u_shaped", "sigma_sqrt")
 
 
 def loss_weight(name: str, t: Tensor, **params) -> Tensor:
     """Per-sample weight for the rectified-flow loss at times t (uniform-t training), see module doc.
 
-    "none" -> 1; "logit_normal"(m, s) / "mode"(s) / "cosmap" -> the sampler's density pi(t) (SD3 3.1:
-    w_t = t/(1-t) pi(t) in eps-form); "sigma_sqrt" -> t^-2 (diffusers' weighting_scheme="sigma_sqrt").
+    "none" -> 1; "logit_normal"(m, s) / "mode"(s) / "cosmap" / "u_shaped"(a) -> the sampler's density pi(t)
+    (SD3 3.1: w_t = t/(1-t) pi(t) in eps-form); "sigma_sqrt" -> t^-2 (diffusers' weighting_scheme="sigma_sqrt").
     """
     if name not in LOSS_WEIGHTS:
         raise ConfigError(f"unknown loss weighting {name!r}; choose one of {', '.join(LOSS_WEIGHTS)}")

@@ -74,13 +74,16 @@ class FlowConfig:
     """path: a rectiflow.flow path name; timesteps: a training timestep sampler with its params (default
     logit-normal(0, 1): SD3's best rectified-flow setting, Esser et al. 2024 sec. 5.1, "rf/lognorm(0.00,
     1.00)"); loss_weight: an extra per-sample weight (rectiflow.flow.loss_weight; "none" with a non-uniform
-    sampler is SD3's formulation)."""
+    sampler is SD3's formulation); loss: the per-sample metric (rectiflow.flow.losses: "mse", or
+    "pseudo_huber" with c, Lee et al. 2024's choice for reflow)."""
 
     path: str = "rectified_flow"
     timesteps: str = "logit_normal"
     timestep_params: dict[str, float] = field(default_factory=lambda: {"m": 0.0, "s": 1.0})
     loss_weight: str = "none"
     loss_weight_params: dict[str, float] = field(default_factory=dict)
+    loss: str = "mse"
+    loss_params: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

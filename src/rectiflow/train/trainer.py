@@ -25,7 +25,8 @@ from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.couplings import CouplingsDataset, CouplingsWithData
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
-from rectiflow.flow import get_path, loss_weight, sample_timesteps, training_pair
+from rectiflow.flow import get_path, loss_weight, per_sample_loss, sample_timesteps, training_pair
+from rectiflow.flow.losses import check_loss
 from rectiflow.models.family import family_of, model_params, sample_dims
 from rectiflow.train import checkpoint as ckpt
 from rectiflow.train.batches import BatchStream, local_slice, split_holdout
@@ -69,6 +70,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.path = get_path(cfg.flow.path)
         loss_weight(cfg.flow.loss_weight, torch.full((1,), 0.5), **cfg.flow.loss_weight_params)  # validate
+        check_loss(cfg.flow.loss, cfg.flow.loss_params)
         self._setup_data()
         self._setup_model(parallelize)
         self.distiller = None  # few-step distillation: the teacher and the student's targets
@@ -213,7 +215,8 @@ class Trainer:
         if self.lora_targets is not None:  # lora.guide / lora.preserve
             target = self.lora_targets(batch["id"], target, x_in, t, txt, vec, h, w, guidance)
         out = self.model_forward(x_in, t, txt, vec, h, w, guidance)
-        per_sample = (out.float() - target.float()).pow(2).mean(dim=sample_dims(out))  # [b]
+        flow = self.cfg.flow
+        per_sample = per_sample_loss(flow.loss, out, target, sample_dims(out), **flow.loss_params)  # [b]
         weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
         return (weight * per_sample).mean()
 
