@@ -202,7 +202,8 @@ def loss_weight(name: str, t: Tensor, **params) -> Tensor:
     """Per-sample weight for the rectified-flow loss at times t (uniform-t training), see module doc.
 
     "none" -> 1; "logit_normal"(m, s) / "mode"(s) / "cosmap" / "u_shaped"(a) -> the sampler's density pi(t)
-    (SD3 3.1: w_t = t/(1-t) pi(t) in eps-form); "sigma_sqrt" -> t^-2 (diffusers' weighting_scheme="sigma_sqrt").
+    (SD3 3.1: w_t = t/(1-t) pi(t) in eps-form); "sigma_sqrt" -> t^-2 (diffusers'
+    weighting_scheme="sigma_sqrt").
     """
     if name not in LOSS_WEIGHTS:
         raise ConfigError(f"unknown loss weighting {name!r}; choose one of {', '.join(LOSS_WEIGHTS)}")
