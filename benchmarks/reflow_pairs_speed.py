@@ -1,7 +1,9 @@
 """`rectiflow reflow pairs` speed: couplings per second against the same model's `generate` in one process.
 
-    python benchmarks/reflow_pairs_speed.py [--model PATH] [--n 64] [--steps 8] [--runs 7]
+    python benchmarks/reflow_pairs_speed.py [--model PATH] [--n 64] [--steps 8] [--cfg 1] [--runs 7]
 
+--cfg: classifier-free guidance scale of both sides (> 1: two forwards per step, the pairs of an undistilled
+teacher).
 --model: a bundle directory (default: the bundled default model). Both sides draw n samples of the same
 prompts with the same solver and step count on the CPU in float32, interleaved (pairs, generate, pairs, ...),
 median of --runs (>= 7) after warm-up:
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
     if args.runs < 7:
@@ -52,14 +55,14 @@ def main() -> None:
     def pairs():
         shutil.rmtree(tmp / "pairs", ignore_errors=True)
         make_couplings(pipe, source, tmp / "pairs", args.n, steps=args.steps, batch_size=args.n,
-                       shard_size=args.n, progress=False)
+                       shard_size=args.n, cfg_scale=args.cfg, progress=False)
 
     def generate():
-        pipe(prompts, steps=args.steps, seed=0, batch_size=args.n, progress=False)
+        pipe(prompts, steps=args.steps, seed=0, batch_size=args.n, cfg_scale=args.cfg, progress=False)
 
     t = interleaved_medians({"pairs": pairs, "generate": generate}, runs=args.runs)
     d = pipe.defaults
-    print(f"\n{args.n} samples, {d.width}x{d.height}, Euler {args.steps} steps, fp32, "
+    print(f"\n{args.n} samples, {d.width}x{d.height}, Euler {args.steps} steps, CFG {args.cfg:g}, fp32, "
           f"{torch.get_num_threads()} threads")
     print(f"  reflow pairs: {t['pairs']:.2f} s ({args.n / t['pairs']:.1f} pairs/s)")
     print(f"  generate:     {t['generate']:.2f} s ({args.n / t['generate']:.1f} images/s)")
