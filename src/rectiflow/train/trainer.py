@@ -217,7 +217,7 @@ class Trainer:
         out = self.model_forward(x_in, t, txt, vec, h, w, guidance)
         flow = self.cfg.flow
         per_sample = per_sample_loss(flow.loss, out, target, sample_dims(out), **flow.loss_params)  # [b]
-        weight = loss_weight(self.cfg.flow.loss_weight, t, **self.cfg.flow.loss_weight_params)
+        weight = loss_weight(flow.loss_weight, t, **flow.loss_weight_params)
         return (weight * per_sample).mean()
 
     def model_forward(self, x_in, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
