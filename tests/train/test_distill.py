@@ -104,6 +104,41 @@ def test_shifted_grid_target_is_two_teacher_steps_of_the_samplers_grid(tiny_cach
         load_config(TINY_TOML, ["distill.shift=0"])
 
 
+@pytest.mark.parametrize("substeps,shift", [(4, 1.0), (3, 3.0), (1, 1.0)])
+def test_target_spans_k_teacher_steps_of_the_samplers_grid(tiny_cache, tmp_path, teacher_file, substeps, shift):
+    """distill.teacher_substeps = k: one student step of the 2-step grid covers k Euler steps of the teacher's
+    sampler on the (shifted) 2k-step grid, as `generate --steps 2k --shift alpha` would take them (k = 1:
+    the teacher's own velocity)."""
+    extra = [f"distill.teacher_substeps={substeps}", "distill.student_steps=2", "distill.teacher_cfg=2.0"]
+    if shift != 1.0:
+        extra += [f"distill.shift={shift}", f'validation.shift="{shift:g}"']
+    tr = _trainer(tiny_cache, tmp_path, teacher_file, *extra)
+    grid = timestep_grid(2 * substeps, shift=shift).float()
+    batch = tr.load_batch([0, 1])
+    lat = batch["latents"].float()
+    b, _, h, w = lat.shape
+    txt, vec = batch["txt"].float(), batch["vec"].float()
+    x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(1)))
+    t = grid[[0, substeps]]  # the student's two grid times
+    x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+    got = tr.distiller.target(x_t, t, txt, vec, h, w)
+    with torch.no_grad():
+        want = []
+        for j in range(2):
+            x = x_t[j:j + 1]
+            for i in range(substeps):
+                t0, t1 = grid[j * substeps + i], grid[j * substeps + i + 1]
+                v = tr.distiller.velocity(x, t0.reshape(1), txt[j:j + 1], vec[j:j + 1], h, w, None)
+                x = x - (t0 - t1) * v
+            want.append((x_t[j:j + 1] - x) / (t[j] - grid[(j + 1) * substeps]))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+    if substeps == 1:
+        torch.testing.assert_close(got, tr.distiller.velocity(x_t, t, txt, vec, h, w, None))
+    else:  # more teacher steps give a different target than progressive distillation's two
+        two = _trainer(tiny_cache, tmp_path / "two", teacher_file, *extra[1:])
+        assert not torch.allclose(two.distiller.target(x_t, t, txt, vec, h, w), got, atol=1e-4)
+
+
 def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, teacher_file):
     """While distilling, validation loss = MSE of the student against the teacher's two-half-step target at
     the student's grid times (not against the flow target eps - x0)."""
@@ -135,6 +170,9 @@ def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, 
 def test_config_errors(tiny_cache, tmp_path, teacher_file):
     with pytest.raises(ConfigError, match="student_steps"):
         load_config(TINY_TOML, ["distill.student_steps=0"])
+    for bad in ("0", "2.5", "true"):
+        with pytest.raises(ConfigError, match="teacher_substeps"):
+            load_config(TINY_TOML, [f"distill.teacher_substeps={bad}"])
     for bad in ('"abc"', '"-2"'):  # the grid the exported bundle samples with
         with pytest.raises(ConfigError, match="validation.shift"):
             load_config(TINY_TOML, [f"validation.shift={bad}"])

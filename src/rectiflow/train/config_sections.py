@@ -246,15 +246,21 @@ class DistillConfig:
     shift: SD3's time shift alpha of the student's grid (t' = alpha t / (1 + (alpha - 1) t) applied to the
     linear grid, as `rectiflow generate --shift alpha` samples); the teacher's two steps are then those of
     the shifted 2 * student_steps grid, and the target is (x_t - x_t') / (t - t') for the grid's next t'.
-    1.0 = the linear grid."""
+    1.0 = the linear grid.
+    teacher_substeps: how many teacher Euler steps one student step covers (2 = progressive distillation's
+    halving; k > 2 distils the teacher's k * student_steps-step sampler, which scores higher than its
+    2 * student_steps one when it is not yet converged in steps, at k / 2 times the teacher forwards)."""
 
     teacher: str = ""
     student_steps: int = 4
     teacher_cfg: float = 1.0
     shift: float | str | None = 1.0  # parsed into rectiflow.flow's TimeShift; a constant one only
+    teacher_substeps: int = 2
 
     def __post_init__(self):
         _check(self.student_steps >= 1, f"distill.student_steps={self.student_steps}; use >= 1")
+        _check(type(self.teacher_substeps) is int and self.teacher_substeps >= 1,
+               f"distill.teacher_substeps={self.teacher_substeps!r}; use an integer >= 1 (2 = halving)")
         _check(self.teacher_cfg >= 0, f"distill.teacher_cfg={self.teacher_cfg}; use >= 0")
         shift = parse_time_shift(self.shift, "distill.shift")
         _check(shift != "flux", "distill.shift='flux': the student's grid takes a constant SD3 shift "

@@ -1,9 +1,10 @@
 """Few-step distillation (cfg.distill): the frozen teacher and the student's targets.
 
 Progressive distillation (Salimans & Ho 2022) on a rectified flow: a student sampled with `student_steps`
-Euler steps learns, at each time t of its grid, the velocity of one step t -> t' that does what two Euler
-steps of the teacher (guided at `teacher_cfg`) do on the 2 * student_steps grid. With `shift` = alpha != 1
-both grids are SD3's shifted ones (`rectiflow.flow.sd3_shift`), as `generate --shift alpha` samples.
+Euler steps learns, at each time t of its grid, the velocity of one step t -> t' that does what k Euler
+steps of the teacher (guided at `teacher_cfg`; k = `teacher_substeps`, 2 in progressive distillation) do on
+the k * student_steps grid. With `shift` = alpha != 1 both grids are SD3's shifted ones
+(`rectiflow.flow.sd3_shift`), as `generate --shift alpha` samples.
 The Trainer owns one Distiller when cfg.distill.teacher is set; the student itself is the Trainer's model.
 """
 
@@ -73,11 +74,12 @@ class Distiller:
                               "the targets are Euler steps of the rectified-flow ODE")
         d = cfg.distill
         self.steps, self.cfg_scale, self.shift = d.student_steps, d.teacher_cfg, d.alpha
+        self.substeps = d.teacher_substeps
         self.device, self.autocast = device, autocast
         self._teacher = Teacher(d.teacher, cache.text(cache.empty_caption_index), device, autocast)
         self.teacher = self._teacher.model
-        log.info("distilling %s (CFG %g) into %d-step Euler (time shift %g)", d.teacher, d.teacher_cfg,
-                 d.student_steps, d.alpha)
+        log.info("distilling %s (CFG %g, %d steps per student step) into %d-step Euler (time shift %g)",
+                 d.teacher, d.teacher_cfg, d.teacher_substeps, d.student_steps, d.alpha)
 
     def _shifted(self, u: torch.Tensor) -> torch.Tensor:
         """u (linear-grid times) -> the student grid's times under the shift (identity at 1)."""
@@ -97,17 +99,23 @@ class Distiller:
 
     def target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
         """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):
-        two teacher Euler steps t -> t_mid -> t' (the 2 * steps grid), (x_t - x_t') / (t - t'), i.e. the mean
-        of their velocities weighted by step size. x_t [b, L, C], t [b] on the grid -> [b, L, C]."""
-        half, alpha = 0.5 / self.steps, self.shift
+        k = teacher_substeps teacher Euler steps t -> ... -> t' on the k * steps grid, (x_t - x_t') / (t - t'),
+        i.e. the mean of their velocities weighted by step size. x_t [b, L, C], t [b] on the grid ->
+        [b, L, C]."""
+        k, alpha = self.substeps, self.shift
+        sub = 1.0 / (k * self.steps)  # one teacher step on the linear grid
         v1 = self.velocity(x_t, t, txt, vec, h, w, guidance)
-        if alpha == 1.0:  # the linear grid kept as its own branch: the bundled student's exact arithmetic
-            x_mid = x_t - half * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
-            v2 = self.velocity(x_mid, t - half, txt, vec, h, w, guidance)
+        if alpha == 1.0 and k == 2:  # kept as its own branch: the bundled student's exact arithmetic
+            x_mid = x_t - sub * v1  # t decreases towards the data: x_{t-d} = x_t - d * v
+            v2 = self.velocity(x_mid, t - sub, txt, vec, h, w, guidance)
             return 0.5 * (v1 + v2)
-        u = t / (alpha - (alpha - 1.0) * t)  # the inverse of sd3_shift: t's place on the linear grid
-        t_mid, t_next = self._shifted(u - half), self._shifted(u - 2 * half)
+        u = t if alpha == 1.0 else t / (alpha - (alpha - 1.0) * t)  # inverse sd3_shift: t on the linear grid
         per_sample = (-1,) + (1,) * (x_t.ndim - 1)  # [b] -> [b, 1, ...] to broadcast over model space
-        d1, d2 = (t - t_mid).view(per_sample), (t_mid - t_next).view(per_sample)
-        v2 = self.velocity(x_t - d1 * v1, t_mid, txt, vec, h, w, guidance)
-        return (d1 * v1 + d2 * v2) / (d1 + d2)
+        x, t_cur, v = x_t, t, v1
+        for i in range(1, k + 1):
+            t_next = self._shifted(u - i * sub)
+            x = x - (t_cur - t_next).view(per_sample) * v
+            t_cur = t_next
+            if i < k:
+                v = self.velocity(x, t_cur, txt, vec, h, w, guidance)
+        return (x_t - x) / (t - t_cur).view(per_sample)
