@@ -99,9 +99,9 @@ class Distiller:
 
     def target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
         """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):
-        k = teacher_substeps teacher Euler steps t -> ... -> t' on the k * steps grid, (x_t - x_t') / (t - t'),
-        i.e. the mean of their velocities weighted by step size. x_t [b, L, C], t [b] on the grid ->
-        [b, L, C]."""
+        k = teacher_substeps teacher Euler steps t -> ... -> t' on the k * steps grid, giving
+        (x_t - x_t') / (t - t'): the mean of their velocities weighted by step size. x_t [b, L, C], t [b] on
+        the grid -> [b, L, C]."""
         k, alpha = self.substeps, self.shift
         sub = 1.0 / (k * self.steps)  # one teacher step on the linear grid
         v1 = self.velocity(x_t, t, txt, vec, h, w, guidance)
