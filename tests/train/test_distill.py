@@ -105,7 +105,7 @@ def test_shifted_grid_target_is_two_teacher_steps_of_the_samplers_grid(tiny_cach
 
 
 @pytest.mark.parametrize("substeps,shift", [(4, 1.0), (3, 3.0), (1, 1.0)])
-def test_target_spans_k_teacher_steps_of_the_samplers_grid(tiny_cache, tmp_path, teacher_file, substeps, shift):
+def test_target_spans_k_teacher_steps(tiny_cache, tmp_path, teacher_file, substeps, shift):
     """distill.teacher_substeps = k: one student step of the 2-step grid covers k Euler steps of the teacher's
     sampler on the (shifted) 2k-step grid, as `generate --steps 2k --shift alpha` would take them (k = 1:
     the teacher's own velocity)."""
