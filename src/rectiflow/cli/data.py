@@ -1,7 +1,8 @@
 """`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones.
 `rectiflow data icons --out DIR --n N [--size S] [--seed K]`: write procedural icons (rectiflow.data.icons).
-`rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W] [--task-weights T=W,...]`: write
-shapes-world training images (rectiflow.data.shapes.write_imagefolder)."""
+`rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W] [--task-weights T=W,...]
+[--caption-order any|reading]`: write shapes-world training images
+(rectiflow.data.shapes.write_imagefolder)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def register(subparsers) -> None:
     s.add_argument("--task-weights", type=parse_task_weights, metavar="TASK=W,...",
                    help="relative frequency of each caption task, e.g. position=2.5,color_attr=2.5 "
                         "(tasks not named keep weight 1; default: all six tasks equally often)")
+    s.add_argument("--caption-order", choices=["any", "reading"], default="any",
+                   help="'reading': a two-object image's two_object / color_attr captions name its objects "
+                        "left-to-right (top-to-bottom when stacked) only; default 'any': both orders")
     s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_shapes)
@@ -150,11 +154,12 @@ def run_shapes(args) -> int:
     from rectiflow.data.shapes import write_imagefolder
 
     out = write_imagefolder(args.out, args.n, args.size, args.seed, task_weights=args.task_weights,
-                            overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers)
-    mix = ""
+                            caption_order=args.caption_order, overwrite=args.overwrite,
+                            progress=not args.no_progress, workers=args.workers)
+    mix = "" if args.caption_order == "any" else f", captions in {args.caption_order} order"
     if args.task_weights:
         total = sum(args.task_weights.values())
-        mix = ", tasks " + " ".join(f"{t} {w / total:.2f}" for t, w in args.task_weights.items())
+        mix += ", tasks " + " ".join(f"{t} {w / total:.2f}" for t, w in args.task_weights.items())
     print(f"wrote {args.n} shapes-world images ({args.size}px, seed {args.seed}{mix}) to {out}")
     return 0
 

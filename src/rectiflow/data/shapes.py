@@ -20,6 +20,10 @@ Choices where the spec leaves room (all deterministic):
 - Held-out spatial configurations are avoided in training images with the same 0.06 S slack: a circle may
   not be above a square even "almost" (|d.y| >= |d.x| - 0.06 S with the circle higher), likewise a triangle
   left of a star. Held-out colour-shape pairs are simply never drawn in training images.
+- `caption_order = "reading"` (an option; "any", the default, is the spec's world): a two-object image's
+  two_object and color_attr captions name its objects in reading order only (the one left of the other
+  first when |d.x| >= |d.y|, else the one above), where "any" gives both orders. The images are the same;
+  only which captions they carry changes, so "a circle and a square" says which object comes first.
 - `parse_prompt` accepts either article ("a"/"an"), any case, extra spaces and a final period; `.text` is
   the canonical form with correct articles.
 """
@@ -193,11 +197,31 @@ def sample_scene(task: str, rng: np.random.Generator, size: int = 64, *, train: 
     return scene_for_prompt(sample_prompt(task, rng, train=train), rng, size, train=train)
 
 
-def true_captions(scene: Scene) -> list[str]:
-    """Every template caption true of the scene that names exactly its objects; the scene's caption first.
+CAPTION_ORDERS = ("any", "reading")
+
+
+def _reading_order(a: Obj, b: Obj) -> tuple[Obj, Obj]:
+    """(a, b) or (b, a): the object left of the other first when |d.x| >= |d.y|, else the one above."""
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    first_is_a = dx > 0 if abs(dx) >= abs(dy) else dy > 0
+    return (a, b) if first_is_a else (b, a)
+
+
+def _in_order(prompt: Prompt, first: Obj, second: Obj) -> Prompt:
+    """A two_object / color_attr prompt naming `first` before `second` (the objects it describes)."""
+    if prompt.task == "two_object":
+        return Prompt("two_object", first.shape, second.shape)
+    return Prompt("color_attr", first.shape, second.shape, color1=first.color, color2=second.color)
+
+
+def true_captions(scene: Scene, order: str = "any") -> list[str]:
+    """Every template caption true of the scene that names exactly its objects; the scene's caption first
+    (under order="reading", in reading order: module docstring).
 
     Position captions are included only when the relation holds with the margins of rendered position
     images (see module docstring), so that no caption is a near-tie."""
+    if order not in CAPTION_ORDERS:
+        raise ConfigError(f"unknown caption order {order!r}; use one of {', '.join(CAPTION_ORDERS)}")
     objs = scene.objects
     caps: list[Prompt] = [scene.prompt]
     if len(objs) == 1:
@@ -206,10 +230,14 @@ def true_captions(scene: Scene) -> list[str]:
     elif len({o.shape for o in objs}) == 1 and len(objs) in COUNT_WORDS:
         caps.append(Prompt("counting", objs[0].shape, count=len(objs)))
     elif len(objs) == 2:
+        first, second = _reading_order(*objs)
+        if order == "reading" and scene.task in ("two_object", "color_attr"):
+            caps[0] = _in_order(scene.prompt, first, second)
         for a, b in (objs, objs[::-1]):
-            caps.append(Prompt("two_object", a.shape, b.shape))
-            if a.color != b.color:
-                caps.append(Prompt("color_attr", a.shape, b.shape, color1=a.color, color2=b.color))
+            if order == "any" or (a, b) == (first, second):
+                caps.append(Prompt("two_object", a.shape, b.shape))
+                if a.color != b.color:
+                    caps.append(Prompt("color_attr", a.shape, b.shape, color1=a.color, color2=b.color))
             caps += [Prompt("position", a.shape, b.shape, relation=r) for r in RELATIONS
                      if _relation_clear(r, a, b, scene.size)]
     return list(dict.fromkeys(c.text for c in caps))
@@ -274,8 +302,12 @@ class ShapesItem(NamedTuple):
 class ShapesWorld:
     """Deterministic, index-addressable source of training images: item i depends only on (seed, i)."""
 
-    def __init__(self, size: int = 64, seed: int = 0, task_weights: Mapping[str, float] | None = None):
+    def __init__(self, size: int = 64, seed: int = 0, task_weights: Mapping[str, float] | None = None,
+                 caption_order: str = "any"):
         _check_size(size)
+        if caption_order not in CAPTION_ORDERS:
+            raise ConfigError(
+                f"unknown caption order {caption_order!r}; use one of {', '.join(CAPTION_ORDERS)}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"shapes-world seed must be a non-negative integer (got {seed!r})")
         weights = dict.fromkeys(TASKS, 1.0) if task_weights is None else dict(task_weights)
@@ -287,6 +319,7 @@ class ShapesWorld:
         if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
             raise ConfigError(f"task_weights must be finite, >= 0 and not all zero (got {weights})")
         self.size, self.seed, self.probs = int(size), int(seed), w / w.sum()
+        self.caption_order = caption_order
 
     def scene(self, i: int) -> Scene:
         if not isinstance(i, (int, np.integer)) or i < 0:
@@ -297,7 +330,8 @@ class ShapesWorld:
 
     def __getitem__(self, i: int) -> ShapesItem:
         scene = self.scene(i)
-        return ShapesItem(render(scene), true_captions(scene), scene.caption, scene.task)
+        captions = true_captions(scene, self.caption_order)
+        return ShapesItem(render(scene), captions, captions[0], scene.task)
 
     def iter_from(self, start: int = 0) -> Iterator[ShapesItem]:
         """Endless iteration from item `start` (resume a data position exactly)."""
@@ -307,21 +341,21 @@ class ShapesWorld:
         return self.iter_from(0)
 
 
-def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, int]) -> dict:
+def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, int]) -> dict:
     """Render and save item i of a world; returns its metadata row (a process-pool worker)."""
     from PIL import Image
 
-    out, size, seed, weights, i = job
-    item = ShapesWorld(size, seed, weights)[i]
+    out, size, seed, weights, order, i = job
+    item = ShapesWorld(size, seed, weights, order)[i]
     name = f"{i:06d}.png"
     Image.fromarray(item.image).save(Path(out) / name)
     return {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
 
 
 def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
-                      task_weights: Mapping[str, float] | None = None, overwrite: bool = False,
-                      progress: bool = True, workers: int = 1) -> Path:
-    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights) as PNGs plus metadata.jsonl
+                      task_weights: Mapping[str, float] | None = None, caption_order: str = "any",
+                      overwrite: bool = False, progress: bool = True, workers: int = 1) -> Path:
+    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order) as PNGs plus metadata.jsonl
     (file_name, text = primary caption, captions = all true captions, task). Returns the directory.
 
     Read it back with `open_source(dir)` (caption column "text") or `caption_columns=["captions"]` (all
@@ -331,14 +365,14 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
         raise ConfigError(f"number of images must be a positive integer (got {n!r})")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ConfigError(f"workers must be a positive integer (got {workers!r})")
-    ShapesWorld(size, seed, task_weights)  # validate the arguments before touching the disk
+    ShapesWorld(size, seed, task_weights, caption_order)  # validate the arguments before touching the disk
     out = Path(out_dir)
     meta = out / "metadata.jsonl"
     if meta.exists() and not overwrite:
         raise RectiflowError(f"{out} already holds a metadata.jsonl; choose a new directory or overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     weights = None if task_weights is None else dict(task_weights)
-    jobs = ((str(out), int(size), int(seed), weights, i) for i in range(n))
+    jobs = ((str(out), int(size), int(seed), weights, caption_order, i) for i in range(n))
     # metadata.jsonl is the commit point: written atomically after every image exists
     with atomic_write(meta) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             tqdm(total=n, desc="shapes world", unit="img", disable=not progress) as bar:
