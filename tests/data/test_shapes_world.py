@@ -140,6 +140,44 @@ def test_true_captions_are_true(world_items):
     assert max(n_caps) > 3  # two-object scenes carry several true captions
 
 
+def test_reading_caption_order(world_items, tmp_path, capsys):
+    """caption_order='reading': the same images and tasks; a two-object image's two_object / color_attr
+    captions name the left object first (the upper one when |dy| > |dx|), checked on the scene's geometry
+    here; the captions are a subset of the 'any' world's (so still true), position captions all kept."""
+    world = ShapesWorld(64, seed=3, caption_order="reading")
+    changed = 0
+    for i, (scene, item) in enumerate(world_items[:300]):
+        r = world[i]
+        assert np.array_equal(r.image, item.image) and r.task == item.task and r.caption == r.captions[0]
+        assert set(r.captions) <= set(item.captions)
+        changed += r.captions != item.captions
+        for cap in r.captions:
+            p = parse_prompt(cap)
+            if p.task in ("two_object", "color_attr"):
+                a, b = (next(o for o in scene.objects if o.shape == s) for s in (p.shape1, p.shape2))
+                dx, dy = b.cx - a.cx, b.cy - a.cy
+                assert (dx > 0 if abs(dx) >= abs(dy) else dy > 0), (cap, scene.objects)
+        positions = [c for c in item.captions if parse_prompt(c).task == "position"]
+        assert [c for c in r.captions if parse_prompt(c).task == "position"] == positions
+        if scene.task in ("two_object", "color_attr"):
+            assert parse_prompt(r.caption).task == scene.task
+    assert changed > 50  # most two-object images lose their reversed captions
+    # the CLI writes the same world; a bad order is one line before anything is written
+    assert main(["data", "shapes", "--out", str(tmp_path / "w"), "--n", "20", "--seed", "3", "--no-progress",
+                 "--caption-order", "reading"]) == 0
+    assert "reading order" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metadata.jsonl").read_text().splitlines()]
+    want = [world[i] for i in range(20)]
+    assert [(r["text"], r["captions"]) for r in rows] == [(w.caption, w.captions) for w in want]
+    with pytest.raises(SystemExit):
+        main(["data", "shapes", "--out", str(tmp_path / "bad"), "--n", "2", "--caption-order", "random"])
+    assert "--caption-order" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="caption order"):
+        ShapesWorld(64, caption_order="random")
+    with pytest.raises(ConfigError, match="caption order"):
+        true_captions(world_items[0][0], "random")
+
+
 def test_determinism_by_seed():
     a, b, c = ShapesWorld(64, seed=5), ShapesWorld(64, seed=5), ShapesWorld(64, seed=6)
     for i in (0, 7, 31):
