@@ -12,11 +12,13 @@
 #   MODEL_PARAMS=<the transformer's model.params as a TOML inline table, for teacher and student alike, e.g.
 #              '{hidden_size = 192, num_heads = 3, depth = 4, depth_single_blocks = 4}': the
 #              studies/default-cpu.toml leader; default configs/shapes.toml's (docs/studies.md)>
+#   CAPTION_ORDER=<any (default, the spec's world) | reading: two-object captions name the objects left to
+#              right (`rectiflow data shapes --caption-order`; docs/studies.md)>
 #   DEST=src/rectiflow/assets/default
 set -euo pipefail
 # the command the model card names: with the knobs (below) this run was given, so that it reproduces the model
 RECIPE="bash recipes/shapes/run.sh"
-for knob in MODEL_PARAMS TIMESTEP_M SHIFT CFG LR STEPS N_IMAGES; do
+for knob in CAPTION_ORDER MODEL_PARAMS TIMESTEP_M SHIFT CFG LR STEPS N_IMAGES; do
   if [ -n "${!knob:-}" ]; then RECIPE="$knob=${!knob@Q} $RECIPE"; fi
 done
 cd "$(dirname "$0")/../.."
@@ -30,7 +32,8 @@ source recipes/shapes/stage.sh
 
 # 1. training images: the shapes world at 64 px (held-out combinations never rendered)
 if [ ! -f "$RUNS/data/metadata.jsonl" ]; then
-  stage data rectiflow data shapes --out "$RUNS/data" --n "$N_IMAGES" --size 64 --seed 0 --workers 2
+  stage data rectiflow data shapes --out "$RUNS/data" --n "$N_IMAGES" --size 64 --seed 0 --workers 2 \
+    --caption-order "${CAPTION_ORDER:-any}"
 fi
 # 2. autoencoder: FLUX's architecture at CPU size (16 latent channels, 8x down), trained on 32 px crops
 AE_PRESET='{"ch": 16, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 1, "norm_groups": 8}'
