@@ -200,6 +200,11 @@ def sample_scene(task: str, rng: np.random.Generator, size: int = 64, *, train: 
 CAPTION_ORDERS = ("any", "reading")
 
 
+def _check_caption_order(order: str) -> None:
+    if order not in CAPTION_ORDERS:
+        raise ConfigError(f"unknown caption order {order!r}; use one of {', '.join(CAPTION_ORDERS)}")
+
+
 def _reading_order(a: Obj, b: Obj) -> tuple[Obj, Obj]:
     """(a, b) or (b, a): the object left of the other first when |d.x| >= |d.y|, else the one above."""
     dx, dy = b.cx - a.cx, b.cy - a.cy
@@ -220,8 +225,7 @@ def true_captions(scene: Scene, order: str = "any") -> list[str]:
 
     Position captions are included only when the relation holds with the margins of rendered position
     images (see module docstring), so that no caption is a near-tie."""
-    if order not in CAPTION_ORDERS:
-        raise ConfigError(f"unknown caption order {order!r}; use one of {', '.join(CAPTION_ORDERS)}")
+    _check_caption_order(order)
     objs = scene.objects
     caps: list[Prompt] = [scene.prompt]
     if len(objs) == 1:
@@ -305,9 +309,7 @@ class ShapesWorld:
     def __init__(self, size: int = 64, seed: int = 0, task_weights: Mapping[str, float] | None = None,
                  caption_order: str = "any"):
         _check_size(size)
-        if caption_order not in CAPTION_ORDERS:
-            raise ConfigError(
-                f"unknown caption order {caption_order!r}; use one of {', '.join(CAPTION_ORDERS)}")
+        _check_caption_order(caption_order)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"shapes-world seed must be a non-negative integer (got {seed!r})")
         weights = dict.fromkeys(TASKS, 1.0) if task_weights is None else dict(task_weights)
