@@ -2,7 +2,9 @@
 [--guidance G] [--size S] [--split seen,heldout] [--limit N] --out DIR`: the shapes-world benchmark
 (rectiflow.eval.shapes_eval). `rectiflow eval straightness --model M [--n N] [--reference euler|dopri5]`:
 straightness and few-step endpoint errors (rectiflow.eval.straightness). `rectiflow eval prompt TEXT
-[--seeds 16] [--steps 4,8]`: how many seeds of one shapes-world prompt come out right."""
+[--seeds 16] [--steps 4,8]`: how many seeds of one shapes-world prompt come out right. `rectiflow eval ceiling
+[--autoencoder AE]`: the score of perfect renders and of their autoencoder round trips
+(rectiflow.eval.shapes_ceiling), the bound on any model's score."""
 
 from __future__ import annotations
 
@@ -88,6 +90,21 @@ def register(sub) -> None:
     q.add_argument("--out", default=None, help="also write report.json and a grid per step count here")
     q.set_defaults(func=run_prompt)
 
+    c = bench.add_parser("ceiling", help="the best score any model can reach through an autoencoder: renders "
+                                          "of the benchmark's prompts and their round trips, scored")
+    c.add_argument("--autoencoder", default=None,
+                   help="autoencoder file, diffusers vae folder, or a bundle holding ae.safetensors "
+                        "(default: the bundled model's)")
+    c.add_argument("--seeds", type=_positive, default=4, help="layouts per prompt (4, the protocol's count)")
+    c.add_argument("--size", type=_positive, default=64, help="image side in pixels (64)")
+    c.add_argument("--split", type=_splits, default=["seen", "held_out"],
+                   help="seen, heldout or both (default both)")
+    c.add_argument("--limit", type=_positive, default=None, help="at most N prompts per task (quick look)")
+    c.add_argument("--batch-size", type=_positive, default=64, help="images per autoencoder batch (64)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--out", default=None, help="also write report.json, report.md and grids here")
+    c.set_defaults(func=run_ceiling)
+
     r = bench.add_parser("straightness", help="straightness S of the model's ODE paths and few-step endpoint "
                                                "errors (rectiflow.eval.straightness)")
     r.add_argument("--model", default=None, help="model bundle directory (default: the bundled model)")
@@ -134,6 +151,28 @@ def run_straightness(args) -> int:
     print(format_straightness(report))
     if args.out:
         print(f"report: {write_report(report, args.out)}")
+    return 0
+
+
+def run_ceiling(args) -> int:
+    from pathlib import Path
+
+    from rectiflow.convert.autoencoder import load_autoencoder
+    from rectiflow.convert.bundle import default_bundle_path
+    from rectiflow.eval.shapes_ceiling import ROWS, evaluate_ceiling
+
+    path = Path(args.autoencoder) if args.autoencoder else default_bundle_path() / "ae.safetensors"
+    if path.is_dir() and (path / "ae.safetensors").is_file():  # a bundle (ours or BFL's): its autoencoder
+        path = path / "ae.safetensors"
+    ae = load_autoencoder(path).eval()
+    report = evaluate_ceiling(ae, size=args.size, splits=args.split, seeds=range(args.seeds),
+                              limit=args.limit, batch_size=args.batch_size, out_dir=args.out, name=str(path),
+                              progress=not args.no_progress)
+    for split, rows in report["results"].items():
+        print(f"{split:9s} " + "  ".join(f"{row}={rows[row]['overall']:.3f}" for row in ROWS)
+              + f" ({rows[ROWS[0]]['n_images']} images each)")
+    if args.out:
+        print(f"report: {args.out}/report.md")
     return 0
 
 

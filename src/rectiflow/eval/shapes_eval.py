@@ -45,7 +45,7 @@ from rectiflow.eval.shapes import (
 )
 from rectiflow.sample.pipeline import DEFAULT
 
-__all__ = ["evaluate_prompt", "evaluate_shapes", "geneval_metadata", "image_grid"]
+__all__ = ["evaluate_prompt", "evaluate_shapes", "geneval_metadata", "image_grid", "select_prompts"]
 
 log = logging.getLogger(__name__)
 USED_KEYS = ("sampler", "shift", "guidance", "cfg_scale")  # generation settings the report records as used
@@ -147,10 +147,12 @@ def _run_one(pipe, prompts: list[Prompt], steps: int, seeds: Sequence[int], out:
     return summary
 
 
-def _select(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+def select_prompts(prompts: Sequence[Prompt], limit: int | None) -> list[Prompt]:
     """At most `limit` prompts per task, in order (all with None)."""
     if limit is None:
         return list(prompts)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise RectiflowError(f"limit must be a positive integer, got {limit!r}")
     kept: list[Prompt] = []
     per_task: dict[str, int] = {}
     for p in prompts:
@@ -191,8 +193,6 @@ def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str |
     limit: at most this many prompts per task (a quick look; the protocol uses all of them).
     """
     steps = _check_steps(steps)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise RectiflowError(f"limit must be a positive integer, got {limit!r}")
     if batch_prompts < 1:
         raise RectiflowError(f"batch_prompts must be >= 1, got {batch_prompts}")
     splits = list(dict.fromkeys(normalize_split(s) for s in splits))
@@ -205,7 +205,7 @@ def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str |
         "settings": dict(settings, seeds=list(seeds), steps=steps, limit_per_task=limit),
         "results": {},
     }
-    prompt_sets = {split: _select(prompt_set(split), limit) for split in splits}
+    prompt_sets = {split: select_prompts(prompt_set(split), limit) for split in splits}
     total = sum(len({p.text for p in ps}) for ps in prompt_sets.values()) * len(seeds) * len(steps)
     used: dict[str, Any] = {}
     with tqdm(total=total, desc="shapes eval", unit="img", disable=not progress) as bar:
