@@ -20,6 +20,30 @@ def test_wall_rows_sum_the_invocations_of_a_resumed_stage():
         "| data | 6.5 |", "| transformer (2 invocations) | 82.7 |", "| eval | 2.5 |"]
 
 
+def test_card_sentence_reads_the_ceiling_report(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from rectiflow.eval.shapes_ceiling import evaluate_ceiling
+
+    class Blank(torch.nn.Module):  # decodes everything to white: the round trip scores 0
+        def __init__(self):
+            super().__init__()
+            self.w, self.params = torch.nn.Parameter(torch.zeros(())), SimpleNamespace(ch_mult=(1,))
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return torch.ones_like(z)
+
+    assert _finalize()._ceiling_sentence(tmp_path) == ""  # no report: no sentence
+    evaluate_ceiling(Blank(), limit=1, seeds=[0], progress=False, out_dir=tmp_path / "ceiling")
+    sentence = _finalize()._ceiling_sentence(tmp_path)
+    assert "score 0.000 seen / 0.000 held-out" in sentence and "(the renders: 1.000 / 1.000;" in sentence
+
+
 def test_binding_probe_runs_and_its_counts_add_up(tmp_path):
     import json
     import subprocess

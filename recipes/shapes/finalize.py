@@ -78,6 +78,21 @@ def _wall_rows(times: list[dict]) -> str:
                      for name, sec in seconds.items())
 
 
+def _ceiling_sentence(ae_dir: Path) -> str:
+    """The card's sentence on the autoencoder's ceiling (`rectiflow eval ceiling` in the recipe's stage 2),
+    or "" when the recipe did not write one."""
+    ceiling_file = ae_dir / "ceiling" / "report.json"
+    if not ceiling_file.is_file():
+        return ""
+    res = json.loads(ceiling_file.read_text())["results"]
+    ae = {split: res[split]["autoencoder"]["overall"] for split in ("seen", "held_out")}
+    renders = {split: res[split]["renders"]["overall"] for split in ("seen", "held_out")}
+    return (f" Its round trips of renders of the benchmark's prompts score {ae['seen']:.3f} seen / "
+            f"{ae['held_out']:.3f} held-out with the shapes scorer (the renders: {renders['seen']:.3f} / "
+            f"{renders['held_out']:.3f}; `rectiflow eval ceiling`), the ceiling for any model sampling "
+            f"through it.")
+
+
 def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
           recipe: str, config: str, hardware: str, steps: int, eval_dir: Path, ae_dir: Path,
           shift: float | None = None) -> str:
@@ -99,13 +114,7 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
     else:
         sampling = (f"Trained with 10% caption dropout, so it samples with classifier-free guidance (default "
                     f"scale {cfg_scale}).")
-    score_file = ae_dir / "score.json"
-    ae_score = ""
-    if score_file.is_file():
-        sc = json.loads(score_file.read_text())
-        ae_score = (f" Its reconstructions of {sc['n']} images the autoencoder never saw score "
-                    f"{sc['reconstructions']['overall']:.3f} with the shapes scorer (originals: "
-                    f"{sc['originals']['overall']:.3f}), a ceiling for sampling through it.")
+    ae_score = _ceiling_sentence(ae_dir)
     return f"""# {bundle_name}: the bundled default model
 
 A FLUX-style rectified-flow transformer (~{params['n'] / 1e6:.1f}M parameters: hidden {params['hidden']}, \
@@ -166,7 +175,7 @@ def main() -> None:
     ap.add_argument("--distill", default=None,
                     help="a distillation run dir (configs/shapes_distill.toml): ship its student instead")
     ap.add_argument("--ae", default=None,
-                    help="the autoencoder's train-ae dir (report.json, score.json; default RUNS/ae)")
+                    help="the autoencoder's train-ae dir (report.json, ceiling/report.json; default RUNS/ae)")
     ap.add_argument("--eval", default=None,
                     help="the eval dir whose report goes in the card (default RUNS/eval)")
     args = ap.parse_args()

@@ -45,7 +45,7 @@ if [ ! -f "$RUNS/ae/report.json" ] || ! grep -q '"steps": 5000' "$RUNS/ae/report
   stage autoencoder rectiflow train-ae "${AE_ARGS[@]}" --steps 2000 --lr 2e-3
   stage autoencoder-continued rectiflow train-ae "${AE_ARGS[@]}" --steps 5000 --lr 1e-3
 fi
-python recipes/shapes/score_ae.py "$RUNS/ae/ae.safetensors" "$RUNS/data" --out "$RUNS/ae/score.json"
+rectiflow eval ceiling --autoencoder "$RUNS/ae/ae.safetensors" --size 64 --out "$RUNS/ae/ceiling"
 # 3. precomputed latents and MiniLM embeddings of both caption fields
 stage cache rectiflow cache --data "$RUNS/data" --caption-column text --caption-column captions \
   --autoencoder "$RUNS/ae/ae.safetensors" --text-encoder minilm --size 64 --out "$RUNS/cache" --batch-size 64

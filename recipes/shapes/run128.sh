@@ -38,7 +38,7 @@ if [ -z "${AE:-}" ]; then
       --preset '{"ch": 16, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 1, "norm_groups": 8}' --size 128 \
       --crop 64 --batch-size 32 --max-images 30000 --checkpoint-every 250 --resume --steps 6000 --lr 2e-3
   fi
-  python recipes/shapes/score_ae.py "$AE" "$RUNS/data" --out "$RUNS/ae/score.json"
+  rectiflow eval ceiling --autoencoder "$AE" --size 128 --out "$RUNS/ae/ceiling"
 fi
 # 3. precomputed latents (on DEVICE) and MiniLM embeddings of both caption fields
 TEXT=(--text-encoder minilm)
