@@ -56,3 +56,33 @@ def test_guidance_vector():
     assert g.shape == (4,) and g.dtype == torch.bfloat16 and (g == 3.5).all()  # raw scale, no x1000
     with pytest.raises(ConfigError, match="batch"):
         guidance_vector(3.5, 0, "cpu", torch.float32)
+
+
+def test_cfg_interval_and_scale_at():
+    from rectiflow.flow import cfg_scale_at, check_cfg_interval
+
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert cfg_scale_at(t, 3.0, (0.5, 1.0)).tolist() == [3.0, 3.0, 3.0, 1.0, 1.0]  # both ends inclusive
+    assert cfg_scale_at(t, 3.0, None).tolist() == [3.0] * 5
+    assert check_cfg_interval(None) is None and check_cfg_interval(["0.2", 1]) == (0.2, 1.0)
+    for bad in ((0.8, 0.2), (-0.1, 0.5), (0.5, 1.5), (0.5,), "ab", 3):
+        with pytest.raises(ConfigError, match="cfg interval"):
+            check_cfg_interval(bad)
+
+    calls = []
+
+    def doubled(x2, t):  # [uncond; cond] = [-1; +1] times x
+        calls.append("doubled")
+        return torch.cat([-x2[: len(x2) // 2], x2[len(x2) // 2:]])
+
+    def cond(x, t):
+        calls.append("cond")
+        return x
+
+    v = cfg_velocity_fn(doubled, 3.0, (0.5, 1.0), cond)
+    x = torch.ones(2, 3)
+    assert torch.equal(v(x, torch.tensor(0.75)), x * 5.0)  # inside: u + s (c - u) = -1 + 3 * 2
+    assert torch.equal(v(x, torch.tensor(0.25)), x)  # outside: the conditional model, one forward
+    assert calls == ["doubled", "cond"]
+    no_cond = cfg_velocity_fn(doubled, 3.0, (0.5, 1.0))
+    assert torch.equal(no_cond(x, torch.tensor(0.25)), x)  # no cond_fn: the doubled batch's cond half

@@ -36,7 +36,8 @@ def _pipe(encoder, guidance_embed=False, steps=3, scale=1.0, seed=0):
     return Pipeline(t, ae, encoder, SamplingDefaults(steps=steps, width=32, height=48), name="micro")
 
 
-def _hand_loop(pipe, prompts, n, seed, steps, h, w, guidance=None, cfg_scale=1.0):
+def _hand_loop(pipe, prompts, n, seed, steps, h, w, guidance=None, cfg_scale=1.0,
+               cfg_interval=(0.0, 1.0)):
     """FLUX sampling written out: per-image seeded noise, pack, linear grid, Euler x += (t_next - t) v."""
     model, ae, enc = pipe.transformer, pipe.autoencoder, pipe.text_encoder
     lh, lw = h // 8, w // 8
@@ -59,7 +60,7 @@ def _hand_loop(pipe, prompts, n, seed, steps, h, w, guidance=None, cfg_scale=1.0
         ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
         for t, t_next in zip(ts[:-1], ts[1:]):
             vel = v(x, t, txt, vec)
-            if cfg_scale != 1.0:
+            if cfg_scale != 1.0 and cfg_interval[0] <= t <= cfg_interval[1]:
                 vu = v(x, t, u_txt, u_vec)
                 vel = vu + cfg_scale * (vel - vu)
             x = x + (t_next - t) * vel
@@ -113,6 +114,24 @@ def test_cfg_doubled_batch_equals_two_calls_and_scale_one_is_conditional(encoder
     neg = pipe(PROMPTS, seed=1, cfg_scale=4.0, negative_prompt="blurry", progress=False)
     assert not torch.allclose(neg.latents, guided.latents)  # the negative prompt replaces ""
     assert neg.settings[0]["negative_prompt"] == "blurry" and neg.settings[0]["cfg_scale"] == 4.0
+
+
+def test_cfg_interval_guides_only_inside_and_saves_the_other_forwards(encoder):
+    pipe = _pipe(encoder)
+    calls = _record_calls(pipe.transformer)
+    # 3 steps: t = 1, 2/3, 1/3; (0.5, 1) guides the first two, the third runs the conditional model alone
+    res = pipe(PROMPTS, seed=1, cfg_scale=4.0, cfg_interval=(0.5, 1.0), progress=False)
+    assert [c["img"].shape[0] for c in calls] == [4, 4, 2]  # PROMPTS: 2; doubled, doubled, plain
+    z, _ = _hand_loop(pipe, PROMPTS, 1, 1, 3, 48, 32, cfg_scale=4.0, cfg_interval=(0.5, 1.0))
+    torch.testing.assert_close(res.latents, z, rtol=1e-5, atol=1e-5)
+    assert res.settings[0]["cfg_interval"] == [0.5, 1.0]
+    everywhere = pipe(PROMPTS, seed=1, cfg_scale=4.0, cfg_interval=(0.0, 1.0), progress=False)
+    assert torch.equal(everywhere.latents, pipe(PROMPTS, seed=1, cfg_scale=4.0, progress=False).latents)
+    nowhere = pipe(PROMPTS, seed=1, cfg_scale=4.0, cfg_interval=(0.0, 0.0), progress=False)  # t = 0 never
+    assert torch.equal(nowhere.latents, pipe(PROMPTS, seed=1, progress=False).latents)
+    assert not torch.allclose(res.latents, everywhere.latents)
+    assert not torch.allclose(res.latents, nowhere.latents)
+    assert "cfg_interval" not in pipe(PROMPTS, seed=1, cfg_interval=(0.5, 1.0), progress=False).settings[0]
 
 
 def _record_calls(model):
@@ -175,6 +194,8 @@ def test_fp16_overflow_is_a_clear_error_and_bf16_works(encoder):
     (dict(sampler="dpm"), "unknown sampler 'dpm'; choose one of euler, midpoint, heun, rk4"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be >= 1"),
     (dict(cfg_scale=-1), "cfg scale must be >= 0"),
+    (dict(cfg_scale=3, cfg_interval=(0.8, 0.2)), "cfg interval must satisfy 0 <= LO <= HI <= 1"),
+    (dict(cfg_scale=3, cfg_interval=(0.5,)), "cfg interval must be two times"),
     (dict(cfg_scale=2, negative_prompt=["a", "b", "c"]), "3 negative prompts for 1 prompts"),
 ])
 def test_bad_input_one_line_errors(encoder, kwargs, match):

@@ -63,6 +63,28 @@ def test_target_is_two_guided_teacher_half_steps(tiny_cache, tmp_path, teacher_f
     assert not torch.allclose(unguided, got, atol=1e-4)
 
 
+def test_teacher_cfg_interval_guides_only_the_samples_inside(tiny_cache, tmp_path, teacher_file):
+    """t = 1, 0.75 (both half steps inside [0.6, 1]) take the guided teacher's target; t = 0.5, 0.25 (both
+    outside) the unguided one's, sample by sample in one batch."""
+    tr = _trainer(tiny_cache, tmp_path / "a", teacher_file, "distill.teacher_cfg=2.5",
+                  "distill.teacher_cfg_interval=[0.6, 1.0]")
+    assert tr.cfg.distill.teacher_cfg_interval == [0.6, 1.0]
+    guided = _trainer(tiny_cache, tmp_path / "b", teacher_file, "distill.teacher_cfg=2.5")
+    plain = _trainer(tiny_cache, tmp_path / "c", teacher_file, "distill.teacher_cfg=1.0")
+    batch = tr.load_batch([0, 1, 2, 3])
+    lat = batch["latents"].float()
+    _, _, h, w = lat.shape
+    x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)))
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+    args = (x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+    got = tr.distiller.target(*args)
+    want_in, want_out = guided.distiller.target(*args), plain.distiller.target(*args)
+    torch.testing.assert_close(got[:2], want_in[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2:], want_out[2:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want_in[2:], want_out[2:], atol=1e-4)  # the interval decided something
+
+
 def test_student_times_are_the_sampling_grid(tiny_cache, tmp_path, teacher_file):
     tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4")
     t = tr.distiller.times(400, tr.generator)
@@ -170,6 +192,9 @@ def test_validation_loss_measures_the_distillation_target(tiny_cache, tmp_path, 
 def test_config_errors(tiny_cache, tmp_path, teacher_file):
     with pytest.raises(ConfigError, match="student_steps"):
         load_config(TINY_TOML, ["distill.student_steps=0"])
+    for bad in ("[0.8, 0.2]", "[0.5]", "[0.0, 2.0]"):
+        with pytest.raises(ConfigError, match="distill.teacher_cfg_interval"):
+            load_config(TINY_TOML, [f"distill.teacher_cfg_interval={bad}"])
     for bad in ("0", "2.5", "true"):
         with pytest.raises(ConfigError, match="teacher_substeps"):
             load_config(TINY_TOML, [f"distill.teacher_substeps={bad}"])

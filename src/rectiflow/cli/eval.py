@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rectiflow.cli.generate import parse_sampler, parse_shift
+from rectiflow.cli.generate import parse_cfg_interval, parse_sampler, parse_shift
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def register(sub) -> None:
                    help="time shift of the step grid: none, flux (sequence-length shift) or a number "
                         "(SD3 alpha); default: the model's")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    s.add_argument("--cfg-interval", type=parse_cfg_interval, default=None, metavar="LO,HI",
+                   help="CFG only at flow times LO <= t <= HI (1 = noise)")
     s.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
     s.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
     s.add_argument("--split", type=_splits, default=["seen", "held_out"],
@@ -84,6 +86,8 @@ def register(sub) -> None:
     q.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
                    help="time shift of the step grid: none, flux or a number (default: the model's)")
     q.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    q.add_argument("--cfg-interval", type=parse_cfg_interval, default=None, metavar="LO,HI",
+                   help="CFG only at flow times LO <= t <= HI (1 = noise)")
     q.add_argument("--guidance", type=float, default=None, help="guidance-embedding value (distilled models)")
     q.add_argument("--size", type=_positive, default=None, help="image side in pixels (default: the model's)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -188,7 +192,7 @@ def run_prompt(args) -> int:
                              steps=args.steps or [pipe.defaults.steps], sampler=args.sampler,
                              shift=getattr(args, "shift", DEFAULT), cfg_scale=args.cfg,
                              guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
-                             out_dir=args.out, progress=not args.no_progress)
+                             cfg_interval=args.cfg_interval, out_dir=args.out, progress=not args.no_progress)
     for n, r in report["results"].items():
         seeds = ", ".join(map(str, r["correct_seeds"])) or "none"
         fails = "; ".join(f"{k} {v}" for k, v in r["failures"].items())
@@ -211,7 +215,8 @@ def run(args) -> int:
     report = evaluate_shapes(pipe, steps=args.steps, sampler=args.sampler,
                              shift=getattr(args, "shift", DEFAULT), cfg_scale=args.cfg,
                              guidance=DEFAULT if args.guidance is None else args.guidance, size=args.size,
-                             splits=args.split, out_dir=args.out, limit=args.limit,
+                             cfg_interval=args.cfg_interval, splits=args.split, out_dir=args.out,
+                             limit=args.limit,
                              batch_prompts=args.batch_prompts, progress=not args.no_progress)
     for split, by_steps in report["results"].items():
         for n, summary in by_steps.items():

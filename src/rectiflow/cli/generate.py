@@ -59,6 +59,17 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
+def parse_cfg_interval(text: str) -> tuple[float, float]:
+    """argparse type of --cfg-interval: LO,HI flow times with 0 <= LO <= HI <= 1."""
+    from rectiflow.errors import ConfigError
+    from rectiflow.flow import check_cfg_interval
+
+    try:
+        return check_cfg_interval(text.split(","), "--cfg-interval")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate images from a text prompt",
@@ -75,6 +86,9 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 16")
     p.add_argument("--guidance", type=float, help="guidance-embedding value (guidance-distilled models: dev)")
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-interval", type=parse_cfg_interval, metavar="LO,HI",
+                   help="guide only at flow times LO <= t <= HI (1 = noise), e.g. 0.5,1: the first half of "
+                        "the steps; the conditional model alone (half the forwards) elsewhere")
     p.add_argument("--negative-prompt", help="negative prompt (needs --cfg above 1)")
     p.add_argument("--skip-layers", type=parse_layers, help="SD3.5 skip-layer guidance: joint blocks to "
                    "skip, e.g. 7,8,9 (scale 2.8 in the first 1-20%% of the steps; see docs/sd3.md)")
@@ -170,6 +184,7 @@ def run(args) -> int:
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, progress=not args.no_progress,
         skip_layer_guidance=SkipLayerGuidance(layers=args.skip_layers) if args.skip_layers else None,
+        cfg_interval=args.cfg_interval,
     )
     t2 = time.perf_counter()
     paths = output_paths(args.output, len(result.images))

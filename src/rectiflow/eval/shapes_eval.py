@@ -169,7 +169,8 @@ def _check_steps(steps: Sequence[int]) -> list[int]:
     return steps
 
 
-def _settings(pipe, sampler, shift, guidance, cfg_scale, size) -> tuple[dict[str, Any], dict[str, Any]]:
+def _settings(pipe, sampler, shift, guidance, cfg_scale, size, cfg_interval=None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The generate() keywords of an evaluation and the settings its report records (defaults resolved)."""
     d = pipe.defaults
     size = size or d.width
@@ -178,12 +179,15 @@ def _settings(pipe, sampler, shift, guidance, cfg_scale, size) -> tuple[dict[str
     settings = {"sampler": gen_kw["sampler"], "shift": d.shift if shift is DEFAULT else shift,
                 "guidance": d.guidance if guidance is DEFAULT else guidance,
                 "cfg_scale": gen_kw["cfg_scale"], "size": size}
+    if cfg_interval is not None:  # only then, so that pipelines without the keyword still evaluate
+        gen_kw["cfg_interval"] = settings["cfg_interval"] = list(cfg_interval)
     return gen_kw, settings
 
 
 def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str | None = None,
                     shift: Any = DEFAULT, guidance: Any = DEFAULT, cfg_scale: float | None = None,
-                    size: int | None = None, splits: Sequence[str] = SPLITS,
+                    size: int | None = None, cfg_interval: tuple[float, float] | None = None,
+                    splits: Sequence[str] = SPLITS,
                     seeds: Sequence[int] = EVAL_SEEDS, out_dir: str | Path | None = None,
                     limit: int | None = None, batch_prompts: int = 16,
                     progress: bool = True) -> dict[str, Any]:
@@ -196,7 +200,7 @@ def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str |
     if batch_prompts < 1:
         raise RectiflowError(f"batch_prompts must be >= 1, got {batch_prompts}")
     splits = list(dict.fromkeys(normalize_split(s) for s in splits))
-    gen_kw, settings = _settings(pipe, sampler, shift, guidance, cfg_scale, size)
+    gen_kw, settings = _settings(pipe, sampler, shift, guidance, cfg_scale, size, cfg_interval)
     size = gen_kw["width"]
     out = Path(out_dir) if out_dir is not None else None
     report: dict[str, Any] = {
@@ -232,7 +236,8 @@ def evaluate_shapes(pipe, *, steps: Sequence[int] = (1, 2, 4, 8), sampler: str |
 def evaluate_prompt(pipe, text: str, *, seeds: Sequence[int] = tuple(range(16)),
                     steps: Sequence[int] = (4,), sampler: str | None = None, shift: Any = DEFAULT,
                     guidance: Any = DEFAULT, cfg_scale: float | None = None, size: int | None = None,
-                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                    cfg_interval: tuple[float, float] | None = None, out_dir: str | Path | None = None,
+                    progress: bool = True) -> dict[str, Any]:
     """One shapes-world prompt (any of the six templates, seen or not) drawn with every seed at every step
     count and scored like the benchmark: how often does `rectiflow generate TEXT` come out right? Returns
     (and, with out_dir, writes as report.json plus a grid per step count) per step count the number right,
@@ -242,7 +247,7 @@ def evaluate_prompt(pipe, text: str, *, seeds: Sequence[int] = tuple(range(16)),
     seeds = list(seeds)
     if not seeds:
         raise RectiflowError("seeds must not be empty")
-    gen_kw, settings = _settings(pipe, sampler, shift, guidance, cfg_scale, size)
+    gen_kw, settings = _settings(pipe, sampler, shift, guidance, cfg_scale, size, cfg_interval)
     report: dict[str, Any] = {"prompt": prompt.text, "task": prompt.task,
                               "model": {"name": pipe.name, "hash": pipe.model_hash},
                               "settings": dict(settings, seeds=seeds, steps=steps), "results": {}}
@@ -272,8 +277,9 @@ def evaluate_prompt(pipe, text: str, *, seeds: Sequence[int] = tuple(range(16)),
 def report_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"# Shapes-world evaluation: {report['model']['name']} ({report['model']['hash'][:12]})", "",
-             f"sampler {s['sampler']}, shift {s['shift']}, guidance {s['guidance']}, CFG {s['cfg_scale']}, "
-             f"{s['size']}px, seeds {s['seeds']}", ""]
+             f"sampler {s['sampler']}, shift {s['shift']}, guidance {s['guidance']}, CFG {s['cfg_scale']}"
+             + (f" at t in {s['cfg_interval']}" if s.get("cfg_interval") else "")
+             + f", {s['size']}px, seeds {s['seeds']}", ""]
     for split, by_steps in report["results"].items():
         lines += [f"## {split}", "", format_table({f"{k} steps": v for k, v in by_steps.items()}), ""]
         fails = {f"{k} steps": v["failures"] for k, v in by_steps.items() if "failures" in v}

@@ -45,12 +45,22 @@ steps=64, buckets=8) -> Straightness(value, per_sample, by_bucket, endpoint, ste
 noise, reference, steps=(1, 2, 4)) -> {n: mean RMS distance}`; `rms_distance(a, b) -> [B]`.
 
 Guidance (rectiflow.flow.guidance): `cfg_combine(v_cond, v_uncond, scale)`; the doubled batch's order:
-`cfg_batch(cond, uncond)` -> [uncond; cond], `cfg_guide(out, scale)`; `cfg_velocity_fn(model_fn, scale)`
-where model_fn(cat([x, x]), t) returns [uncond; cond] halves; `guidance_vector(value, batch, device, dtype)
--> [B]` (FLUX-dev's raw guidance scale, the x1000 lives in the embedder).
+`cfg_batch(cond, uncond)` -> [uncond; cond], `cfg_guide(out, scale)`; `cfg_velocity_fn(model_fn, scale,
+interval=None, cond_fn=None)` where model_fn(cat([x, x]), t) returns [uncond; cond] halves (interval (lo, hi):
+guide only at lo <= t <= hi; `check_cfg_interval`, `cfg_scale_at(t, scale, interval)`);
+`guidance_vector(value, batch, device, dtype) -> [B]` (FLUX-dev's raw guidance scale, the x1000 lives in the
+embedder).
 """
 
-from rectiflow.flow.guidance import cfg_batch, cfg_combine, cfg_guide, cfg_velocity_fn, guidance_vector
+from rectiflow.flow.guidance import (
+    cfg_batch,
+    cfg_combine,
+    cfg_guide,
+    cfg_scale_at,
+    cfg_velocity_fn,
+    check_cfg_interval,
+    guidance_vector,
+)
 from rectiflow.flow.losses import LOSSES, per_sample_loss
 from rectiflow.flow.paths import (
     EDM,
@@ -97,7 +107,8 @@ from rectiflow.flow.timesteps import (
 
 __all__ = [
     "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
-    "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_velocity_fn",
+    "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_scale_at",
+    "cfg_velocity_fn", "check_cfg_interval",
     "cosmap", "cosmap_pdf", "endpoint_errors", "equivalent_rf_weight", "flux_mu", "get_path",
     "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
     "parse_time_shift", "path_from_record", "path_record", "per_sample_loss", "rms_distance",

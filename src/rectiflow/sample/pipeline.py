@@ -44,6 +44,7 @@ from rectiflow.flow import (
     RectifiedFlow,
     cfg_batch,
     cfg_velocity_fn,
+    check_cfg_interval,
     guidance_vector,
     parse_time_shift,
     solve,
@@ -229,6 +230,7 @@ class Pipeline:
                  batch_size: int | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                  skip_layer_guidance: SkipLayerGuidance | None = None,
+                 cfg_interval: tuple[float, float] | None = None,
                  progress: bool = True,
                  callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate `num_images_per_prompt` images per prompt; unset arguments take the model's defaults.
@@ -242,6 +244,8 @@ class Pipeline:
         `callback(done, total)` is called after every solver step (total = steps x model calls), e.g. for
         a progress bar in a server; an exception it raises aborts the generation (cancellation).
         `skip_layer_guidance`: SD3.5's skip-layer guidance (rectiflow.sample.slg), on top of CFG.
+        `cfg_interval` (lo, hi): CFG only at solver times lo <= t <= hi (t = 1 is noise), the conditional
+        model alone (one forward) at the others (rectiflow.flow.guidance).
         """
         d = self.defaults
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -260,6 +264,7 @@ class Pipeline:
             raise RectiflowError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if cfg_scale < 0:
             raise RectiflowError(f"cfg scale must be >= 0, got {cfg_scale}")
+        cfg_interval = check_cfg_interval(cfg_interval)
         self._check_size(width, height)
         guidance = self._resolve_guidance(guidance)
         use_cfg = cfg_scale != 1.0
@@ -293,7 +298,7 @@ class Pipeline:
             cond = (txt[idx], vec[idx])
             uncond = (neg[0][idx], neg[1][idx]) if neg is not None else None
             latents.append(self._denoise(noise[s:s + bs], cond, uncond, ts, sampler, guidance, cfg_scale,
-                                         progress, lh, lw, step_done, skip_layer_guidance))
+                                         progress, lh, lw, step_done, skip_layer_guidance, cfg_interval))
         z = torch.cat(latents)  # [N, C, lh, lw]
         images = self._decode(z)
         base = dict(steps=steps, sampler=sampler, shift=shift, guidance=guidance, cfg_scale=cfg_scale,
@@ -303,6 +308,8 @@ class Pipeline:
             base["loras"] = [dict(x) for x in self.loras]
         if skip_layer_guidance is not None:
             base["skip_layer_guidance"] = dataclasses.asdict(skip_layer_guidance)
+        if cfg_interval is not None and use_cfg:
+            base["cfg_interval"] = list(cfg_interval)
         settings = [dict(base, prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
                          seed=seeds[i] if seeds else None) for i, p in enumerate(flat)]
         return GenerationResult(images, z.float().cpu(), settings)
@@ -346,37 +353,44 @@ class Pipeline:
 
     def velocity_fn(self, cond: tuple[torch.Tensor, torch.Tensor],
                     uncond: tuple[torch.Tensor, torch.Tensor] | None, lh: int, lw: int,
-                    guidance: float | None = None, cfg_scale: float = 1.0):
+                    guidance: float | None = None, cfg_scale: float = 1.0,
+                    cfg_interval: tuple[float, float] | None = None):
         """The sampling ODE's velocity in the model's space (FLUX: packed latents [B, L_img, 4C]; SD3: latents
         [B, C, lh, lw]; `self.family.pack` / `unpack` convert), velocity(x, t 0-d) for `rectiflow.flow.solve`,
         with text cond = (txt [B, L, D], vec [B, Dv]) and, when uncond is
-        given, classifier-free guidance at cfg_scale (one doubled batch per evaluation); lh, lw: latent size
+        given, classifier-free guidance at cfg_scale (one doubled batch per evaluation; only at times inside
+        cfg_interval when given, the conditional batch alone elsewhere); lh, lw: latent size
         """
-        txt, vec = cond
-        if uncond is not None:  # [B, ...] x 2 -> [2B, ...]
-            txt, vec = cfg_batch(txt, uncond[0]), cfg_batch(vec, uncond[1])
-        nb = txt.shape[0]  # B, or 2B with CFG ([uncond; cond], the order cfg_velocity_fn expects)
-        g = guidance_vector(guidance, nb, self.device, self.dtype) if guidance is not None else None
         check = self.dtype == torch.float16
 
-        def model_fn(xb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            tt = t.to(self.dtype).expand(xb.shape[0])  # 0-d -> [B] (BFL denoise: full((B,), t, img.dtype))
-            v = self.family.forward(self.transformer, xb, tt, txt, vec, lh, lw, g)
-            if check and not torch.isfinite(v).all():
-                raise RectiflowError("float16 overflow: the transformer produced inf/NaN; use --dtype bf16 "
-                                     "(same memory, float32 range) or fp32")
-            return v
+        def model_fn_for(txt: torch.Tensor, vec: torch.Tensor):
+            g = None if guidance is None else guidance_vector(guidance, txt.shape[0], self.device, self.dtype)
 
+            def model_fn(xb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                tt = t.to(self.dtype).expand(xb.shape[0])  # 0-d -> [B] (BFL: full((B,), t, img.dtype))
+                v = self.family.forward(self.transformer, xb, tt, txt, vec, lh, lw, g)
+                if check and not torch.isfinite(v).all():
+                    raise RectiflowError("float16 overflow: the transformer produced inf/NaN; use --dtype "
+                                         "bf16 (same memory, float32 range) or fp32")
+                return v
+
+            return model_fn
+
+        conditional = model_fn_for(*cond)
+        if uncond is None:
+            return velocity_fn_from_model(self.flow_path, conditional)
+        # the doubled batch [uncond; cond], the order cfg_velocity_fn expects
+        doubled = model_fn_for(cfg_batch(cond[0], uncond[0]), cfg_batch(cond[1], uncond[1]))
         # CFG combines network outputs: every path's to_velocity is affine in the output (a x + b out) and
         # CFG's weights (1 - s, s) sum to 1, so that equals combining velocities (rectified flow: identity)
-        guided = cfg_velocity_fn(model_fn, cfg_scale) if uncond is not None else model_fn
+        guided = cfg_velocity_fn(doubled, cfg_scale, cfg_interval, conditional)
         return velocity_fn_from_model(self.flow_path, guided)
 
     def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
-                 step_done=None, slg=None):
+                 step_done=None, slg=None, cfg_interval=None):
         x = self.family.pack(noise.to(self.device, self.dtype))  # [B, C, lh, lw] -> model space
         b = x.shape[0]
-        velocity = self.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale)
+        velocity = self.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale, cfg_interval)
         if slg is not None:
             c_txt, c_vec = cond
             g_c = guidance_vector(guidance, b, self.device, self.dtype) if guidance is not None else None

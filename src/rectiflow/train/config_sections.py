@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rectiflow.errors import ConfigError
-from rectiflow.flow import parse_time_shift
+from rectiflow.flow import check_cfg_interval, parse_time_shift
 from rectiflow.train.lr_schedule import SCHEDULES
 
 __all__ = [
@@ -249,19 +249,24 @@ class DistillConfig:
     1.0 = the linear grid.
     teacher_substeps: how many teacher Euler steps one student step covers (2 = progressive distillation's
     halving; k > 2 distils the teacher's k * student_steps-step sampler, which scores higher than its
-    2 * student_steps one when it is not yet converged in steps, at k / 2 times the teacher forwards)."""
+    2 * student_steps one when it is not yet converged in steps, at k / 2 times the teacher forwards).
+    teacher_cfg_interval: [lo, hi] guides the teacher only at flow times lo <= t <= hi (CFG 1 elsewhere), as
+    `rectiflow generate --cfg-interval` samples it; unset, at every t."""
 
     teacher: str = ""
     student_steps: int = 4
     teacher_cfg: float = 1.0
     shift: float | str | None = 1.0  # parsed into rectiflow.flow's TimeShift; a constant one only
     teacher_substeps: int = 2
+    teacher_cfg_interval: list[float] | None = None
 
     def __post_init__(self):
         _check(self.student_steps >= 1, f"distill.student_steps={self.student_steps}; use >= 1")
         _check(type(self.teacher_substeps) is int and self.teacher_substeps >= 1,
                f"distill.teacher_substeps={self.teacher_substeps!r}; use an integer >= 1 (2 = halving)")
         _check(self.teacher_cfg >= 0, f"distill.teacher_cfg={self.teacher_cfg}; use >= 0")
+        interval = check_cfg_interval(self.teacher_cfg_interval, "distill.teacher_cfg_interval")
+        object.__setattr__(self, "teacher_cfg_interval", None if interval is None else list(interval))
         shift = parse_time_shift(self.shift, "distill.shift")
         _check(shift != "flux", "distill.shift='flux': the student's grid takes a constant SD3 shift "
                "(a number; 1 = none)")

@@ -19,7 +19,7 @@ import torch
 from rectiflow.convert.transformer import load_transformer
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.errors import ConfigError
-from rectiflow.flow import cfg_batch, cfg_guide, sd3_shift
+from rectiflow.flow import cfg_batch, cfg_guide, cfg_scale_at, sd3_shift
 from rectiflow.models.family import family_of
 from rectiflow.train.config import RunConfig
 
@@ -74,12 +74,14 @@ class Distiller:
                               "the targets are Euler steps of the rectified-flow ODE")
         d = cfg.distill
         self.steps, self.cfg_scale, self.shift = d.student_steps, d.teacher_cfg, d.alpha
+        self.cfg_interval = None if d.teacher_cfg_interval is None else tuple(d.teacher_cfg_interval)
         self.substeps = d.teacher_substeps
         self.device, self.autocast = device, autocast
         self._teacher = Teacher(d.teacher, cache.text(cache.empty_caption_index), device, autocast)
         self.teacher = self._teacher.model
-        log.info("distilling %s (CFG %g, %d steps per student step) into %d-step Euler (time shift %g)",
-                 d.teacher, d.teacher_cfg, d.teacher_substeps, d.student_steps, d.alpha)
+        where = "" if self.cfg_interval is None else f" at t in {list(self.cfg_interval)}"
+        log.info("distilling %s (CFG %g%s, %d steps per student step) into %d-step Euler (time shift %g)",
+                 d.teacher, d.teacher_cfg, where, d.teacher_substeps, d.student_steps, d.alpha)
 
     def _shifted(self, u: torch.Tensor) -> torch.Tensor:
         """u (linear-grid times) -> the student grid's times under the shift (identity at 1)."""
@@ -94,8 +96,12 @@ class Distiller:
         return self.grid()[torch.randint(self.steps, (n,), generator=generator)]
 
     def velocity(self, x, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
-        """The teacher's velocity at (x [b, L, C], t [b]), CFG at teacher_cfg."""
-        return self._teacher.velocity(x, t, txt, vec, h, w, guidance, self.cfg_scale)
+        """The teacher's velocity at (x [b, L, C], t [b]), CFG at teacher_cfg (inside teacher_cfg_interval
+        only, when set: then a per-sample scale)."""
+        scale = self.cfg_scale
+        if self.cfg_interval is not None:
+            scale = cfg_scale_at(t, self.cfg_scale, self.cfg_interval)
+        return self._teacher.velocity(x, t, txt, vec, h, w, guidance, scale)
 
     def target(self, x_t, t, txt, vec, h: int, w: int, guidance=None) -> torch.Tensor:
         """Target velocity of one student Euler step from t to the grid's next time t' (t - dt unshifted):
