@@ -69,6 +69,8 @@ def test_options_reach_the_pipeline(make_app):
         r = client.post("/v1/generate", json={"prompt": PROMPT, "shift": "none"})
         job = _done(client, r.json()["id"])
         assert job["settings"][0]["shift"] is None
+        r = client.post("/v1/generate", json={"prompt": PROMPT, "cfg": 3.0, "cfg_interval": [0.5, 1]})
+        assert _done(client, r.json()["id"])["settings"][0]["cfg_interval"] == [0.5, 1.0]
 
 
 def test_models_status_page_and_openapi(make_app, tiny_pipe):
@@ -145,6 +147,9 @@ def _field(response) -> str:
     ({"prompt": "a", "shift": "sd3"}, "shift"),
     ({"prompt": "a", "cfg": -0.5}, "cfg"),
     ({"prompt": "a", "guidance": 1e9}, "guidance"),
+    ({"prompt": "a", "cfg_interval": [0.8, 0.2]}, "cfg_interval"),
+    ({"prompt": "a", "cfg_interval": [0.5, 2]}, "cfg_interval.1"),
+    ({"prompt": "a", "cfg_interval": [0.5]}, "cfg_interval.1"),  # the missing HI
     ({"prompt": "a", "width": 17}, "width"),
     ({"prompt": "a", "width": 10**6}, "width"),
     ({"prompt": "a", "height": 0}, "height"),

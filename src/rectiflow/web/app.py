@@ -180,6 +180,8 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
         }
         if body.guidance is not None:
             options["guidance"] = body.guidance
+        if body.cfg_interval is not None:
+            options["cfg_interval"] = tuple(body.cfg_interval)
         cost = options["width"] * options["height"] * options["steps"] * body.n
         if cost > limits.max_cost:
             return validation_error(

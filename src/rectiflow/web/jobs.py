@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 # Pipeline arguments two jobs must share to run in one model call.
-BATCH_KEYS = ("steps", "width", "height", "sampler", "shift", "cfg_scale", "guidance")
+BATCH_KEYS = ("steps", "width", "height", "sampler", "shift", "cfg_scale", "guidance", "cfg_interval")
 
 
 class QueueFull(RectiflowError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rectiflow.errors import ConfigError
 from rectiflow.flow import METHODS
@@ -59,6 +59,7 @@ class LoraRef(BaseModel):
 def request_model(limits: Limits) -> type[BaseModel]:
     """The request body class for these limits (so that the OpenAPI schema shows the server's real caps)."""
     prompt_text = Annotated[str, Field(max_length=limits.max_prompt_chars)]
+    flow_time = Annotated[float, Field(ge=0, le=1)]
 
     class GenerateRequest(BaseModel):
         """One prompt, `n` images (seeds seed, seed + 1, ...), one model."""
@@ -75,6 +76,8 @@ def request_model(limits: Limits) -> type[BaseModel]:
             None, description="time shift: none, flux (resolution-dependent) or SD3's alpha")
         cfg: Annotated[float, Field(ge=0, le=50)] | None = Field(
             None, description="classifier-free guidance scale (1 = off)")
+        cfg_interval: tuple[flow_time, flow_time] | None = Field(
+            None, description="[lo, hi]: CFG only at flow times lo <= t <= hi (1 = noise)")
         guidance: Annotated[float, Field(ge=0, le=50)] | None = Field(
             None, description="guidance-embedding value (guidance-distilled models such as FLUX dev)")
         width: Annotated[int, Field(ge=16, le=limits.max_side, multiple_of=16)] | None = None
@@ -90,5 +93,12 @@ def request_model(limits: Limits) -> type[BaseModel]:
             if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
                 raise ValueError(f"seed + n - 1 must be <= {MAX_SEED}")
             return self
+
+        @field_validator("cfg_interval")
+        @classmethod
+        def _interval_ordered(cls, v):
+            if v is not None and v[0] > v[1]:
+                raise ValueError("cfg_interval must be [lo, hi] with lo <= hi")
+            return v
 
     return GenerateRequest
