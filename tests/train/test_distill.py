@@ -31,15 +31,23 @@ def _trainer(cache, out, teacher, *extra):
                                                     f'distill.teacher="{teacher}"', *extra)))
 
 
-def test_target_is_two_guided_teacher_half_steps(tiny_cache, tmp_path, teacher_file):
-    tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4", "distill.teacher_cfg=2.5")
+def _four_points(tr):
+    """Cache rows 0-3 on their forward paths at t = 1, 0.75, 0.5, 0.25: the batch and target() arguments."""
     batch = tr.load_batch([0, 1, 2, 3])
     lat = batch["latents"].float()
-    b, _, h, w = lat.shape
+    _, _, h, w = lat.shape
     x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)))
     t = torch.tensor([1.0, 0.75, 0.5, 0.25])
     x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
-    got = tr.distiller.target(x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+    return batch, (x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+
+
+def test_target_is_two_guided_teacher_half_steps(tiny_cache, tmp_path, teacher_file):
+    tr = _trainer(tiny_cache, tmp_path, teacher_file, "distill.student_steps=4", "distill.teacher_cfg=2.5")
+    batch, args = _four_points(tr)
+    x_t, t, _, _, h, w = args
+    b = x_t.shape[0]
+    got = tr.distiller.target(*args)
 
     txt0, vec0 = tr.cache.text(0)
     teacher = tr.distiller.teacher
@@ -59,7 +67,7 @@ def test_target_is_two_guided_teacher_half_steps(tiny_cache, tmp_path, teacher_f
     torch.testing.assert_close(got, (x_t - x_end) / dt, rtol=1e-5, atol=1e-5)
     # guidance matters here: an unguided target differs
     tr1 = _trainer(tiny_cache, tmp_path / "cfg1", teacher_file, "distill.teacher_cfg=1.0")
-    unguided = tr1.distiller.target(x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+    unguided = tr1.distiller.target(*args)
     assert not torch.allclose(unguided, got, atol=1e-4)
 
 
@@ -71,13 +79,7 @@ def test_teacher_cfg_interval_guides_only_the_samples_inside(tiny_cache, tmp_pat
     assert tr.cfg.distill.teacher_cfg_interval == [0.6, 1.0]
     guided = _trainer(tiny_cache, tmp_path / "b", teacher_file, "distill.teacher_cfg=2.5")
     plain = _trainer(tiny_cache, tmp_path / "c", teacher_file, "distill.teacher_cfg=1.0")
-    batch = tr.load_batch([0, 1, 2, 3])
-    lat = batch["latents"].float()
-    _, _, h, w = lat.shape
-    x0, eps = pack(lat), pack(torch.randn(lat.shape, generator=torch.Generator().manual_seed(0)))
-    t = torch.tensor([1.0, 0.75, 0.5, 0.25])
-    x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
-    args = (x_t, t, batch["txt"].float(), batch["vec"].float(), h, w)
+    _, args = _four_points(tr)
     got = tr.distiller.target(*args)
     want_in, want_out = guided.distiller.target(*args), plain.distiller.target(*args)
     torch.testing.assert_close(got[:2], want_in[:2], rtol=1e-5, atol=1e-5)
