@@ -135,3 +135,16 @@ def test_bad_shift_is_refused_by_the_parser(model, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--model", str(model), "--shift", "-2"])
     assert "the shift must be > 0" in capsys.readouterr().err
+
+
+def test_cfg_interval_option_is_recorded_and_bad_values_refused(model, tmp_path, capsys):
+    out = tmp_path / "i.png"
+    assert main(["generate", "x", "--model", str(model), "--cfg", "3", "--cfg-interval", "0.5,1", *FAST,
+                 "-o", str(out)]) == 0
+    assert json.loads(_chunks(out)["rectiflow"])["cfg_interval"] == [0.5, 1.0]
+    bad_values = (("0.8,0.2", "0 <= LO <= HI <= 1"), ("0.5", "two times LO,HI"), ("a,b", "two times LO,HI"))
+    for bad, msg in bad_values:
+        with pytest.raises(SystemExit):
+            main(["generate", "x", "--model", str(model), "--cfg", "3", "--cfg-interval", bad])
+        err = capsys.readouterr().err
+        assert "--cfg-interval" in err and msg in err
