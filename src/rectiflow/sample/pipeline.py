@@ -361,30 +361,33 @@ class Pipeline:
         given, classifier-free guidance at cfg_scale (one doubled batch per evaluation; only at times inside
         cfg_interval when given, the conditional batch alone elsewhere); lh, lw: latent size
         """
-        check = self.dtype == torch.float16
-
-        def model_fn_for(txt: torch.Tensor, vec: torch.Tensor):
-            g = None if guidance is None else guidance_vector(guidance, txt.shape[0], self.device, self.dtype)
-
-            def model_fn(xb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                tt = t.to(self.dtype).expand(xb.shape[0])  # 0-d -> [B] (BFL: full((B,), t, img.dtype))
-                v = self.family.forward(self.transformer, xb, tt, txt, vec, lh, lw, g)
-                if check and not torch.isfinite(v).all():
-                    raise RectiflowError("float16 overflow: the transformer produced inf/NaN; use --dtype "
-                                         "bf16 (same memory, float32 range) or fp32")
-                return v
-
-            return model_fn
-
-        conditional = model_fn_for(*cond)
+        conditional = self._model_fn(*cond, lh, lw, guidance)
         if uncond is None:
             return velocity_fn_from_model(self.flow_path, conditional)
         # the doubled batch [uncond; cond], the order cfg_velocity_fn expects
-        doubled = model_fn_for(cfg_batch(cond[0], uncond[0]), cfg_batch(cond[1], uncond[1]))
+        doubled = self._model_fn(cfg_batch(cond[0], uncond[0]), cfg_batch(cond[1], uncond[1]), lh, lw, guidance)
         # CFG combines network outputs: every path's to_velocity is affine in the output (a x + b out) and
         # CFG's weights (1 - s, s) sum to 1, so that equals combining velocities (rectified flow: identity)
         guided = cfg_velocity_fn(doubled, cfg_scale, cfg_interval, conditional)
         return velocity_fn_from_model(self.flow_path, guided)
+
+    def _model_fn(self, txt: torch.Tensor, vec: torch.Tensor, lh: int, lw: int, guidance: float | None,
+                  skip_layers: Sequence[int] = ()):
+        """The transformer's raw output as model_fn(x, t 0-d) for a text batch (txt [B, L, D], vec [B, Dv]);
+        skip_layers: the blocks SD3.5's skip-layer guidance leaves out"""
+        g = None if guidance is None else guidance_vector(guidance, txt.shape[0], self.device, self.dtype)
+        skip = tuple(skip_layers)
+        check = self.dtype == torch.float16
+
+        def model_fn(xb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tt = t.to(self.dtype).expand(xb.shape[0])  # 0-d -> [B] (BFL: full((B,), t, img.dtype))
+            v = self.family.forward(self.transformer, xb, tt, txt, vec, lh, lw, g, skip_layers=skip)
+            if check and not torch.isfinite(v).all():
+                raise RectiflowError("float16 overflow: the transformer produced inf/NaN; use --dtype "
+                                     "bf16 (same memory, float32 range) or fp32")
+            return v
+
+        return model_fn
 
     def _denoise(self, noise, cond, uncond, ts, sampler, guidance, cfg_scale, progress, lh, lw,
                  step_done=None, slg=None, cfg_interval=None):
@@ -392,17 +395,8 @@ class Pipeline:
         b = x.shape[0]
         velocity = self.velocity_fn(cond, uncond, lh, lw, guidance, cfg_scale, cfg_interval)
         if slg is not None:
-            c_txt, c_vec = cond
-            g_c = guidance_vector(guidance, b, self.device, self.dtype) if guidance is not None else None
-
-            def conditional(xb, t, skip=()):
-                tt = t.to(self.dtype).expand(xb.shape[0])
-                return self.family.forward(self.transformer, xb, tt, c_txt, c_vec, lh, lw, g_c,
-                                           skip_layers=skip)
-
-            def skipping(xb, t):
-                return conditional(xb, t, slg.layers)
-
+            conditional = self._model_fn(*cond, lh, lw, guidance)
+            skipping = self._model_fn(*cond, lh, lw, guidance, skip_layers=slg.layers)
             velocity = slg.velocity_fn(velocity, conditional, skipping, ts)
         with torch.inference_mode():
             x = solve(velocity, x, ts, method=sampler, progress=progress, callback=step_done)
