@@ -365,7 +365,8 @@ class Pipeline:
         if uncond is None:
             return velocity_fn_from_model(self.flow_path, conditional)
         # the doubled batch [uncond; cond], the order cfg_velocity_fn expects
-        doubled = self._model_fn(cfg_batch(cond[0], uncond[0]), cfg_batch(cond[1], uncond[1]), lh, lw, guidance)
+        txt, vec = cfg_batch(cond[0], uncond[0]), cfg_batch(cond[1], uncond[1])
+        doubled = self._model_fn(txt, vec, lh, lw, guidance)
         # CFG combines network outputs: every path's to_velocity is affine in the output (a x + b out) and
         # CFG's weights (1 - s, s) sum to 1, so that equals combining velocities (rectified flow: identity)
         guided = cfg_velocity_fn(doubled, cfg_scale, cfg_interval, conditional)
