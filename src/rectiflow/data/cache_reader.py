@@ -141,3 +141,28 @@ class LatentCache:
         if problems:
             raise RectiflowError(f"cache made by other encoders: {'; '.join(problems)}; rebuild it with "
                                  f"`rectiflow cache` or use the encoders recorded in {self.path / MANIFEST}")
+
+
+class NegativeLatents:
+    """The latents of a cache of counterfactual images that pairs row for row with `positive`: the same ids,
+    captions and shards (`rectiflow data shapes --counterfactual` writes the images under the same names and
+    captions, and `rectiflow cache` with the same arguments plans the same rows), the images different."""
+
+    def __init__(self, path, positive: LatentCache):
+        if Path(path).resolve() == positive.path.resolve():
+            raise RectiflowError(f"data.negative_cache is data.cache itself ({path}); build a cache of the "
+                                 "counterfactual images (`rectiflow data shapes --counterfactual`)")
+        self.cache = LatentCache(path)
+        mine, theirs = self.cache.manifest, positive.manifest
+        for key, what in (("ids", "sample ids"), ("caption_indices", "captions"), ("shards", "shards")):
+            if mine[key] != theirs[key]:
+                raise RectiflowError(
+                    f"negative cache {self.cache.path} does not pair with {positive.path}: its {what} "
+                    "differ; build both with the same `rectiflow cache` arguments from the paired folders")
+        if mine["autoencoder"] != theirs["autoencoder"]:
+            raise RectiflowError(f"negative cache {self.cache.path} was encoded by another autoencoder than "
+                                 f"{positive.path}; build both with the same one")
+
+    def get_latents(self, indices) -> torch.Tensor:
+        """[b, C, h, w]: the counterfactual latents of rows `indices`."""
+        return torch.stack([self.cache.latents(int(i)) for i in indices])

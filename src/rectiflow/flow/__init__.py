@@ -50,8 +50,18 @@ interval=None, cond_fn=None)` where model_fn(cat([x, x]), t) returns [uncond; co
 guide only at lo <= t <= hi; `check_cfg_interval`, `cfg_scale_at(t, scale, interval)`);
 `guidance_vector(value, batch, device, dtype) -> [B]` (FLUX-dev's raw guidance scale, the x1000 lives in the
 embedder).
+
+Contrastive flow matching (rectiflow.flow.contrastive): `contrastive_loss(per_sample, negative, weight,
+conditioned)` = per_sample - weight * negative on conditioned rows; `batch_negatives(x0, noise)` (Delta-FM's
+in-batch negatives); `check_contrastive(kind, weight)`.
 """
 
+from rectiflow.flow.contrastive import (
+    CONTRASTIVE,
+    batch_negatives,
+    check_contrastive,
+    contrastive_loss,
+)
 from rectiflow.flow.guidance import (
     cfg_batch,
     cfg_combine,
@@ -106,9 +116,10 @@ from rectiflow.flow.timesteps import (
 )
 
 __all__ = [
-    "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path", "RectifiedFlow",
+    "CONTRASTIVE", "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path",
+    "RectifiedFlow",
     "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_scale_at",
-    "cfg_velocity_fn", "check_cfg_interval",
+    "cfg_velocity_fn", "check_cfg_interval", "batch_negatives", "check_contrastive", "contrastive_loss",
     "cosmap", "cosmap_pdf", "endpoint_errors", "equivalent_rf_weight", "flux_mu", "get_path",
     "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
     "parse_time_shift", "path_from_record", "path_record", "per_sample_loss", "rms_distance",

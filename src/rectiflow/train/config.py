@@ -77,6 +77,7 @@ class RunConfig:
                               "guidance first, then the steps (two runs)")
         if self.data.mix_cache and not (self.data.couplings and self.data.cache):
             raise ConfigError("data.mix_cache=true mixes data.cache into data.couplings: set both")
+        self._check_contrastive()
         if self.data.couplings and v.holdout:
             raise ConfigError("validation.holdout > 0 reads data.cache, but data.couplings is set: set "
                               "validation.holdout=0 (evaluate the reflowed model with `rectiflow eval`)")
@@ -85,6 +86,20 @@ class RunConfig:
                 f"distill.shift={d.shift} but validation.shift={v.shift!r}: the exported bundle samples with "
                 f"validation.shift, so it would not sample on the grid the student learns; set "
                 f'validation.shift="{d.alpha:g}"')
+
+    def _check_contrastive(self) -> None:
+        kind = self.flow.contrastive
+        if (kind == "counterfactual") != bool(self.data.negative_cache):
+            raise ConfigError("flow.contrastive='counterfactual' and data.negative_cache go together: set "
+                              "both (a cache of `rectiflow data shapes --counterfactual` images) or neither")
+        if kind == "none":
+            return
+        other = [name for name, on in (("distill.teacher", self.distill.teacher),
+                                       ("guidance_distill.teacher", self.guidance_distill.teacher),
+                                       ("data.couplings", self.data.couplings)) if on]
+        if other:
+            raise ConfigError(f"flow.contrastive={kind!r} trains on data targets; it does not combine with "
+                              f"{', '.join(other)}")
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some fields of some sections changed: cfg.replace(train={"steps": 5})."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rectiflow.errors import ConfigError
-from rectiflow.flow import check_cfg_interval, parse_time_shift
+from rectiflow.flow import check_cfg_interval, check_contrastive, parse_time_shift
 from rectiflow.train.lr_schedule import SCHEDULES
 
 __all__ = [
@@ -54,11 +54,15 @@ class DataConfig:
     (reflow, Liu et al. 2022): train on its fixed (noise, endpoint) pairs, x_t = (1 - t) z_0 + t z_1 with the
     PAIRED noise, instead of on `cache` with fresh noise (caption dropout applies to it too); `cache` is then
     unused unless mix_cache is true: its samples (fresh noise) join the pairs, the real-data loss mixed in
-    by their numbers."""
+    by their numbers. negative_cache: a cache of counterfactual images, row for row the same samples and
+    captions as `cache` (`rectiflow data shapes --counterfactual`, then `rectiflow cache` with the same
+    arguments), each row an image its captions are false of; the negatives of flow.contrastive =
+    "counterfactual"."""
 
     cache: str = ""
     couplings: str = ""
     mix_cache: bool = False
+    negative_cache: str = ""
     batch_size: int = 8
     caption_mix: dict[str, float] | None = None
     caption_dropout: float = 0.1
@@ -75,7 +79,11 @@ class FlowConfig:
     logit-normal(0, 1): SD3's best rectified-flow setting, Esser et al. 2024 sec. 5.1, "rf/lognorm(0.00,
     1.00)"); loss_weight: an extra per-sample weight (rectiflow.flow.loss_weight; "none" with a non-uniform
     sampler is SD3's formulation); loss: the per-sample metric (rectiflow.flow.losses: "mse", or
-    "pseudo_huber" with c, Lee et al. 2024's choice for reflow)."""
+    "pseudo_huber" with c, Lee et al. 2024's choice for reflow). contrastive / contrastive_weight: contrastive
+    flow matching (rectiflow.flow.contrastive): the loss minus contrastive_weight times the same metric
+    against a negative's target, the negative another sample of the batch ("batch", Stoica et al. 2025's
+    Delta-FM, weight 0.05 there) or the row's counterfactual image under the same noise ("counterfactual",
+    data.negative_cache); "none" is plain flow matching."""
 
     path: str = "rectified_flow"
     timesteps: str = "logit_normal"
@@ -84,6 +92,11 @@ class FlowConfig:
     loss_weight_params: dict[str, float] = field(default_factory=dict)
     loss: str = "mse"
     loss_params: dict[str, float] = field(default_factory=dict)
+    contrastive: str = "none"
+    contrastive_weight: float = 0.0
+
+    def __post_init__(self):
+        check_contrastive(self.contrastive, self.contrastive_weight)
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,19 @@ from pathlib import Path
 import torch
 
 from rectiflow.convert.transformer import build_transformer, load_transformer
-from rectiflow.data.cache_reader import LatentCache
+from rectiflow.data.cache_reader import LatentCache, NegativeLatents
 from rectiflow.data.captions import CaptionPolicy
 from rectiflow.data.couplings import CouplingsDataset, CouplingsWithData
 from rectiflow.errors import ConfigError, FormatError, RectiflowError
-from rectiflow.flow import get_path, loss_weight, per_sample_loss, sample_timesteps, training_pair
+from rectiflow.flow import (
+    batch_negatives,
+    contrastive_loss,
+    get_path,
+    loss_weight,
+    per_sample_loss,
+    sample_timesteps,
+    training_pair,
+)
 from rectiflow.flow.losses import check_loss
 from rectiflow.models.family import family_of, model_params, sample_dims
 from rectiflow.train import checkpoint as ckpt
@@ -115,6 +123,9 @@ class Trainer:
                               "(or data.couplings to one made with `rectiflow reflow pairs`)")
         else:
             self.cache = LatentCache(cfg.data.cache, captions=policy, seed=cfg.train.seed)
+        # flow.contrastive = "counterfactual": row i's counterfactual image, read beside row i
+        negatives = cfg.data.negative_cache
+        self.negatives = NegativeLatents(negatives, self.cache) if negatives else None
         if cfg.model.autoencoder:  # validation grids and the bundle decode with it: it must be the cache's
             from rectiflow.convert.autoencoder import load_autoencoder
 
@@ -190,8 +201,12 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------------
 
     def load_batch(self, indices: list[int]) -> dict:
-        """Cache items stacked: latents [b, C, h, w], txt [b, L, D], vec [b, Dv], id (list). (A test seam.)"""
-        return self.cache.get_batch(indices)
+        """Cache items stacked: latents [b, C, h, w], txt [b, L, D], vec [b, Dv], id (list), and
+        negative_latents [b, C, h, w] with data.negative_cache. (A test seam.)"""
+        batch = self.cache.get_batch(indices)
+        if self.negatives is not None:
+            batch["negative_latents"] = self.negatives.get_latents(indices)
+        return batch
 
     def forward_loss(self, batch: dict, t: torch.Tensor, eps: torch.Tensor,
                      guidance: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,8 +232,24 @@ class Trainer:
         out = self.model_forward(x_in, t, txt, vec, h, w, guidance)
         flow = self.cfg.flow
         per_sample = per_sample_loss(flow.loss, out, target, sample_dims(out), **flow.loss_params)  # [b]
+        if flow.contrastive != "none":
+            neg_target = self.negative_target(batch, x0, noise, t)
+            negative = per_sample_loss(flow.loss, out, neg_target, sample_dims(out), **flow.loss_params)
+            conditioned = batch["caption_index"].to(dev) != self.cache.empty_caption_index
+            per_sample = contrastive_loss(per_sample, negative, flow.contrastive_weight, conditioned)
         weight = loss_weight(flow.loss_weight, t, **flow.loss_weight_params)
         return (weight * per_sample).mean()
+
+    def negative_target(self, batch: dict, x0: torch.Tensor, noise: torch.Tensor,
+                        t: torch.Tensor) -> torch.Tensor:
+        """The flow target of each sample's negative at its t (rectiflow.flow.contrastive): another sample's
+        (image, noise) pair, or the row's counterfactual image under the same noise."""
+        if self.cfg.flow.contrastive == "batch":
+            neg_x0, neg_noise = batch_negatives(x0, noise)
+        else:
+            neg_latents = batch["negative_latents"].to(self.device, torch.float32)
+            neg_x0, neg_noise = self.family.pack(neg_latents), noise
+        return training_pair(self.path, neg_x0, neg_noise, t)[1]
 
     def model_forward(self, x_in, t, txt, vec, h: int, w: int, guidance) -> torch.Tensor:
         """The model's output for model input x_in (model space) in the training precision."""
