@@ -30,6 +30,7 @@ Choices where the spec leaves room (all deterministic):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -197,6 +198,33 @@ def sample_scene(task: str, rng: np.random.Generator, size: int = 64, *, train: 
     return scene_for_prompt(sample_prompt(task, rng, train=train), rng, size, train=train)
 
 
+def counterfactual_scene(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with shapes changed so that no caption of it (`true_captions`, either order) is true: a hard
+    negative for contrastive training (rectiflow.flow.contrastive). Layout boxes and colours stay.
+
+    Two objects of two shapes: both drawn as one of them, the model's commonest failure ("one shape
+    missing"; which one at random), or if that would draw a held-out combination, one as a third shape.
+    Objects of one shape (single_object, colors, counting): all of them as another shape. Every caption of
+    the scene names a shape the counterfactual lacks. Like training scenes, it holds no held-out
+    combination (with the same near-miss slack), so no held-out pair is ever rendered."""
+    objs = scene.objects
+    named = list(dict.fromkeys(o.shape for o in objs))
+    if len(named) == 2:
+        a, b = objs
+        collapse = [(a, dataclasses.replace(b, shape=a.shape)), (dataclasses.replace(a, shape=b.shape), b)]
+        third = [(a, dataclasses.replace(b, shape=s)) for s in SHAPES if s not in named]
+        candidates = [collapse[k] for k in rng.permutation(2)]
+        candidates += [third[k] for k in rng.permutation(len(third))]
+    else:
+        others = [s for s in SHAPES if s != named[0]]
+        candidates = [tuple(dataclasses.replace(o, shape=others[k]) for o in objs)
+                      for k in rng.permutation(len(others))]
+    for cand in candidates:
+        if not held_out_present(cand, scene.size, slack=POSITION_SLACK):
+            return Scene(tuple(cand), scene.size, scene.prompt)
+    raise RuntimeError(f"no counterfactual without held-out pairs for {scene.caption!r}")  # unreachable
+
+
 CAPTION_ORDERS = ("any", "reading")
 
 
@@ -335,6 +363,13 @@ class ShapesWorld:
         captions = true_captions(scene, self.caption_order)
         return ShapesItem(render(scene), captions, captions[0], scene.task)
 
+    def counterfactual(self, i: int) -> ShapesItem:
+        """Item i with the image of `counterfactual_scene` (its own generator, so item i is unchanged): the
+        same captions, every one of them false of this image."""
+        item = self[i]
+        rng = np.random.default_rng([self.seed, int(i), 1])
+        return item._replace(image=render(counterfactual_scene(self.scene(i), rng)))
+
     def iter_from(self, start: int = 0) -> Iterator[ShapesItem]:
         """Endless iteration from item `start` (resume a data position exactly)."""
         return (self[i] for i in itertools.count(start))
@@ -343,26 +378,33 @@ class ShapesWorld:
         return self.iter_from(0)
 
 
-def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, int]) -> dict:
+def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, bool, int]) -> dict:
     """Render and save item i of a world; returns its metadata row (a process-pool worker)."""
     from PIL import Image
 
-    out, size, seed, weights, order, i = job
-    item = ShapesWorld(size, seed, weights, order)[i]
+    out, size, seed, weights, order, counterfactual, i = job
+    world = ShapesWorld(size, seed, weights, order)
+    item = world.counterfactual(i) if counterfactual else world[i]
     name = f"{i:06d}.png"
     Image.fromarray(item.image).save(Path(out) / name)
-    return {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
+    row = {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
+    return {**row, "counterfactual": True} if counterfactual else row
 
 
 def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
                       task_weights: Mapping[str, float] | None = None, caption_order: str = "any",
-                      overwrite: bool = False, progress: bool = True, workers: int = 1) -> Path:
+                      counterfactual: bool = False, overwrite: bool = False, progress: bool = True,
+                      workers: int = 1) -> Path:
     """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order) as PNGs plus metadata.jsonl
     (file_name, text = primary caption, captions = all true captions, task). Returns the directory.
 
     Read it back with `open_source(dir)` (caption column "text") or `caption_columns=["captions"]` (all
     true captions of each image, primary first). workers > 1 renders in that many processes; the files
-    are the same whatever the number of workers (item i depends only on (seed, i))."""
+    are the same whatever the number of workers (item i depends only on (seed, i)).
+
+    counterfactual=True writes, under the same names and with the same captions, each item's counterfactual
+    image instead (`ShapesWorld.counterfactual`; rows carry "counterfactual": true): a folder that pairs
+    row for row with the plain one, for data.negative_cache (rectiflow.flow.contrastive)."""
     if not isinstance(n, (int, np.integer)) or n <= 0:
         raise ConfigError(f"number of images must be a positive integer (got {n!r})")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
@@ -374,7 +416,8 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
         raise RectiflowError(f"{out} already holds a metadata.jsonl; choose a new directory or overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     weights = None if task_weights is None else dict(task_weights)
-    jobs = ((str(out), int(size), int(seed), weights, caption_order, i) for i in range(n))
+    flag = bool(counterfactual)
+    jobs = ((str(out), int(size), int(seed), weights, caption_order, flag, i) for i in range(n))
     # metadata.jsonl is the commit point: written atomically after every image exists
     with atomic_write(meta) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             tqdm(total=n, desc="shapes world", unit="img", disable=not progress) as bar:
