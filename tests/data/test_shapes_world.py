@@ -15,6 +15,8 @@ from rectiflow.data.shapes import (
     TASKS,
     Prompt,
     ShapesWorld,
+    counterfactual_scene,
+    held_out_present,
     parse_prompt,
     prompts_for,
     render,
@@ -234,3 +236,47 @@ def test_shapes_vocabulary_is_the_spec():
                             "pink": (240, 110, 190), "black": (20, 20, 20)}
     assert dict(SHAPES) == {"circle": "circles", "square": "squares", "triangle": "triangles",
                             "diamond": "diamonds", "star": "stars", "cross": "crosses"}
+
+
+def test_counterfactuals_make_every_caption_false(world_items, tmp_path, capsys):
+    """ShapesWorld.counterfactual(i): the same captions, an image every one of them is scored false on (the
+    real scorer), the same boxes and colours, no held-out combination, the plain item unchanged; in both
+    caption orders. The writer and CLI pair a counterfactual folder row for row with the plain one."""
+    world, reading = ShapesWorld(64, seed=3), ShapesWorld(64, seed=3, caption_order="reading")
+    false_of_cf, true_of_plain, collapsed = [], [], 0
+    for i, (scene, item) in enumerate(world_items[:300]):
+        for w in (world, reading):
+            cf = w.counterfactual(i)
+            plain = w[i]
+            assert cf.captions == plain.captions and cf.caption == plain.caption and cf.task == plain.task
+            assert not np.array_equal(cf.image, plain.image)
+            false_of_cf += [not score_image(parse_prompt(c), cf.image) for c in cf.captions]
+            true_of_plain += [bool(score_image(parse_prompt(c), plain.image)) for c in plain.captions]
+        assert np.array_equal(world[i].image, item.image)  # drawing the counterfactual changes nothing else
+        cf_scene = counterfactual_scene(scene, np.random.default_rng([3, i, 1]))
+        assert [(o.color, o.cx, o.cy, o.s) for o in cf_scene.objects] == \
+            [(o.color, o.cx, o.cy, o.s) for o in scene.objects]
+        assert not held_out_present(cf_scene.objects, 64, slack=0.06)
+        assert not {(o.color, o.shape) for o in cf_scene.objects} & HELD_PAIRS
+        assert not _held_out_geometry(cf_scene.objects, lambda o: o.s)
+        shapes = {o.shape for o in scene.objects}
+        cf_shapes = {o.shape for o in cf_scene.objects}
+        if len(shapes) == 2:
+            collapsed += len(cf_shapes) == 1 and cf_shapes < shapes  # drawn as one of the two named shapes
+        else:
+            assert len(cf_shapes) == 1 and cf_shapes != shapes
+    print(f"\ncaptions false of their counterfactual: {np.mean(false_of_cf):.4f} of {len(false_of_cf)}")
+    assert all(false_of_cf) and np.mean(true_of_plain) >= 0.99
+    assert collapsed > 50
+    # the writer: same names and captions, the counterfactual images, a flag on each row
+    out = write_imagefolder(tmp_path / "cf", 6, 64, seed=3, counterfactual=True, progress=False)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"{i:06d}.png" for i in range(6)]
+    for i, r in enumerate(rows):
+        assert r["captions"] == world[i].captions and r["counterfactual"] is True
+        with Image.open(out / r["file_name"]) as im:
+            assert np.array_equal(np.asarray(im), world.counterfactual(i).image)
+    assert main(["data", "shapes", "--out", str(tmp_path / "cf2"), "--n", "6", "--seed", "3", "--no-progress",
+                 "--counterfactual", "--workers", "2"]) == 0
+    assert "counterfactual images" in capsys.readouterr().out
+    assert (tmp_path / "cf2" / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
