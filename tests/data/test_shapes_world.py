@@ -269,7 +269,7 @@ def test_counterfactuals_make_every_caption_false(world_items, tmp_path, capsys)
     assert all(false_of_cf) and np.mean(true_of_plain) >= 0.99
     assert collapsed > 50
     # the writer: same names and captions, the counterfactual images, a flag on each row
-    out = write_imagefolder(tmp_path / "cf", 6, 64, seed=3, counterfactual=True, progress=False)
+    out = write_imagefolder(tmp_path / "cf", 6, 64, seed=3, counterfactual="all", progress=False)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in rows] == [f"{i:06d}.png" for i in range(6)]
     for i, r in enumerate(rows):
@@ -278,5 +278,21 @@ def test_counterfactuals_make_every_caption_false(world_items, tmp_path, capsys)
             assert np.array_equal(np.asarray(im), world.counterfactual(i).image)
     assert main(["data", "shapes", "--out", str(tmp_path / "cf2"), "--n", "6", "--seed", "3", "--no-progress",
                  "--counterfactual", "--workers", "2"]) == 0
-    assert "counterfactual images" in capsys.readouterr().out
+    assert "counterfactual images (all)" in capsys.readouterr().out
     assert (tmp_path / "cf2" / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
+    # two-shape: only images of two shapes get a counterfactual, the others stay themselves
+    assert main(["data", "shapes", "--out", str(tmp_path / "cf3"), "--n", "24", "--seed", "3",
+                 "--no-progress", "--counterfactual", "two-shape"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cf3" / "metadata.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        two = len({o.shape for o in world.scene(i).objects}) == 2
+        with Image.open(tmp_path / "cf3" / r["file_name"]) as im:
+            want = world.counterfactual(i) if two else world[i]
+            assert np.array_equal(np.asarray(im), want.image) and r["counterfactual"] is two
+    assert 0 < sum(r["counterfactual"] for r in rows) < 24
+    with pytest.raises(SystemExit):
+        main(["data", "shapes", "--out", str(tmp_path / "bad"), "--n", "2", "--counterfactual", "three"])
+    assert "--counterfactual" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="unknown counterfactual kind"):
+        write_imagefolder(tmp_path / "bad", 2, 64, counterfactual="three", progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -1,8 +1,8 @@
 """`rectiflow data check PATH`: report unusable samples and optionally write a manifest of the good ones.
 `rectiflow data icons --out DIR --n N [--size S] [--seed K]`: write procedural icons (rectiflow.data.icons).
 `rectiflow data shapes --out DIR --n N [--size S] [--seed K] [--workers W] [--task-weights T=W,...]
-[--caption-order any|reading] [--counterfactual]`: write shapes-world training images, or with
---counterfactual their counterfactual twins (rectiflow.data.shapes.write_imagefolder)."""
+[--caption-order any|reading] [--counterfactual [all|two-shape]]`: write shapes-world training images, or
+with --counterfactual their counterfactual twins (rectiflow.data.shapes.write_imagefolder)."""
 
 from __future__ import annotations
 
@@ -72,10 +72,11 @@ def register(subparsers) -> None:
     s.add_argument("--caption-order", choices=["any", "reading"], default="any",
                    help="'reading': a two-object image's two_object / color_attr captions name its objects "
                         "left-to-right (top-to-bottom when stacked) only; default 'any': both orders")
-    s.add_argument("--counterfactual", action="store_true",
+    s.add_argument("--counterfactual", nargs="?", const="all", choices=["all", "two-shape"],
                    help="write each image's counterfactual instead (same names and captions, a named shape "
                         "changed so that every caption is false): the negatives of flow.contrastive = "
-                        "'counterfactual' (data.negative_cache)")
+                        "'counterfactual' (data.negative_cache); 'two-shape': only for images of two "
+                        "shapes, the others kept as they are")
     s.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_shapes)
@@ -161,7 +162,7 @@ def run_shapes(args) -> int:
                             caption_order=args.caption_order, counterfactual=args.counterfactual,
                             overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers)
     mix = "" if args.caption_order == "any" else f", captions in {args.caption_order} order"
-    mix += ", counterfactual images" if args.counterfactual else ""
+    mix += f", counterfactual images ({args.counterfactual})" if args.counterfactual else ""
     if args.task_weights:
         total = sum(args.task_weights.values())
         mix += ", tasks " + " ".join(f"{t} {w / total:.2f}" for t, w in args.task_weights.items())

@@ -226,6 +226,12 @@ def counterfactual_scene(scene: Scene, rng: np.random.Generator) -> Scene:
 
 
 CAPTION_ORDERS = ("any", "reading")
+COUNTERFACTUALS = ("all", "two-shape")  # which scenes get a counterfactual image (ShapesWorld.counterfactual)
+
+
+def _check_counterfactual(which: str) -> None:
+    if which not in COUNTERFACTUALS:
+        raise ConfigError(f"unknown counterfactual kind {which!r}; use one of {', '.join(COUNTERFACTUALS)}")
 
 
 def _check_caption_order(order: str) -> None:
@@ -363,12 +369,16 @@ class ShapesWorld:
         captions = true_captions(scene, self.caption_order)
         return ShapesItem(render(scene), captions, captions[0], scene.task)
 
-    def counterfactual(self, i: int) -> ShapesItem:
+    def counterfactual(self, i: int, which: str = "all") -> ShapesItem:
         """Item i with the image of `counterfactual_scene` (its own generator, so item i is unchanged): the
-        same captions, every one of them false of this image."""
-        item = self[i]
+        same captions, every one of them false of this image. which="two-shape": only scenes of two shapes
+        get one; other items come back unchanged (no negative: see write_imagefolder)."""
+        _check_counterfactual(which)
+        item, scene = self[i], self.scene(i)
+        if which == "two-shape" and len({o.shape for o in scene.objects}) != 2:
+            return item
         rng = np.random.default_rng([self.seed, int(i), 1])
-        return item._replace(image=render(counterfactual_scene(self.scene(i), rng)))
+        return item._replace(image=render(counterfactual_scene(scene, rng)))
 
     def iter_from(self, start: int = 0) -> Iterator[ShapesItem]:
         """Endless iteration from item `start` (resume a data position exactly)."""
@@ -378,22 +388,24 @@ class ShapesWorld:
         return self.iter_from(0)
 
 
-def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, bool, int]) -> dict:
+def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, str | None, int]) -> dict:
     """Render and save item i of a world; returns its metadata row (a process-pool worker)."""
     from PIL import Image
 
     out, size, seed, weights, order, counterfactual, i = job
     world = ShapesWorld(size, seed, weights, order)
-    item = world.counterfactual(i) if counterfactual else world[i]
+    item = world.counterfactual(i, counterfactual) if counterfactual else world[i]
     name = f"{i:06d}.png"
     Image.fromarray(item.image).save(Path(out) / name)
     row = {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
-    return {**row, "counterfactual": True} if counterfactual else row
+    if not counterfactual:
+        return row
+    return {**row, "counterfactual": not np.array_equal(item.image, world[i].image)}
 
 
 def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
                       task_weights: Mapping[str, float] | None = None, caption_order: str = "any",
-                      counterfactual: bool = False, overwrite: bool = False, progress: bool = True,
+                      counterfactual: str | None = None, overwrite: bool = False, progress: bool = True,
                       workers: int = 1) -> Path:
     """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order) as PNGs plus metadata.jsonl
     (file_name, text = primary caption, captions = all true captions, task). Returns the directory.
@@ -402,22 +414,25 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
     true captions of each image, primary first). workers > 1 renders in that many processes; the files
     are the same whatever the number of workers (item i depends only on (seed, i)).
 
-    counterfactual=True writes, under the same names and with the same captions, each item's counterfactual
-    image instead (`ShapesWorld.counterfactual`; rows carry "counterfactual": true): a folder that pairs
-    row for row with the plain one, for data.negative_cache (rectiflow.flow.contrastive)."""
+    counterfactual="all" writes, under the same names and with the same captions, each item's counterfactual
+    image instead (`ShapesWorld.counterfactual`): a folder that pairs row for row with the plain one, for
+    data.negative_cache (rectiflow.flow.contrastive). "two-shape": only scenes of two shapes get one, the
+    others keep their own image, a negative equal to the sample, whose contrastive term only scales that
+    row's loss by 1 - w (its minimiser unchanged). Rows carry "counterfactual": whether the image is one."""
     if not isinstance(n, (int, np.integer)) or n <= 0:
         raise ConfigError(f"number of images must be a positive integer (got {n!r})")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ConfigError(f"workers must be a positive integer (got {workers!r})")
     ShapesWorld(size, seed, task_weights, caption_order)  # validate the arguments before touching the disk
+    if counterfactual is not None:
+        _check_counterfactual(counterfactual)
     out = Path(out_dir)
     meta = out / "metadata.jsonl"
     if meta.exists() and not overwrite:
         raise RectiflowError(f"{out} already holds a metadata.jsonl; choose a new directory or overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     weights = None if task_weights is None else dict(task_weights)
-    flag = bool(counterfactual)
-    jobs = ((str(out), int(size), int(seed), weights, caption_order, flag, i) for i in range(n))
+    jobs = ((str(out), int(size), int(seed), weights, caption_order, counterfactual, i) for i in range(n))
     # metadata.jsonl is the commit point: written atomically after every image exists
     with atomic_write(meta) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             tqdm(total=n, desc="shapes world", unit="img", disable=not progress) as bar:
