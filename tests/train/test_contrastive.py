@@ -27,11 +27,17 @@ def _flipped(i):
     return img[:, ::-1].copy(), caps, sid
 
 
+def _half_flipped(i):
+    """Even rows flipped, odd rows themselves (as `--counterfactual two-shape` keeps one-shape images)."""
+    return _flipped(i) if i % 2 == 0 else _item(i)
+
+
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("contrastive")
     return {"plain": _cache(root / "plain", _item), "same": _cache(root / "same", _item),
-            "flipped": _cache(root / "flipped", _flipped), "short": _cache(root / "short", _item, n=N - 1)}
+            "flipped": _cache(root / "flipped", _flipped), "half": _cache(root / "half", _half_flipped),
+            "short": _cache(root / "short", _item, n=N - 1)}
 
 
 def test_minimiser_is_the_target_moved_away_from_the_negative():
@@ -64,25 +70,20 @@ def _per_sample_plain(tr, batch, t, eps):
         return torch.stack([tr.forward_loss(b, t[j:j + 1], eps[j:j + 1]) for j, b in enumerate(one)])
 
 
-@pytest.mark.parametrize("kind", ["counterfactual", "batch"])
-def test_identical_negatives_scale_each_conditioned_loss(caches, tmp_path, kind):
-    """A negative identical to the sample (a counterfactual cache of the same images; in-batch negatives of
-    a batch of one repeated row and noise) turns each conditioned sample's loss L into (1 - w) L and leaves
-    dropped captions' L alone: the trainer's loss against per-sample plain losses of the same model."""
+def test_identical_in_batch_negatives_scale_each_conditioned_loss(caches, tmp_path):
+    """In-batch negatives of a batch of one repeated row and noise equal the sample: each conditioned
+    sample's loss L becomes (1 - w) L, dropped captions' L stays: the trainer's loss against per-sample
+    plain losses of the same model."""
     torch.manual_seed(0)
     plain = _trainer(caches, tmp_path / "plain")
-    extra = [f"flow.contrastive={kind}", "flow.contrastive_weight=0.25"]
-    if kind == "counterfactual":
-        extra.append(f'data.negative_cache="{caches["same"]}"')
     torch.manual_seed(0)
-    tr = _trainer(caches, tmp_path / kind, *extra)
+    tr = _trainer(caches, tmp_path / "batch", "flow.contrastive=batch", "flow.contrastive_weight=0.25")
     tr.model.load_state_dict(plain.model.state_dict())
-    rows = list(range(N)) if kind == "counterfactual" else [3] * N
+    rows = [3] * N
     g = torch.Generator().manual_seed(1)
-    t, eps = torch.rand(N, generator=g), torch.randn(N, 16, SIZE // 8, SIZE // 8, generator=g)
-    if kind == "batch":  # the in-batch negative is another row's (image, noise): the same row and noise
-        eps = eps[:1].expand(N, -1, -1, -1)
-    seen = torch.zeros(2, dtype=torch.bool)  # rows with a dropped caption, rows with a caption: both checked
+    t, eps = torch.rand(N, generator=g), torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=g)
+    eps = eps.expand(N, -1, -1, -1)  # the in-batch negative is another row's (image, noise): the same here
+    seen = torch.zeros(2, dtype=torch.bool)  # a batch with the caption dropped, one with it: both checked
     for epoch in range(6):  # caption dropout is drawn per (epoch, row)
         plain.cache.set_epoch(epoch)
         tr.cache.set_epoch(epoch)
@@ -92,9 +93,38 @@ def test_identical_negatives_scale_each_conditioned_loss(caches, tmp_path, kind)
         each = _per_sample_plain(plain, plain.load_batch(rows), t, eps)
         with torch.no_grad():
             got = tr.forward_loss(batch, t, eps)
-        want = (each * torch.where(dropped, 1.0, 0.75)).mean()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, (each * torch.where(dropped, 1.0, 0.75)).mean(), rtol=1e-5, atol=1e-7)
     assert seen.all()
+
+
+def test_counterfactual_rows_without_a_counterfactual_keep_the_plain_loss(caches, tmp_path):
+    """A counterfactual cache whose odd rows are the images themselves: those rows and rows with a dropped
+    caption keep exactly their plain loss; the other rows lose a positive term (row by row)."""
+    torch.manual_seed(0)
+    plain = _trainer(caches, tmp_path / "plain")
+    torch.manual_seed(0)
+    tr = _trainer(caches, tmp_path / "cf", "flow.contrastive=counterfactual", "flow.contrastive_weight=0.25",
+                  f'data.negative_cache="{caches["half"]}"')
+    tr.model.load_state_dict(plain.model.state_dict())
+    rows = list(range(N))
+    g = torch.Generator().manual_seed(1)
+    t, eps = torch.rand(N, generator=g), torch.randn(N, 16, SIZE // 8, SIZE // 8, generator=g)
+    lowered = kept = 0
+    for epoch in range(4):
+        plain.cache.set_epoch(epoch)
+        tr.cache.set_epoch(epoch)
+        mine, theirs = _per_sample_plain(tr, tr.load_batch(rows), t, eps), \
+            _per_sample_plain(plain, plain.load_batch(rows), t, eps)
+        dropped = tr.load_batch(rows)["caption_index"] == 0
+        for j in rows:
+            if j % 2 or dropped[j]:
+                torch.testing.assert_close(mine[j], theirs[j], rtol=1e-6, atol=0.0)
+                kept += 1
+            else:
+                assert mine[j] < theirs[j]
+                lowered += 1
+    assert lowered and kept > lowered
+
 
 def test_counterfactual_negatives_lower_the_loss_and_train(caches, tmp_path):
     """Other negatives subtract a positive term on conditioned rows; three steps train with finite loss."""

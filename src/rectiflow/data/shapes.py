@@ -417,8 +417,8 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
     counterfactual="all" writes, under the same names and with the same captions, each item's counterfactual
     image instead (`ShapesWorld.counterfactual`): a folder that pairs row for row with the plain one, for
     data.negative_cache (rectiflow.flow.contrastive). "two-shape": only scenes of two shapes get one, the
-    others keep their own image, a negative equal to the sample, whose contrastive term only scales that
-    row's loss by 1 - w (its minimiser unchanged). Rows carry "counterfactual": whether the image is one."""
+    others keep their own image, which the trainer takes as no negative (rectiflow.flow.contrastive.differs).
+    Rows carry "counterfactual": whether the image is one."""
     if not isinstance(n, (int, np.integer)) or n <= 0:
         raise ConfigError(f"number of images must be a positive integer (got {n!r})")
     if not isinstance(workers, (int, np.integer)) or workers < 1:

@@ -61,6 +61,7 @@ from rectiflow.flow.contrastive import (
     batch_negatives,
     check_contrastive,
     contrastive_loss,
+    differs,
 )
 from rectiflow.flow.guidance import (
     cfg_batch,
@@ -120,6 +121,7 @@ __all__ = [
     "RectifiedFlow",
     "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_scale_at",
     "cfg_velocity_fn", "check_cfg_interval", "batch_negatives", "check_contrastive", "contrastive_loss",
+    "differs",
     "cosmap", "cosmap_pdf", "endpoint_errors", "equivalent_rf_weight", "flux_mu", "get_path",
     "guidance_vector", "linear_grid", "logit_normal", "logit_normal_pdf", "loss_weight", "mode", "mode_pdf",
     "parse_time_shift", "path_from_record", "path_record", "per_sample_loss", "rms_distance",

@@ -10,7 +10,8 @@ negative's, on average away from what every condition shares, i.e. a little guid
 false of (rectiflow.data.shapes.counterfactual_scene: one named shape replaced). On the rectified-flow path
 u - u~ = x~0 - x0, so the minimiser moves the prediction away from exactly what tells the true image from
 its counterfactual (the binding the plain loss barely rewards: docs/training.md). Rows whose caption was
-dropped for CFG have no negative (the unconditional model has no caption to be false of)."""
+dropped for CFG have no negative (the unconditional model has no caption to be false of), nor do rows whose
+counterfactual is the image itself (`differs`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def batch_negatives(x0: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
     return x0.roll(1, dims=0), noise.roll(1, dims=0)
 
 
+def differs(sample: Tensor, negative: Tensor, tol: float = 1e-3) -> Tensor:
+    """[b] bool: rows whose negative differs from the sample by more than tol somewhere. A counterfactual
+    folder keeps an image as itself where it has no counterfactual (`--counterfactual two-shape`); such a
+    negative is no negative (the term would only scale the row's loss by 1 - w). tol absorbs encoder
+    round-off between two cache builds; a changed shape moves latents by O(0.1)."""
+    return (sample - negative).abs().flatten(1).amax(1) > tol
+
+
 def contrastive_loss(per_sample: Tensor, negative: Tensor, weight: float, conditioned: Tensor) -> Tensor:
     """per_sample - weight * negative on conditioned rows [b] (bool), unchanged on dropped captions."""
     return per_sample - float(weight) * negative * conditioned.to(per_sample.dtype)
@@ -51,4 +60,4 @@ def optimum(target: Tensor, negative_target: Tensor, weight: float) -> Tensor:
     return (target - weight * negative_target) / (1.0 - weight)
 
 
-__all__ = ["CONTRASTIVE", "batch_negatives", "check_contrastive", "contrastive_loss", "optimum"]
+__all__ = ["CONTRASTIVE", "batch_negatives", "check_contrastive", "contrastive_loss", "differs", "optimum"]

@@ -28,6 +28,7 @@ from rectiflow.errors import ConfigError, FormatError, RectiflowError
 from rectiflow.flow import (
     batch_negatives,
     contrastive_loss,
+    differs,
     get_path,
     loss_weight,
     per_sample_loss,
@@ -235,8 +236,10 @@ class Trainer:
         if flow.contrastive != "none":
             neg_target = self.negative_target(batch, x0, noise, t)
             negative = per_sample_loss(flow.loss, out, neg_target, sample_dims(out), **flow.loss_params)
-            conditioned = batch["caption_index"].to(dev) != self.cache.empty_caption_index
-            per_sample = contrastive_loss(per_sample, negative, flow.contrastive_weight, conditioned)
+            active = batch["caption_index"].to(dev) != self.cache.empty_caption_index
+            if flow.contrastive == "counterfactual":  # rows kept as themselves have no negative
+                active &= differs(lat, batch["negative_latents"].to(dev, torch.float32))
+            per_sample = contrastive_loss(per_sample, negative, flow.contrastive_weight, active)
         weight = loss_weight(flow.loss_weight, t, **flow.loss_weight_params)
         return (weight * per_sample).mean()
 
