@@ -52,8 +52,9 @@ guide only at lo <= t <= hi; `check_cfg_interval`, `cfg_scale_at(t, scale, inter
 embedder).
 
 Contrastive flow matching (rectiflow.flow.contrastive): `contrastive_loss(per_sample, negative, weight,
-conditioned)` = per_sample - weight * negative on conditioned rows; `batch_negatives(x0, noise)` (Delta-FM's
-in-batch negatives); `check_contrastive(kind, weight)`.
+active)` = per_sample - weight * negative on the active rows; `batch_negatives(x0, noise)` (Delta-FM's
+in-batch negatives); `differs(sample, negative)` (a negative equal to its sample is none);
+`check_contrastive(kind, weight)`.
 """
 
 from rectiflow.flow.contrastive import (

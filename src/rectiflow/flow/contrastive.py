@@ -50,9 +50,9 @@ def differs(sample: Tensor, negative: Tensor, tol: float = 1e-3) -> Tensor:
     return (sample - negative).abs().flatten(1).amax(1) > tol
 
 
-def contrastive_loss(per_sample: Tensor, negative: Tensor, weight: float, conditioned: Tensor) -> Tensor:
-    """per_sample - weight * negative on conditioned rows [b] (bool), unchanged on dropped captions."""
-    return per_sample - float(weight) * negative * conditioned.to(per_sample.dtype)
+def contrastive_loss(per_sample: Tensor, negative: Tensor, weight: float, active: Tensor) -> Tensor:
+    """per_sample - weight * negative on the active rows [b] (bool: those with a caption and a negative)."""
+    return per_sample - float(weight) * negative * active.to(per_sample.dtype)
 
 
 def optimum(target: Tensor, negative_target: Tensor, weight: float) -> Tensor:
