@@ -63,6 +63,14 @@ def _trainer(caches, out, *extra):
     return Trainer(cfg)
 
 
+def _plain_and(caches, tmp_path, *extra):
+    """A plain trainer and one with `extra` (contrastive) settings, holding the same model weights."""
+    plain = _trainer(caches, tmp_path / "plain")
+    tr = _trainer(caches, tmp_path / "contrastive", "flow.contrastive_weight=0.25", *extra)
+    tr.model.load_state_dict(plain.model.state_dict())
+    return plain, tr
+
+
 def _per_sample_plain(tr, batch, t, eps):
     """The plain loss of each sample alone (a batch of one)."""
     one = [{k: v[j:j + 1] for k, v in batch.items()} for j in range(len(t))]  # "id" is a list: sliced too
@@ -74,11 +82,7 @@ def test_identical_in_batch_negatives_scale_each_conditioned_loss(caches, tmp_pa
     """In-batch negatives of a batch of one repeated row and noise equal the sample: each conditioned
     sample's loss L becomes (1 - w) L, dropped captions' L stays: the trainer's loss against per-sample
     plain losses of the same model."""
-    torch.manual_seed(0)
-    plain = _trainer(caches, tmp_path / "plain")
-    torch.manual_seed(0)
-    tr = _trainer(caches, tmp_path / "batch", "flow.contrastive=batch", "flow.contrastive_weight=0.25")
-    tr.model.load_state_dict(plain.model.state_dict())
+    plain, tr = _plain_and(caches, tmp_path, "flow.contrastive=batch")
     rows = [3] * N
     g = torch.Generator().manual_seed(1)
     t, eps = torch.rand(N, generator=g), torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=g)
@@ -100,12 +104,8 @@ def test_identical_in_batch_negatives_scale_each_conditioned_loss(caches, tmp_pa
 def test_counterfactual_rows_without_a_counterfactual_keep_the_plain_loss(caches, tmp_path):
     """A counterfactual cache whose odd rows are the images themselves: those rows and rows with a dropped
     caption keep exactly their plain loss; the other rows lose a positive term (row by row)."""
-    torch.manual_seed(0)
-    plain = _trainer(caches, tmp_path / "plain")
-    torch.manual_seed(0)
-    tr = _trainer(caches, tmp_path / "cf", "flow.contrastive=counterfactual", "flow.contrastive_weight=0.25",
-                  f'data.negative_cache="{caches["half"]}"')
-    tr.model.load_state_dict(plain.model.state_dict())
+    plain, tr = _plain_and(caches, tmp_path, "flow.contrastive=counterfactual",
+                           f'data.negative_cache="{caches["half"]}"')
     rows = list(range(N))
     g = torch.Generator().manual_seed(1)
     t, eps = torch.rand(N, generator=g), torch.randn(N, 16, SIZE // 8, SIZE // 8, generator=g)
@@ -128,12 +128,8 @@ def test_counterfactual_rows_without_a_counterfactual_keep_the_plain_loss(caches
 
 def test_counterfactual_negatives_lower_the_loss_and_train(caches, tmp_path):
     """Other negatives subtract a positive term on conditioned rows; three steps train with finite loss."""
-    torch.manual_seed(0)
-    plain = _trainer(caches, tmp_path / "plain")
-    torch.manual_seed(0)
-    tr = _trainer(caches, tmp_path / "cf", "flow.contrastive=counterfactual", "flow.contrastive_weight=0.25",
-                  f'data.negative_cache="{caches["flipped"]}"')
-    tr.model.load_state_dict(plain.model.state_dict())
+    plain, tr = _plain_and(caches, tmp_path, "flow.contrastive=counterfactual",
+                           f'data.negative_cache="{caches["flipped"]}"')
     batch = tr.load_batch(list(range(N)))
     assert not torch.equal(batch["negative_latents"], batch["latents"])
     g = torch.Generator().manual_seed(1)
