@@ -400,7 +400,8 @@ def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, str |
     row = {"file_name": name, "text": item.caption, "captions": item.captions, "task": item.task}
     if not counterfactual:
         return row
-    return {**row, "counterfactual": not np.array_equal(item.image, world[i].image)}
+    changed = counterfactual == "all" or len({o.shape for o in world.scene(i).objects}) == 2
+    return {**row, "counterfactual": changed}  # (ShapesWorld.counterfactual's rule, not a second render)
 
 
 def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
