@@ -26,6 +26,7 @@ SUBCOMMANDS = [
     "lora",
     "study",
     "reflow",
+    "tune",
     "quickstart",
 ]
 

@@ -300,7 +300,7 @@ class Pipeline:
             latents.append(self._denoise(noise[s:s + bs], cond, uncond, ts, sampler, guidance, cfg_scale,
                                          progress, lh, lw, step_done, skip_layer_guidance, cfg_interval))
         z = torch.cat(latents)  # [N, C, lh, lw]
-        images = self._decode(z)
+        images = self.decode(z)
         base = dict(steps=steps, sampler=sampler, shift=shift, guidance=guidance, cfg_scale=cfg_scale,
                     width=width, height=height, model=self.name, model_hash=self.model_hash,
                     dtype=str(self.dtype).replace("torch.", ""), int8=self.int8)
@@ -411,7 +411,8 @@ class Pipeline:
             return RectiflowError(f"float16 overflow: the {what} contain inf/NaN; use --dtype bf16 or fp32")
         return RectiflowError(f"the {what} contain inf/NaN: the model weights are broken or do not match")
 
-    def _decode(self, z: torch.Tensor) -> list[Image.Image]:
+    def decode(self, z: torch.Tensor) -> list[Image.Image]:
+        """Latents [B, C, h, w] -> PIL images, one at a time."""
         images = []
         with torch.inference_mode():
             for i in range(z.shape[0]):  # one at a time: decoder activations dominate memory at 1024 px

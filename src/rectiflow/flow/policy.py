@@ -1,0 +1,92 @@
+"""A sampler as a stochastic policy: the step distribution, its log-likelihood and the GRPO objective.
+
+Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv:2505.05470)
+turns the sampling ODE dx = v dt into an SDE with the same marginals, so that every sampling step is a
+Gaussian whose log-likelihood has a gradient, and trains with GRPO's group-relative advantages (Shao et al.
+2024). With our convention (t = 1 noise, x_t = (1 - t) x0 + t eps, v = eps - x0) the score of p_t is
+-(x + (1 - t) v) / t, and the SDE (their eq. 8) is
+
+    dx = [v + sigma_t^2 / (2 t) (x + (1 - t) v)] dt + sigma_t dw,    sigma_t = eta sqrt(t / (1 - t)),
+
+integrated from t = 1 to 0 (dt < 0). One Euler-Maruyama step t -> t_next is the Gaussian
+N(x + drift (t_next - t), sigma_t^2 (t - t_next) I). sigma_t is infinite at t = 1; as Flow-GRPO does, the
+first step puts the next grid time in sigma's denominator instead (`t_cap`). eta = 0 is the ODE's Euler step
+exactly, so a model trained with this policy is sampled as before, with the ODE (`rectiflow generate`).
+
+Constants from Flow-GRPO's configuration (config/base.py and config/grpo.py's geneval_sd3 in their
+repository): noise level eta 0.7, PPO clip range 1e-4, advantages clipped to [-5, 5], each reward minus its
+prompt's mean over the batch's standard deviation, KL weight 0.04. Log-likelihoods are means over the
+latent's elements (their choice: a sum over 1024 elements would make every ratio 0 or inf)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rectiflow.errors import ConfigError
+
+ETA = 0.7  # Flow-GRPO's sample.noise_level
+CLIP_RANGE = 1e-4  # Flow-GRPO's train.clip_range
+ADVANTAGE_CLIP = 5.0  # Flow-GRPO's train.adv_clip_max
+
+
+def _dims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
+
+
+def sde_step(x: Tensor, v: Tensor, t: float, t_next: float, eta: float,
+             t_cap: float | None = None) -> tuple[Tensor, float]:
+    """The mean [B, ...] and standard deviation (a float) of one step t -> t_next (t > t_next) of the
+    marginal-preserving SDE above, given the velocity v at (x, t). `t_cap`: the time whose sigma is used
+    when t = 1 (default t_next). eta = 0 gives the Euler step x + (t_next - t) v and std 0."""
+    if not 0.0 <= t_next < t <= 1.0:
+        raise ConfigError(f"an SDE step needs 0 <= t_next < t <= 1, got t={t}, t_next={t_next}")
+    if eta < 0:
+        raise ConfigError(f"the SDE's noise level eta must be >= 0, got {eta}")
+    dt = t_next - t
+    if eta == 0:
+        return x + dt * v, 0.0
+    denom = 1.0 - ((t_cap if t_cap is not None else t_next) if t >= 1.0 else t)
+    sigma2 = eta * eta * t / denom
+    drift = v + sigma2 / (2.0 * t) * (x + (1.0 - t) * v)
+    return x + dt * drift, (sigma2 * -dt) ** 0.5
+
+
+def gaussian_logprob(sample: Tensor, mean: Tensor, std: float) -> Tensor:
+    """log N(sample; mean, std^2 I) per row, averaged over the elements (not summed: module docstring)."""
+    if std <= 0:
+        raise ConfigError("a log-likelihood needs std > 0 (eta = 0 is the deterministic ODE step)")
+    z = (sample.float() - mean.float()) / std
+    return (-0.5 * z * z - torch.log(torch.tensor(std)) - 0.5 * torch.log(torch.tensor(2 * torch.pi))).mean(
+        _dims(sample))
+
+
+def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: float) -> Tensor:
+    """KL(N(mean, std^2) || N(mean_ref, std^2)) per row, averaged over elements as the log-likelihood is."""
+    return ((mean.float() - mean_ref.float()) ** 2).mean(_dims(mean)) / (2.0 * std * std)
+
+
+def group_advantages(rewards: Tensor, group_size: int, clip: float = ADVANTAGE_CLIP,
+                     global_std: bool = True) -> Tensor:
+    """GRPO's advantages: each reward minus its group's mean, over a standard deviation (+1e-4), clipped to
+    [-clip, clip]. Rows i * group_size ... (i + 1) * group_size - 1 form group i (one prompt). global_std:
+    the deviation of all rewards of the batch (Flow-GRPO's GenEval setting, sample.global_std), else the
+    group's own. A group whose rewards are all equal gets zeros: it says nothing about which sample was
+    better."""
+    if group_size < 2:
+        raise ConfigError(f"GRPO needs groups of >= 2 samples per prompt, got {group_size}")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ConfigError(f"{rewards.numel()} rewards do not form groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    std = r.std() if global_std else r.std(1, keepdim=True)
+    adv = (r - r.mean(1, keepdim=True)) / (std + 1e-4)
+    return adv.clamp(-clip, clip).view(-1)
+
+
+def clipped_surrogate(logp: Tensor, logp_old: Tensor, advantages: Tensor,
+                      clip_range: float = CLIP_RANGE) -> Tensor:
+    """PPO's clipped objective as a loss per row: -min(r A, clip(r, 1 - c, 1 + c) A), r = exp(logp - old).
+    Its gradient at logp = logp_old is -A grad(logp): REINFORCE with the group baseline."""
+    ratio = torch.exp(logp - logp_old)
+    return -torch.minimum(ratio * advantages,
+                          ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * advantages)

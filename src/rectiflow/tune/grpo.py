@@ -1,0 +1,318 @@
+"""Reward fine-tuning with Flow-GRPO: sample groups of images per prompt, score them, move the sampler toward
+the better ones of each group (rectiflow.flow.policy has the math and its sources).
+
+One iteration: P prompts drawn from the pool, G images each from seeded noise with the bundle's own sampler
+settings (steps, shift, CFG), the first `sde_steps` steps stochastic (the marginal-preserving SDE at noise
+level eta) and the rest the ODE's Euler steps; the images are decoded and scored by `reward(prompts, images)`;
+advantages are group-relative; then for minibatches of the rollouts, one optimizer step on the clipped
+surrogate of every stochastic step's log-likelihood, plus kl_weight times the KL to the starting model.
+
+Sampling the tuned model needs nothing new: it is the ODE (eta = 0) of the same sampler, as `rectiflow
+generate` runs it. The run resumes from OUT/state.pt (model, optimizer, iteration, history; rollouts are
+seeded by (seed, iteration), so a resumed run is the uninterrupted one) and exports OUT/bundle.
+
+Why here (above train and sample): the loop samples (sample.Pipeline), trains, and is handed a reward
+(the shapes benchmark's scorer lives in eval; the CLI passes it in)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rectiflow.convert.bundle import save_bundle
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.flow import timestep_grid
+from rectiflow.flow.policy import (
+    ADVANTAGE_CLIP,
+    CLIP_RANGE,
+    ETA,
+    clipped_surrogate,
+    gaussian_kl,
+    gaussian_logprob,
+    group_advantages,
+    sde_step,
+)
+from rectiflow.sample.pipeline import Pipeline, initial_noise
+
+__all__ = ["GRPOOptions", "PromptPool", "Reward", "grpo"]
+
+log = logging.getLogger(__name__)
+STATE = "state.pt"
+Reward = Callable[[list[str], list], list[float]]  # (prompts, PIL images) -> one reward per image
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """iterations: rollout + update rounds; prompts x group_size images per round; steps / shift / cfg_scale:
+    the sampler (None: the bundle's defaults); sde_steps: how many of the first steps are stochastic (None:
+    all but the last, whose noise would stay in the image); minibatch: images per optimizer step."""
+
+    iterations: int = 100
+    prompts: int = 8
+    group_size: int = 8
+    steps: int | None = None
+    shift: Any = "default"
+    cfg_scale: float | None = None
+    sde_steps: int | None = None
+    eta: float = ETA
+    lr: float = 1e-5
+    kl_weight: float = 0.04  # Flow-GRPO's beta for GenEval (their config/grpo.py)
+    clip_range: float = CLIP_RANGE
+    advantage_clip: float = ADVANTAGE_CLIP
+    minibatch: int = 16
+    max_grad_norm: float = 1.0  # Flow-GRPO's train.max_grad_norm
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ints = {"iterations": 1, "prompts": 1, "group_size": 2, "minibatch": 1, "checkpoint_every": 1}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                why = " (advantages are relative to a group)" if name == "group_size" else ""
+                raise ConfigError(f"{name} must be an integer >= {low}{why}, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.sde_steps is not None and (not isinstance(self.sde_steps, int) or self.sde_steps < 1):
+            raise ConfigError(f"sde_steps must be an integer >= 1, got {self.sde_steps!r}")
+        for name in ("eta", "lr", "clip_range", "advantage_clip"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.kl_weight < 0:
+            raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PromptPool:
+    """Prompts in named groups (e.g. the benchmark's tasks): a draw picks a group uniformly, then a prompt of
+    it uniformly, so a large group (390 colour-attribution prompts) does not crowd out a small one."""
+
+    def __init__(self, groups: Mapping[str, Sequence[str]]):
+        self.groups = {str(k): [str(p) for p in v] for k, v in groups.items() if len(v)}
+        if not self.groups:
+            raise ConfigError("the prompt pool is empty; give at least one prompt")
+        self.names = sorted(self.groups)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PromptPool:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"prompt file {p} does not exist")
+        lines = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+        if not lines:
+            raise ConfigError(f"prompt file {p} has no prompts")
+        return cls({"prompts": lines})
+
+    def draw(self, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """n (group, prompt) pairs."""
+        out = []
+        for _ in range(n):
+            g = self.names[int(rng.integers(len(self.names)))]
+            out.append((g, self.groups[g][int(rng.integers(len(self.groups[g])))]))
+        return out
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.groups, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Rollout:
+    xs: list[torch.Tensor]  # model-space states before each stochastic step
+    nexts: list[torch.Tensor]  # the sampled states after them
+    logp: list[torch.Tensor]  # their log-likelihood under the sampling policy [N]
+    stds: list[float]
+
+
+class _Policy:
+    """The trainable model, its frozen reference and the sampler settings, for one bundle."""
+
+    def __init__(self, pipe: Pipeline, opt: GRPOOptions):
+        d = pipe.defaults
+        self.pipe, self.opt = pipe, opt
+        self.steps = d.steps if opt.steps is None else opt.steps
+        self.shift = d.shift if opt.shift == "default" else opt.shift
+        self.cfg = d.cfg_scale if opt.cfg_scale is None else float(opt.cfg_scale)
+        self.guidance = d.guidance
+        self.lh, self.lw = d.height // pipe.downsample, d.width // pipe.downsample
+        self.sde_steps = opt.sde_steps if opt.sde_steps is not None else max(1, self.steps - 1)
+        if self.sde_steps > self.steps:
+            raise ConfigError(f"sde_steps={self.sde_steps} is more than the sampler's {self.steps} steps")
+        grid = timestep_grid(self.steps, shift=self.shift, seq_len=pipe.image_tokens(self.lh, self.lw))
+        self.ts = [float(t) for t in grid]
+        self.ref = copy.deepcopy(pipe.transformer).requires_grad_(False) if opt.kl_weight > 0 else None
+        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        new = sorted({p for p in prompts if p not in self._embeds})
+        if new:
+            txt, vec = self.pipe.encode_prompts(new)
+            for i, p in enumerate(new):  # clone: inference tensors cannot be saved for backward
+                self._embeds[p] = (txt[i].clone(), vec[i].clone())
+        return (torch.stack([self._embeds[p][0] for p in prompts]),
+                torch.stack([self._embeds[p][1] for p in prompts]))
+
+    def velocity(self, transformer, cond, x: torch.Tensor, t: float) -> torch.Tensor:
+        uncond = None
+        if self.cfg != 1.0:
+            e = self.embed([""] * x.shape[0])
+            uncond = (e[0], e[1])
+        pipe = self.pipe
+        if transformer is not pipe.transformer:
+            pipe = copy.copy(self.pipe)
+            pipe.transformer = transformer
+        fn = pipe.velocity_fn(cond, uncond, self.lh, self.lw, self.guidance, self.cfg)
+        return fn(x, torch.tensor(t, dtype=torch.float32, device=x.device))
+
+    def rollout(self, cond, n: int, gen: torch.Generator) -> tuple[_Rollout, torch.Tensor]:
+        """Sample n trajectories; returns the stochastic steps and the final latents [n, C, lh, lw]."""
+        p = self.pipe
+        noise = initial_noise(None, n, p.autoencoder.params.z_channels, self.lh, self.lw, gen)
+        x = p.family.pack(noise.to(p.device, p.dtype))
+        ro = _Rollout([], [], [], [])
+        with torch.no_grad():
+            for k in range(self.steps):
+                t, tn = self.ts[k], self.ts[k + 1]
+                v = self.velocity(p.transformer, cond, x, t)
+                if k < self.sde_steps:
+                    mean, std = sde_step(x, v, t, tn, self.opt.eta, t_cap=self.ts[1])
+                    eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+                    nxt = mean + std * eps
+                    ro.xs.append(x)
+                    ro.nexts.append(nxt)
+                    ro.logp.append(gaussian_logprob(nxt, mean, std))
+                    ro.stds.append(std)
+                    x = nxt
+                else:
+                    x = x + (tn - t) * v
+        if not torch.isfinite(x).all():
+            raise RectiflowError("the rollout's latents contain inf/NaN: lower --lr or --eta")
+        return ro, p.family.unpack(x, self.lh, self.lw)
+
+    def loss(self, ro: _Rollout, cond, idx: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+        """Backpropagate the minibatch `idx`'s loss over every stochastic step; returns its statistics."""
+        stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0}
+        k_steps = len(ro.xs)
+        for k in range(k_steps):
+            t, tn = self.ts[k], self.ts[k + 1]
+            x = ro.xs[k][idx]
+            v = self.velocity(self.pipe.transformer, cond, x, t)
+            mean, std = sde_step(x, v, t, tn, self.opt.eta, t_cap=self.ts[1])
+            logp = gaussian_logprob(ro.nexts[k][idx], mean, std)
+            sur = clipped_surrogate(logp, ro.logp[k][idx], adv, self.opt.clip_range).mean()
+            loss = sur
+            if self.ref is not None:
+                with torch.no_grad():
+                    v_ref = self.velocity(self.ref, cond, x, t)
+                    mean_ref, _ = sde_step(x, v_ref, t, tn, self.opt.eta, t_cap=self.ts[1])
+                kl = gaussian_kl(mean, mean_ref, std).mean()
+                loss = loss + self.opt.kl_weight * kl
+                stats["kl"] += float(kl.detach()) / k_steps
+            (loss / k_steps).backward()
+            ratio = torch.exp(logp.detach() - ro.logp[k][idx])
+            stats["surrogate"] += float(sur.detach()) / k_steps
+            stats["clipped"] += float(((ratio - 1).abs() > self.opt.clip_range).float().mean()) / k_steps
+        return stats
+
+
+def _save_state(out: Path, model, optimizer, iteration: int, history: list, meta: dict) -> None:
+    tmp = out / (STATE + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                "history": history, "meta": meta}, tmp)
+    os.replace(tmp, out / STATE)
+
+
+def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLike,
+         options: GRPOOptions | None = None, *, progress: bool = True,
+         card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Tune `pipe.transformer` in place with Flow-GRPO against `reward`; writes OUT/state.pt as it goes,
+    OUT/history.jsonl (one line per iteration) and OUT/bundle at the end. Returns the summary."""
+    opt = options or GRPOOptions()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = _Policy(pipe, opt)
+    model = pipe.transformer
+    model.requires_grad_(True).train(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=1e-4)  # Flow-GRPO's decay
+    # what a resumed run must share; more iterations extend a run (rollouts are seeded per iteration)
+    same = {k: v for k, v in opt.to_dict().items() if k not in ("iterations", "checkpoint_every")}
+    meta = {"model": pipe.name, "model_hash": pipe.model_hash, "pool": pool.fingerprint(), **same}
+    start, history = 0, []
+    if (out / STATE).is_file():
+        state = torch.load(out / STATE, map_location=pipe.device, weights_only=False)
+        if state["meta"] != meta:
+            diff = sorted(k for k in meta if state["meta"].get(k) != meta[k])
+            raise ConfigError(f"{out} holds a GRPO run with another {', '.join(diff)}; use another --out or "
+                              "the same arguments")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["iteration"]), list(state["history"])
+        if start > opt.iterations:
+            raise ConfigError(f"{out} is at iteration {start}, past --iterations {opt.iterations}; ask for "
+                              f"{start} or more")
+        log.info("resuming %s at iteration %d of %d", out, start, opt.iterations)
+    bar = tqdm(range(start, opt.iterations), initial=start, total=opt.iterations, desc="grpo",
+               disable=not progress)
+    for it in bar:
+        history.append(_iteration(policy, pool, reward, opt, optimizer, it))
+        h = history[-1]
+        bar.set_postfix(reward=f"{h['reward']:.3f}", kl=f"{h['kl']:.2e}")
+        if (it + 1) % opt.checkpoint_every == 0 or it + 1 == opt.iterations:
+            _save_state(out, model, optimizer, it + 1, history, meta)
+            (out / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in history))
+            recent = history[-opt.checkpoint_every:]
+            log.info("iteration %d/%d: mean reward %.3f over the last %d rounds, KL %.2e", it + 1,
+                     opt.iterations, sum(x["reward"] for x in recent) / len(recent), len(recent), h["kl"])
+    model.requires_grad_(False)
+    summary = {"iterations": opt.iterations, "images": opt.iterations * opt.prompts * opt.group_size,
+               "first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
+               "source": {"name": pipe.name, "model_hash": pipe.model_hash}, "options": opt.to_dict()}
+    extra = {"grpo": summary, **dict(card_extra or {})}
+    save_bundle(out / "bundle", model, pipe.autoencoder, pipe.text_encoder, pipe.defaults,
+                card_extra=extra, name=f"{pipe.name}-grpo", flow_path=pipe.flow_path)
+    return summary
+
+
+def _iteration(policy: _Policy, pool: PromptPool, reward: Reward, opt: GRPOOptions, optimizer,
+               it: int) -> dict[str, Any]:
+    drawn = pool.draw(opt.prompts, np.random.default_rng([opt.seed, it]))
+    groups = [g for g, _ in drawn for _ in range(opt.group_size)]
+    prompts = [p for _, p in drawn for _ in range(opt.group_size)]
+    cond = policy.embed(prompts)
+    gen = torch.Generator("cpu").manual_seed(int(np.random.default_rng([opt.seed, it, 1]).integers(2**62)))
+    ro, z = policy.rollout(cond, len(prompts), gen)
+    rewards = torch.tensor([float(r) for r in reward(prompts, policy.pipe.decode(z))], dtype=torch.float32)
+    if rewards.shape != (len(prompts),):
+        raise RectiflowError(f"the reward returned {rewards.numel()} values for {len(prompts)} images")
+    adv = group_advantages(rewards, opt.group_size, opt.advantage_clip).to(z.device)
+    active = torch.nonzero(adv != 0).flatten()
+    order = active[torch.randperm(active.numel(), generator=gen)]
+    stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0}
+    batches = [order[i:i + opt.minibatch] for i in range(0, order.numel(), opt.minibatch)]
+    for idx in batches:
+        optimizer.zero_grad(set_to_none=True)
+        s = policy.loss(ro, (cond[0][idx], cond[1][idx]), idx, adv[idx])
+        torch.nn.utils.clip_grad_norm_(policy.pipe.transformer.parameters(), opt.max_grad_norm)
+        optimizer.step()
+        for key in stats:
+            stats[key] += s[key] / len(batches)
+    by_group = {}
+    for g in sorted(set(groups)):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        by_group[g] = float(rewards[rows].mean())
+    return {"iteration": it + 1, "reward": float(rewards.mean()), "by_group": by_group,
+            "active": int(active.numel()), **stats}

@@ -1,0 +1,97 @@
+"""rectiflow.flow.policy: Flow-GRPO's SDE step keeps the marginals, its log-likelihood and KL are the
+Gaussian ones, GRPO's advantages and clipped surrogate behave as defined."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rectiflow.errors import ConfigError
+from rectiflow.flow.policy import clipped_surrogate, gaussian_kl, gaussian_logprob, group_advantages, sde_step
+
+
+def test_eta_zero_is_the_euler_step():
+    x, v = torch.randn(3, 5), torch.randn(3, 5)
+    mean, std = sde_step(x, v, 0.75, 0.5, eta=0.0)
+    assert std == 0.0 and torch.equal(mean, x + (0.5 - 0.75) * v)
+
+
+def _gaussian_data_velocity(s2: float):
+    """The exact rectified-flow velocity E[eps - x0 | x_t] for data x0 ~ N(0, s2) per element: x_t is
+    N(0, (1-t)^2 s2 + t^2), and E[eps - x0 | x_t] = x_t (t - (1 - t) s2) / ((1 - t)^2 s2 + t^2)."""
+    def v(x, t):
+        return x * (t - (1 - t) * s2) / ((1 - t) ** 2 * s2 + t * t)
+    return v
+
+
+@pytest.mark.parametrize("eta", [0.3, 0.7])
+def test_the_sde_keeps_the_marginals_of_the_flow(eta):
+    """Integrated with the exact velocity of Gaussian data, the SDE's samples have the flow's marginal
+    variance at every time, and end on the data's (a wrong sign or factor in the drift breaks this)."""
+    s2, steps = 0.25, 400
+    v = _gaussian_data_velocity(s2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    for k in range(steps):
+        t, tn = ts[k], ts[k + 1]
+        mean, std = sde_step(x, v(x, t), t, tn, eta, t_cap=ts[1])
+        x = mean + std * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        if k + 1 == steps // 2:
+            want = (1 - tn) ** 2 * s2 + tn ** 2
+            assert x.var().item() == pytest.approx(want, rel=0.03)
+    assert x.var().item() == pytest.approx(s2, rel=0.03)
+    # without the drift's score term the added noise would stay: the variance ends far above the data's
+    y = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    for k in range(steps):
+        t, tn = ts[k], ts[k + 1]
+        _, std = sde_step(y, v(y, t), t, tn, eta, t_cap=ts[1])
+        y = y + (tn - t) * v(y, t) + std * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    assert y.var().item() > 1.5 * s2
+
+
+def test_logprob_and_kl_are_the_gaussian_ones_averaged_over_elements():
+    mean, other, x = torch.randn(4, 3, 2), torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    std = 0.37
+    ref = torch.distributions.Normal(mean, std).log_prob(x).mean((1, 2))
+    assert torch.allclose(gaussian_logprob(x, mean, std), ref, atol=1e-6)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                           torch.distributions.Normal(other, std)).mean((1, 2))
+    assert torch.allclose(gaussian_kl(mean, other, std), kl, atol=1e-6)
+    with pytest.raises(ConfigError, match="std > 0"):
+        gaussian_logprob(x, mean, 0.0)
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    own = group_advantages(r, 4, global_std=False)
+    assert torch.allclose(own[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (r[:4].std() + 1e-4))
+    assert torch.equal(own[4:], torch.zeros(4))  # a group of equal rewards says nothing
+    shared = group_advantages(r, 4)  # Flow-GRPO's GenEval setting: the batch's deviation
+    assert torch.allclose(shared[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (r.std() + 1e-4))
+    assert group_advantages(torch.tensor([0.0, 1.0]), 2, clip=0.5, global_std=False).abs().max() == 0.5
+    with pytest.raises(ConfigError, match=">= 2 samples per prompt"):
+        group_advantages(r, 1)
+    with pytest.raises(ConfigError, match="do not form groups of 3"):
+        group_advantages(r, 3)
+
+
+def test_clipped_surrogate_is_reinforce_at_the_old_policy_and_stops_past_the_clip():
+    logp = torch.tensor([0.2, -0.1], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    clipped_surrogate(logp, logp.detach(), adv, 0.1).sum().backward()
+    assert torch.allclose(logp.grad, -adv)  # gradient of -A logp
+    # a ratio already past 1 + c for a positive advantage (or below 1 - c for a negative) gets no gradient
+    logp2 = torch.tensor([0.5, -0.5], requires_grad=True)
+    loss = clipped_surrogate(logp2, torch.zeros(2), adv, 0.1)
+    loss.sum().backward()
+    assert torch.equal(logp2.grad, torch.zeros(2))
+    assert torch.allclose(loss.detach(), -torch.tensor([1.1 * 2.0, 0.9 * -1.0]))
+
+
+def test_bad_steps_are_refused():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ConfigError, match="t_next < t"):
+        sde_step(x, x, 0.5, 0.75, 0.7)
+    with pytest.raises(ConfigError, match="eta must be >= 0"):
+        sde_step(x, x, 0.75, 0.5, -1.0)
