@@ -29,9 +29,15 @@ def register(sub) -> None:
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
     s.add_argument("--sde-steps", type=int, default=None,
                    help="how many of the first steps are stochastic (default: all but the last)")
-    s.add_argument("--eta", type=float, default=None, help="the SDE's noise level (Flow-GRPO's 0.7)")
+    s.add_argument("--step", default="cps", choices=("cps", "sde"),
+                   help="the stochastic step: cps (coefficients-preserving, default) or sde (Flow-GRPO's)")
+    s.add_argument("--eta", type=float, default=None,
+                   help="the step's noise level (Flow-GRPO's: 0.8 for cps, 0.7 for sde)")
     s.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (1e-5)")
     s.add_argument("--kl", type=float, default=0.04, help="KL weight to the starting model (0.04)")
+    s.add_argument("--anchor", type=float, default=0.0,
+                   help="weight of the velocity's squared distance to the starting model at every rollout "
+                        "state, deterministic steps included (0)")
     s.add_argument("--clip-range", type=float, default=None, help="PPO clip range (Flow-GRPO's 1e-4)")
     s.add_argument("--minibatch", type=int, default=16, help="images per optimizer step (16)")
     s.add_argument("--checkpoint-every", type=int, default=10, help="rounds between saved states (10)")
@@ -48,7 +54,8 @@ def run_grpo(args) -> int:
     given = {"eta": args.eta, "clip_range": args.clip_range}  # unset: the library's (Flow-GRPO's) values
     options = GRPOOptions(iterations=args.iterations, prompts=args.prompts, group_size=args.group_size,
                           steps=args.steps, shift=getattr(args, "shift", "default"), cfg_scale=args.cfg,
-                          sde_steps=args.sde_steps, lr=args.lr, kl_weight=args.kl, minibatch=args.minibatch,
+                          sde_steps=args.sde_steps, step=args.step, lr=args.lr, kl_weight=args.kl,
+                          anchor=args.anchor, minibatch=args.minibatch,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
                           **{k: v for k, v in given.items() if v is not None})
     reward, pool = reward_and_pool(args.reward)

@@ -13,6 +13,16 @@ N(x + drift (t_next - t), sigma_t^2 (t - t_next) I). sigma_t is infinite at t = 
 first step puts the next grid time in sigma's denominator instead (`t_cap`). eta = 0 is the ODE's Euler step
 exactly, so a model trained with this policy is sampled as before, with the ODE (`rectiflow generate`).
 
+CPS (Wang et al. 2025, "Coefficients-Preserving Sampling for Reinforcement Learning with Flow Matching",
+arXiv:2509.05952; Flow-GRPO's later `sde_type = "cps"`) replaces that step with DDIM's stochastic step in
+rectified-flow form: from the predictions x0^ = x - t v and eps^ = x + (1 - t) v,
+
+    x_next ~ N((1 - t_next) x0^ + sqrt(t_next^2 - s^2) eps^, s^2 I),    s = t_next sin(eta pi / 2),
+
+so the next state has exactly the path's coefficients ((1 - t_next) on the image, t_next on unit noise): no
+excess noise is left in the image, the last step (t_next = 0) is deterministic, and a few-step model sees
+states of the statistics its ODE gives it. eta = 0 is again the Euler step.
+
 Constants from Flow-GRPO's configuration (config/base.py and config/grpo.py's geneval_sd3 in their
 repository): noise level eta 0.7, PPO clip range 1e-4, advantages clipped to [-5, 5], each reward minus its
 prompt's mean over the batch's standard deviation, KL weight 0.04. Log-likelihoods are means over the
@@ -20,12 +30,16 @@ latent's elements (their choice: a sum over 1024 elements would make every ratio
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from rectiflow.errors import ConfigError
 
-ETA = 0.7  # Flow-GRPO's sample.noise_level
+ETA = 0.7  # Flow-GRPO's sample.noise_level (SDE)
+CPS_ETA = 0.8  # Flow-GRPO's noise_level with sde_type "cps" (config/grpo.py, geneval_sd3_fast_nocfg)
+STEP_KINDS = ("cps", "sde")
 CLIP_RANGE = 1e-4  # Flow-GRPO's train.clip_range
 ADVANTAGE_CLIP = 5.0  # Flow-GRPO's train.adv_clip_max
 
@@ -50,6 +64,27 @@ def sde_step(x: Tensor, v: Tensor, t: float, t_next: float, eta: float,
     sigma2 = eta * eta * t / denom
     drift = v + sigma2 / (2.0 * t) * (x + (1.0 - t) * v)
     return x + dt * drift, (sigma2 * -dt) ** 0.5
+
+
+def cps_step(x: Tensor, v: Tensor, t: float, t_next: float, eta: float) -> tuple[Tensor, float]:
+    """The mean and standard deviation of one coefficients-preserving step t -> t_next (module docstring)."""
+    if not 0.0 <= t_next < t <= 1.0:
+        raise ConfigError(f"a CPS step needs 0 <= t_next < t <= 1, got t={t}, t_next={t_next}")
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"the CPS noise level eta must be in [0, 1], got {eta}")
+    std = t_next * math.sin(eta * math.pi / 2)
+    x0, eps = x - t * v, x + (1.0 - t) * v
+    return (1.0 - t_next) * x0 + math.sqrt(max(t_next * t_next - std * std, 0.0)) * eps, std
+
+
+def policy_step(kind: str, x: Tensor, v: Tensor, t: float, t_next: float, eta: float,
+                t_cap: float | None = None) -> tuple[Tensor, float]:
+    """`cps_step` or `sde_step` by name (STEP_KINDS)."""
+    if kind == "cps":
+        return cps_step(x, v, t, t_next, eta)
+    if kind == "sde":
+        return sde_step(x, v, t, t_next, eta, t_cap)
+    raise ConfigError(f"unknown stochastic step {kind!r}; choose one of {', '.join(STEP_KINDS)}")
 
 
 def gaussian_logprob(sample: Tensor, mean: Tensor, std: float) -> Tensor:

@@ -2,10 +2,11 @@
 the better ones of each group (rectiflow.flow.policy has the math and its sources).
 
 One iteration: P prompts drawn from the pool, G images each from seeded noise with the bundle's own sampler
-settings (steps, shift, CFG), the first `sde_steps` steps stochastic (the marginal-preserving SDE at noise
-level eta) and the rest the ODE's Euler steps; the images are decoded and scored by `reward(prompts, images)`;
-advantages are group-relative; then for minibatches of the rollouts, one optimizer step on the clipped
-surrogate of every stochastic step's log-likelihood, plus kl_weight times the KL to the starting model.
+settings (steps, shift, CFG), the first `sde_steps` steps stochastic (a coefficients-preserving step or
+Flow-GRPO's SDE, at noise level eta) and the rest the ODE's Euler steps; the images are decoded and scored
+by `reward(prompts, images)`; advantages are group-relative; then for minibatches of the rollouts, one
+optimizer step on the clipped surrogate of every stochastic step's log-likelihood, plus kl_weight times the
+KL to the starting model.
 
 Sampling the tuned model needs nothing new: it is the ODE (eta = 0) of the same sampler, as `rectiflow
 generate` runs it. The run resumes from OUT/state.pt (model, optimizer, iteration, history; rollouts are
@@ -36,12 +37,14 @@ from rectiflow.flow import timestep_grid
 from rectiflow.flow.policy import (
     ADVANTAGE_CLIP,
     CLIP_RANGE,
+    CPS_ETA,
     ETA,
+    STEP_KINDS,
     clipped_surrogate,
     gaussian_kl,
     gaussian_logprob,
     group_advantages,
-    sde_step,
+    policy_step,
 )
 from rectiflow.sample.pipeline import Pipeline, initial_noise
 
@@ -55,8 +58,12 @@ Reward = Callable[[list[str], list], list[float]]  # (prompts, PIL images) -> on
 @dataclass(frozen=True)
 class GRPOOptions:
     """iterations: rollout + update rounds; prompts x group_size images per round; steps / shift / cfg_scale:
-    the sampler (None: the bundle's defaults); sde_steps: how many of the first steps are stochastic (None:
-    all but the last, whose noise would stay in the image); minibatch: images per optimizer step."""
+    the sampler (None: the bundle's defaults); step: the stochastic step, "cps" (coefficients-preserving) or
+    "sde" (Flow-GRPO's SDE); eta: its noise level (None: CPS 0.8, SDE 0.7, Flow-GRPO's); sde_steps: how many
+    of the first steps are stochastic (None: all but the last, which ends on the image); minibatch: images
+    per optimizer step; kl_weight: Flow-GRPO's KL to the starting model on the stochastic steps; anchor
+    (ours): the weight of the velocity's mean squared distance to the starting model's at every state of the
+    rollout, the deterministic steps included, which nothing else ties to the starting model."""
 
     iterations: int = 100
     prompts: int = 8
@@ -65,9 +72,11 @@ class GRPOOptions:
     shift: Any = "default"
     cfg_scale: float | None = None
     sde_steps: int | None = None
-    eta: float = ETA
+    step: str = "cps"
+    eta: float | None = None
     lr: float = 1e-5
     kl_weight: float = 0.04  # Flow-GRPO's beta for GenEval (their config/grpo.py)
+    anchor: float = 0.0
     clip_range: float = CLIP_RANGE
     advantage_clip: float = ADVANTAGE_CLIP
     minibatch: int = 16
@@ -86,11 +95,18 @@ class GRPOOptions:
             raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.sde_steps is not None and (not isinstance(self.sde_steps, int) or self.sde_steps < 1):
             raise ConfigError(f"sde_steps must be an integer >= 1, got {self.sde_steps!r}")
+        if self.step not in STEP_KINDS:
+            raise ConfigError(f"unknown stochastic step {self.step!r}; choose one of {', '.join(STEP_KINDS)}")
+        if self.eta is None:  # frozen: resolve the default once
+            object.__setattr__(self, "eta", CPS_ETA if self.step == "cps" else ETA)
+        if self.step == "cps" and self.eta > 1:
+            raise ConfigError(f"the CPS noise level eta must be in (0, 1], got {self.eta}")
         for name in ("eta", "lr", "clip_range", "advantage_clip"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.kl_weight < 0:
-            raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight!r}")
+        for name in ("kl_weight", "anchor"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,10 +168,17 @@ class _Policy:
         self.sde_steps = opt.sde_steps if opt.sde_steps is not None else max(1, self.steps - 1)
         if self.sde_steps > self.steps:
             raise ConfigError(f"sde_steps={self.sde_steps} is more than the sampler's {self.steps} steps")
+        if opt.step == "cps" and self.sde_steps == self.steps:
+            raise ConfigError(f"sde_steps={self.sde_steps}: a CPS step ending at t = 0 has no noise; use at "
+                              f"most {self.steps - 1} (a one-step model needs --step sde)")
         grid = timestep_grid(self.steps, shift=self.shift, seq_len=pipe.image_tokens(self.lh, self.lw))
         self.ts = [float(t) for t in grid]
-        self.ref = copy.deepcopy(pipe.transformer).requires_grad_(False) if opt.kl_weight > 0 else None
+        regularised = opt.kl_weight > 0 or opt.anchor > 0
+        self.ref = copy.deepcopy(pipe.transformer).requires_grad_(False) if regularised else None
         self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def step(self, x: torch.Tensor, v: torch.Tensor, t: float, tn: float) -> tuple[torch.Tensor, float]:
+        return policy_step(self.opt.step, x, v, t, tn, self.opt.eta, t_cap=self.ts[1])
 
     def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         new = sorted({p for p in prompts if p not in self._embeds})
@@ -179,7 +202,8 @@ class _Policy:
         return fn(x, torch.tensor(t, dtype=torch.float32, device=x.device))
 
     def rollout(self, cond, n: int, gen: torch.Generator) -> tuple[_Rollout, torch.Tensor]:
-        """Sample n trajectories; returns the stochastic steps and the final latents [n, C, lh, lw]."""
+        """Sample n trajectories; returns every step's state, the stochastic steps' samples and likelihoods,
+        and the final latents [n, C, lh, lw]."""
         p = self.pipe
         noise = initial_noise(None, n, p.autoencoder.params.z_channels, self.lh, self.lw, gen)
         x = p.family.pack(noise.to(p.device, p.dtype))
@@ -188,15 +212,14 @@ class _Policy:
             for k in range(self.steps):
                 t, tn = self.ts[k], self.ts[k + 1]
                 v = self.velocity(p.transformer, cond, x, t)
+                ro.xs.append(x)
                 if k < self.sde_steps:
-                    mean, std = sde_step(x, v, t, tn, self.opt.eta, t_cap=self.ts[1])
+                    mean, std = self.step(x, v, t, tn)
                     eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
-                    nxt = mean + std * eps
-                    ro.xs.append(x)
-                    ro.nexts.append(nxt)
-                    ro.logp.append(gaussian_logprob(nxt, mean, std))
+                    x = mean + std * eps
+                    ro.nexts.append(x)
+                    ro.logp.append(gaussian_logprob(x, mean, std))
                     ro.stds.append(std)
-                    x = nxt
                 else:
                     x = x + (tn - t) * v
         if not torch.isfinite(x).all():
@@ -204,28 +227,38 @@ class _Policy:
         return ro, p.family.unpack(x, self.lh, self.lw)
 
     def loss(self, ro: _Rollout, cond, idx: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
-        """Backpropagate the minibatch `idx`'s loss over every stochastic step; returns its statistics."""
-        stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0}
-        k_steps = len(ro.xs)
-        for k in range(k_steps):
+        """Backpropagate the minibatch `idx`'s loss: the surrogate and KL of every stochastic step and, with
+        an anchor, the velocity's squared distance to the starting model's at every step; returns its
+        statistics (means over the steps each term covers)."""
+        stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0, "anchor": 0.0}
+        n_sde = len(ro.nexts)
+        steps = len(ro.xs) if self.opt.anchor else n_sde
+        for k in range(steps):
             t, tn = self.ts[k], self.ts[k + 1]
             x = ro.xs[k][idx]
             v = self.velocity(self.pipe.transformer, cond, x, t)
-            mean, std = sde_step(x, v, t, tn, self.opt.eta, t_cap=self.ts[1])
-            logp = gaussian_logprob(ro.nexts[k][idx], mean, std)
-            sur = clipped_surrogate(logp, ro.logp[k][idx], adv, self.opt.clip_range).mean()
-            loss = sur
+            v_ref = None
             if self.ref is not None:
                 with torch.no_grad():
                     v_ref = self.velocity(self.ref, cond, x, t)
-                    mean_ref, _ = sde_step(x, v_ref, t, tn, self.opt.eta, t_cap=self.ts[1])
-                kl = gaussian_kl(mean, mean_ref, std).mean()
-                loss = loss + self.opt.kl_weight * kl
-                stats["kl"] += float(kl.detach()) / k_steps
-            (loss / k_steps).backward()
-            ratio = torch.exp(logp.detach() - ro.logp[k][idx])
-            stats["surrogate"] += float(sur.detach()) / k_steps
-            stats["clipped"] += float(((ratio - 1).abs() > self.opt.clip_range).float().mean()) / k_steps
+            loss = v.new_zeros(())
+            if k < n_sde:
+                mean, std = self.step(x, v, t, tn)
+                logp = gaussian_logprob(ro.nexts[k][idx], mean, std)
+                sur = clipped_surrogate(logp, ro.logp[k][idx], adv, self.opt.clip_range).mean()
+                loss = loss + sur
+                if self.opt.kl_weight:
+                    kl = gaussian_kl(mean, self.step(x, v_ref, t, tn)[0], std).mean()
+                    loss = loss + self.opt.kl_weight * kl
+                    stats["kl"] += float(kl.detach()) / n_sde
+                ratio = torch.exp(logp.detach() - ro.logp[k][idx])
+                stats["surrogate"] += float(sur.detach()) / n_sde
+                stats["clipped"] += float(((ratio - 1).abs() > self.opt.clip_range).float().mean()) / n_sde
+            if self.opt.anchor:
+                drift = ((v.float() - v_ref.float()) ** 2).mean()
+                loss = loss + self.opt.anchor * drift
+                stats["anchor"] += float(drift.detach()) / steps
+            (loss / steps).backward()
         return stats
 
 
@@ -301,7 +334,7 @@ def _iteration(policy: _Policy, pool: PromptPool, reward: Reward, opt: GRPOOptio
     adv = group_advantages(rewards, opt.group_size, opt.advantage_clip).to(z.device)
     active = torch.nonzero(adv != 0).flatten()
     order = active[torch.randperm(active.numel(), generator=gen)]
-    stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0}
+    stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0, "anchor": 0.0}
     batches = [order[i:i + opt.minibatch] for i in range(0, order.numel(), opt.minibatch)]
     for idx in batches:
         optimizer.zero_grad(set_to_none=True)
