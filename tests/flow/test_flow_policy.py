@@ -7,13 +7,34 @@ import pytest
 import torch
 
 from rectiflow.errors import ConfigError
-from rectiflow.flow.policy import clipped_surrogate, gaussian_kl, gaussian_logprob, group_advantages, sde_step
+from rectiflow.flow.policy import (
+    clipped_surrogate,
+    cps_step,
+    gaussian_kl,
+    gaussian_logprob,
+    group_advantages,
+    policy_step,
+    sde_step,
+)
 
 
-def test_eta_zero_is_the_euler_step():
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_eta_zero_is_the_euler_step(kind):
     x, v = torch.randn(3, 5), torch.randn(3, 5)
-    mean, std = sde_step(x, v, 0.75, 0.5, eta=0.0)
-    assert std == 0.0 and torch.equal(mean, x + (0.5 - 0.75) * v)
+    mean, std = policy_step(kind, x, v, 0.75, 0.5, eta=0.0)
+    assert std == 0.0 and torch.allclose(mean, x + (0.5 - 0.75) * v, atol=1e-6)
+
+
+def test_a_cps_step_carries_exactly_the_noise_of_its_time():
+    """From x = (1 - t) x0 + t eps with the exact v = eps - x0, the CPS mean keeps (1 - t') x0 plus
+    sqrt(t'^2 - s^2) eps, and s^2 of fresh noise tops the noise up to t'^2; the last step is exact."""
+    x0, eps = torch.randn(2, 8), torch.randn(2, 8)
+    t, tn, eta = 0.75, 0.5, 0.8
+    mean, std = cps_step((1 - t) * x0 + t * eps, eps - x0, t, tn, eta)
+    assert std == pytest.approx(tn * torch.sin(torch.tensor(eta * torch.pi / 2)).item())
+    assert torch.allclose(mean, (1 - tn) * x0 + (tn ** 2 - std ** 2) ** 0.5 * eps, atol=1e-6)
+    last, s0 = cps_step((1 - t) * x0 + t * eps, eps - x0, t, 0.0, eta)
+    assert s0 == 0.0 and torch.allclose(last, x0, atol=1e-6)
 
 
 def _gaussian_data_velocity(s2: float):
@@ -27,7 +48,8 @@ def _gaussian_data_velocity(s2: float):
 @pytest.mark.parametrize("eta", [0.3, 0.7])
 def test_the_sde_keeps_the_marginals_of_the_flow(eta):
     """Integrated with the exact velocity of Gaussian data, the SDE's samples have the flow's marginal
-    variance at every time, and end on the data's (a wrong sign or factor in the drift breaks this)."""
+    variance at every time, and end on the data's (a wrong sign or factor in the drift breaks this). (CPS
+    does not: its fresh noise does not shrink with the step, so many steps of it contract the variance.)"""
     s2, steps = 0.25, 400
     v = _gaussian_data_velocity(s2)
     gen = torch.Generator().manual_seed(0)
@@ -95,3 +117,7 @@ def test_bad_steps_are_refused():
         sde_step(x, x, 0.5, 0.75, 0.7)
     with pytest.raises(ConfigError, match="eta must be >= 0"):
         sde_step(x, x, 0.75, 0.5, -1.0)
+    with pytest.raises(ConfigError, match=r"CPS noise level eta must be in \[0, 1\]"):
+        cps_step(x, x, 0.75, 0.5, 1.5)
+    with pytest.raises(ConfigError, match="unknown stochastic step 'ddim'"):
+        policy_step("ddim", x, x, 0.75, 0.5, 0.5)
