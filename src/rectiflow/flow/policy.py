@@ -23,7 +23,7 @@ so the next state has exactly the path's coefficients ((1 - t_next) on the image
 excess noise is left in the image, the last step (t_next = 0) is deterministic, and a few-step model sees
 states of the statistics its ODE gives it. eta = 0 is again the Euler step. Unlike the SDE it is a
 few-step device: its fresh noise does not shrink with the step, so with an imperfect x0^ (a posterior
-mean) many small steps of it contract the marginals (the tests show both).
+mean) many small steps of it contract the marginals.
 
 Constants from Flow-GRPO's configuration (config/base.py and config/grpo.py's geneval_sd3 in their
 repository): noise level eta 0.7, PPO clip range 1e-4, advantages clipped to [-5, 5], each reward minus its
