@@ -11,7 +11,7 @@ import torch
 
 from rectiflow.cli.main import main
 from rectiflow.convert.bundle import SamplingDefaults
-from rectiflow.errors import ConfigError
+from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.sample import Pipeline, random_bundle
 from rectiflow.tune.grpo import GRPOOptions, PromptPool, grpo
 from rectiflow.tune.rewards import reward_and_pool, shapes_reward
@@ -100,10 +100,10 @@ def test_more_stochastic_steps_than_steps_is_refused(bundle, tmp_path):
 
 
 def test_prompt_pools(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(RectiflowError, match="not found; give a text file with one prompt per line"):
         PromptPool.from_file(tmp_path / "none.txt")
     (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(ConfigError, match="has no prompts"):
+    with pytest.raises(RectiflowError, match="has no prompts"):
         PromptPool.from_file(tmp_path / "empty.txt")
     draws = POOL.draw(3000, np.random.default_rng(0))
     share_b = sum(g == "b" for g, _ in draws) / len(draws)

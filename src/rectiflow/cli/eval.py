@@ -133,19 +133,16 @@ def register(sub) -> None:
 
 
 def run_straightness(args) -> int:
-    from pathlib import Path
 
     from rectiflow.convert.bundle import default_bundle_path
-    from rectiflow.errors import RectiflowError
     from rectiflow.eval.straightness import evaluate_straightness, format_straightness, write_report
     from rectiflow.sample.pipeline import DEFAULT, Pipeline
 
     prompts = None
     if args.prompts:
-        p = Path(args.prompts)
-        if not p.is_file():
-            raise RectiflowError(f"prompt file {p} not found; give a text file with one prompt per line")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        from rectiflow.data.captions import read_prompt_file
+
+        prompts = read_prompt_file(args.prompts)
     pipe = Pipeline.from_bundle(args.model or default_bundle_path())
     report = evaluate_straightness(pipe, n=args.n, prompts=prompts, seed=args.seed, steps=args.steps,
                                    buckets=args.buckets, few_steps=args.few_steps, reference=args.reference,

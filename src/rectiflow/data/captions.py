@@ -12,6 +12,7 @@ on the order samples are read in (workers, resume) and is reproducible.
 
 from __future__ import annotations
 
+import os
 import re
 from bisect import bisect_right
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rectiflow.errors import ConfigError
+from rectiflow.errors import ConfigError, RectiflowError
 
 Captions = Mapping[str, tuple[str, ...]]
 
@@ -156,3 +157,17 @@ def add_trigger(caption: str, trigger: str) -> str:
     if trigger.lower() in caption.lower():
         return caption
     return f"{trigger}, {caption}" if caption else trigger
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped, ends stripped); a missing or empty
+    file is one line naming the problem."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise RectiflowError(f"prompt file {p} not found; give a text file with one prompt per line")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise RectiflowError(f"prompt file {p} has no prompts; write one prompt per line")
+    return prompts

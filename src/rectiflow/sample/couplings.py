@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rectiflow.data.cache_writer import autoencoder_identity
+from rectiflow.data.captions import read_prompt_file
 from rectiflow.data.couplings import (
     EMPTY_FILE,
     FORMAT,
@@ -58,12 +59,7 @@ class PromptSource:
 
     @classmethod
     def from_file(cls, path: str | Path, encoder) -> PromptSource:
-        p = Path(path)
-        if not p.is_file():
-            raise RectiflowError(f"prompt file {p} not found; give a text file with one prompt per line")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise RectiflowError(f"prompt file {p} has no prompts; write one prompt per line")
+        prompts = read_prompt_file(path)
         digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
         return cls(prompts, {"source": "file", "sha256": digest, "count": len(prompts)}, encoder=encoder)
 

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rectiflow.convert.bundle import save_bundle
+from rectiflow.data.captions import read_prompt_file
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import timestep_grid
 from rectiflow.flow.policy import (
@@ -124,13 +125,7 @@ class PromptPool:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> PromptPool:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"prompt file {p} does not exist")
-        lines = [x.strip() for x in p.read_text().splitlines() if x.strip()]
-        if not lines:
-            raise ConfigError(f"prompt file {p} has no prompts")
-        return cls({"prompts": lines})
+        return cls({"prompts": read_prompt_file(path)})
 
     def draw(self, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
         """n (group, prompt) pairs."""
