@@ -40,8 +40,8 @@ def _mean_brightness(pipe):
     return float(np.mean(brightness(None, r.images)))
 
 
-OPTS = dict(iterations=6, prompts=2, group_size=4, minibatch=8, lr=1e-2, kl_weight=0.0, clip_range=0.2,
-            checkpoint_every=3)
+OPTS = dict(iterations=6, prompts=2, group_size=4, minibatch=8, lr=1e-2, kl_weight=0.0, anchor=0.0,
+            clip_range=0.2, checkpoint_every=3)
 
 
 def test_the_reward_it_is_given_is_what_moves(bundle, tmp_path):

@@ -35,9 +35,9 @@ def register(sub) -> None:
                    help="the step's noise level (Flow-GRPO's: 0.8 for cps, 0.7 for sde)")
     s.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (1e-5)")
     s.add_argument("--kl", type=float, default=0.04, help="KL weight to the starting model (0.04)")
-    s.add_argument("--anchor", type=float, default=0.0,
+    s.add_argument("--anchor", type=float, default=1.0,
                    help="weight of the velocity's squared distance to the starting model at every rollout "
-                        "state, deterministic steps included (0)")
+                        "state, deterministic steps included (1)")
     s.add_argument("--clip-range", type=float, default=None, help="PPO clip range (Flow-GRPO's 1e-4)")
     s.add_argument("--minibatch", type=int, default=16, help="images per optimizer step (16)")
     s.add_argument("--checkpoint-every", type=int, default=10, help="rounds between saved states (10)")

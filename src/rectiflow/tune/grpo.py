@@ -77,7 +77,7 @@ class GRPOOptions:
     eta: float | None = None
     lr: float = 1e-5
     kl_weight: float = 0.04  # Flow-GRPO's beta for GenEval (their config/grpo.py)
-    anchor: float = 0.0
+    anchor: float = 1.0  # docs/tune.md: without it the deterministic steps drift and colours fail
     clip_range: float = CLIP_RANGE
     advantage_clip: float = ADVANTAGE_CLIP
     minibatch: int = 16
