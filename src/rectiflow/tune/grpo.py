@@ -143,10 +143,9 @@ class PromptPool:
 
 @dataclass
 class _Rollout:
-    xs: list[torch.Tensor]  # model-space states before each stochastic step
-    nexts: list[torch.Tensor]  # the sampled states after them
+    xs: list[torch.Tensor]  # model-space states before each step
+    nexts: list[torch.Tensor]  # the sampled states after each stochastic step
     logp: list[torch.Tensor]  # their log-likelihood under the sampling policy [N]
-    stds: list[float]
 
 
 class _Policy:
@@ -202,7 +201,7 @@ class _Policy:
         p = self.pipe
         noise = initial_noise(None, n, p.autoencoder.params.z_channels, self.lh, self.lw, gen)
         x = p.family.pack(noise.to(p.device, p.dtype))
-        ro = _Rollout([], [], [], [])
+        ro = _Rollout([], [], [])
         with torch.no_grad():
             for k in range(self.steps):
                 t, tn = self.ts[k], self.ts[k + 1]
@@ -214,7 +213,6 @@ class _Policy:
                     x = mean + std * eps
                     ro.nexts.append(x)
                     ro.logp.append(gaussian_logprob(x, mean, std))
-                    ro.stds.append(std)
                 else:
                     x = x + (tn - t) * v
         if not torch.isfinite(x).all():
@@ -310,7 +308,10 @@ def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLik
                "first_reward": history[0]["reward"], "last_reward": history[-1]["reward"],
                "source": {"name": pipe.name, "model_hash": pipe.model_hash}, "options": opt.to_dict()}
     extra = {"grpo": summary, **dict(card_extra or {})}
-    save_bundle(out / "bundle", model, pipe.autoencoder, pipe.text_encoder, pipe.defaults,
+    # the sampler it was tuned for becomes its default (e.g. 4 steps for a model shipped with 8)
+    defaults = dataclasses.replace(pipe.defaults, steps=policy.steps, shift=policy.shift,
+                                   cfg_scale=policy.cfg)
+    save_bundle(out / "bundle", model, pipe.autoencoder, pipe.text_encoder, defaults,
                 card_extra=extra, name=f"{pipe.name}-grpo", flow_path=pipe.flow_path)
     return summary
 
