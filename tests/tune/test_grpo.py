@@ -88,6 +88,9 @@ def test_a_directory_of_another_run_is_refused(bundle, tmp_path):
     ({"iterations": 0}, "iterations must be an integer >= 1"),
     ({"lr": 0.0}, "lr must be > 0"),
     ({"kl_weight": -1.0}, "kl_weight must be >= 0"),
+    ({"anchor": -1.0}, "anchor must be >= 0"),
+    ({"step": "ddim"}, "unknown stochastic step 'ddim'; choose one of cps, sde"),
+    ({"step": "cps", "eta": 1.5}, r"CPS noise level eta must be in \(0, 1\]"),
 ])
 def test_bad_options_are_one_line(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -97,6 +100,8 @@ def test_bad_options_are_one_line(kw, msg):
 def test_more_stochastic_steps_than_steps_is_refused(bundle, tmp_path):
     with pytest.raises(ConfigError, match="sde_steps=3 is more than the sampler's 2 steps"):
         grpo(Pipeline.from_bundle(bundle), POOL, brightness, tmp_path, GRPOOptions(sde_steps=3))
+    with pytest.raises(ConfigError, match="a CPS step ending at t = 0 has no noise; use at most 1"):
+        grpo(Pipeline.from_bundle(bundle), POOL, brightness, tmp_path, GRPOOptions(sde_steps=2))
 
 
 def test_prompt_pools(tmp_path):
