@@ -55,6 +55,11 @@ Contrastive flow matching (rectiflow.flow.contrastive): `contrastive_loss(per_sa
 active)` = per_sample - weight * negative on the active rows; `batch_negatives(x0, noise)` (Delta-FM's
 in-batch negatives); `differs(sample, negative)` (a negative equal to its sample is none);
 `check_contrastive(kind, weight)`.
+
+A sampler as a stochastic policy (rectiflow.flow.policy, for reward fine-tuning): `sde_step(x, v, t, t_next,
+eta, t_cap)` (Flow-GRPO's marginal-preserving SDE) and `cps_step(x, v, t, t_next, eta)` (coefficients-
+preserving) -> (mean, std) of one step, `policy_step(kind, ...)`; `gaussian_logprob`, `gaussian_kl` (means
+over elements); `group_advantages(rewards, group_size)`; `clipped_surrogate(logp, logp_old, advantages)`.
 """
 
 from rectiflow.flow.contrastive import (
@@ -89,6 +94,16 @@ from rectiflow.flow.paths import (
     training_pair,
     velocity_fn_from_model,
 )
+from rectiflow.flow.policy import (
+    STEP_KINDS,
+    clipped_surrogate,
+    cps_step,
+    gaussian_kl,
+    gaussian_logprob,
+    group_advantages,
+    policy_step,
+    sde_step,
+)
 from rectiflow.flow.schedules import (
     TimeShift,
     flux_mu,
@@ -118,6 +133,8 @@ from rectiflow.flow.timesteps import (
 )
 
 __all__ = [
+    "STEP_KINDS", "clipped_surrogate", "cps_step", "gaussian_kl", "gaussian_logprob", "group_advantages",
+    "policy_step", "sde_step",
     "CONTRASTIVE", "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path",
     "RectifiedFlow",
     "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_scale_at",
