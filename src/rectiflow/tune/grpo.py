@@ -279,7 +279,7 @@ def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLik
     meta = {"model": pipe.name, "model_hash": pipe.model_hash, "pool": pool.fingerprint(), **same}
     start, history = 0, []
     if (out / STATE).is_file():
-        state = torch.load(out / STATE, map_location=pipe.device, weights_only=False)
+        state = torch.load(out / STATE, map_location=pipe.device, weights_only=True)  # tensors and plain data
         if state["meta"] != meta:
             diff = sorted(k for k in meta if state["meta"].get(k) != meta[k])
             raise ConfigError(f"{out} holds a GRPO run with another {', '.join(diff)}; use another --out or "
