@@ -8,6 +8,7 @@ import torch
 
 from rectiflow.errors import ConfigError
 from rectiflow.flow.policy import (
+    advantage_weighted_matching,
     clipped_surrogate,
     cps_step,
     gaussian_kl,
@@ -109,6 +110,23 @@ def test_clipped_surrogate_is_reinforce_at_the_old_policy_and_stops_past_the_cli
     loss.sum().backward()
     assert torch.equal(logp2.grad, torch.zeros(2))
     assert torch.allclose(loss.detach(), -torch.tensor([1.1 * 2.0, 0.9 * -1.0]))
+
+
+def test_advantage_weighted_matching_cancels_what_a_group_shares():
+    """Within a group (advantages summing to 0) the gradient at v is sum_i A_i (v - target_i): a target every
+    sample shares drops out, and the velocity moves toward the better sample's target."""
+    g = torch.Generator().manual_seed(0)
+    shared, good, bad = (torch.randn(1, 6, generator=g) for _ in range(3))
+    adv = torch.tensor([1.0, -1.0])
+    grads = []
+    for common in (torch.zeros(1, 6), shared):
+        v = torch.zeros(2, 6, requires_grad=True)
+        advantage_weighted_matching(v, torch.cat([good, bad]) + common, adv).sum().backward()
+        grads.append(v.grad.sum(0))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)  # the shared part cancels
+    assert torch.allclose(grads[0], 2.0 / 6 * (bad - good)[0], atol=1e-6)  # descent moves v toward good - bad
+    rows = advantage_weighted_matching(torch.zeros(2, 6), torch.cat([good, bad]), adv)
+    assert torch.allclose(rows, adv * torch.cat([good, bad]).pow(2).mean(1))
 
 
 def test_bad_steps_are_refused():

@@ -9,7 +9,7 @@ from scipy import stats
 from scipy.integrate import cumulative_trapezoid
 
 from rectiflow.errors import ConfigError
-from rectiflow.flow import LOSS_WEIGHTS, SAMPLERS, loss_weight, sample_timesteps
+from rectiflow.flow import LOSS_WEIGHTS, SAMPLERS, loss_weight, sample_timesteps, timestep_grid
 from rectiflow.flow.timesteps import PDFS, f_mode
 
 CASES = [
@@ -154,3 +154,12 @@ def test_grid_sampler_draws_the_euler_start_times():
         sample_timesteps("grid", 4, g, steps=0)
     with pytest.raises(ConfigError, match="integer"):
         sample_timesteps("grid", 4, g, steps=2.5)
+
+
+def test_grid_sampler_with_a_shift_draws_the_shifted_sampler_times():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps("grid", 400, g, steps=4, shift=3.0)
+    grid = timestep_grid(4, shift=3.0)[:-1].float()  # the times `--steps 4 --shift 3` queries: 1, .9, .75, .5
+    assert torch.allclose(torch.tensor(sorted(set(t.tolist()), reverse=True)), grid)
+    with pytest.raises(ConfigError, match="alpha must be > 0"):
+        sample_timesteps("grid", 4, g, steps=4, shift=0.0)

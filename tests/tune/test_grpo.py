@@ -44,13 +44,16 @@ OPTS = dict(iterations=6, prompts=2, group_size=4, minibatch=8, lr=1e-2, kl_weig
             clip_range=0.2, checkpoint_every=3)
 
 
-def test_the_reward_it_is_given_is_what_moves(bundle, tmp_path):
-    """Tuned for brightness the ODE samples get brighter; tuned for darkness, darker (the same seeds)."""
+@pytest.mark.parametrize("objective", ["grpo", "awm"])
+def test_the_reward_it_is_given_is_what_moves(bundle, tmp_path, objective):
+    """Tuned for brightness the ODE samples get brighter; tuned for darkness, darker (the same seeds), with
+    either objective."""
     before = _mean_brightness(Pipeline.from_bundle(bundle))
     after = {}
     for name, reward in (("up", brightness), ("down", darkness)):
         pipe = Pipeline.from_bundle(bundle)
-        s = grpo(pipe, POOL, reward, tmp_path / name, GRPOOptions(**OPTS), progress=False)
+        opts = GRPOOptions(**dict(OPTS, objective=objective))
+        s = grpo(pipe, POOL, reward, tmp_path / name, opts, progress=False)
         assert s["images"] == 6 * 2 * 4
         after[name] = _mean_brightness(Pipeline.from_bundle(tmp_path / name / "bundle"))
     assert after["up"] > before + 0.01 and after["down"] < before - 0.01, (before, after)
@@ -60,15 +63,17 @@ def test_the_reward_it_is_given_is_what_moves(bundle, tmp_path):
     assert [json.loads(x)["iteration"] for x in lines] == list(range(1, 7))
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path):
+@pytest.mark.parametrize("objective", ["grpo", "awm"])
+def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path, objective):
     """3 rounds, then the same command with 6: the rounds 4-6 continue from the saved state (model,
     optimizer, history) and land where 6 rounds in one go do."""
+    opts = dict(OPTS, objective=objective)
     whole = Pipeline.from_bundle(bundle)
-    grpo(whole, POOL, brightness, tmp_path / "whole", GRPOOptions(**OPTS), progress=False)
+    grpo(whole, POOL, brightness, tmp_path / "whole", GRPOOptions(**opts), progress=False)
     grpo(Pipeline.from_bundle(bundle), POOL, brightness, tmp_path / "part",
-         GRPOOptions(**dict(OPTS, iterations=3)), progress=False)
+         GRPOOptions(**dict(opts, iterations=3)), progress=False)
     resumed = Pipeline.from_bundle(bundle)
-    grpo(resumed, POOL, brightness, tmp_path / "part", GRPOOptions(**OPTS), progress=False)
+    grpo(resumed, POOL, brightness, tmp_path / "part", GRPOOptions(**opts), progress=False)
     a, b = whole.transformer.state_dict(), resumed.transformer.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     h_whole = (tmp_path / "whole" / "history.jsonl").read_text()
@@ -90,6 +95,7 @@ def test_a_directory_of_another_run_is_refused(bundle, tmp_path):
     ({"kl_weight": -1.0}, "kl_weight must be >= 0"),
     ({"anchor": -1.0}, "anchor must be >= 0"),
     ({"step": "ddim"}, "unknown stochastic step 'ddim'; choose one of cps, sde"),
+    ({"objective": "dpo"}, "unknown objective 'dpo'; choose one of grpo, awm"),
     ({"step": "cps", "eta": 1.5}, r"CPS noise level eta must be in \(0, 1\]"),
 ])
 def test_bad_options_are_one_line(kw, msg):

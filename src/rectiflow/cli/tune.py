@@ -20,6 +20,9 @@ def register(sub) -> None:
     s.add_argument("--model", default=None, help="bundle directory (default: the bundled model)")
     s.add_argument("--reward", default="shapes", help="shapes: the shapes-world scorer on its seen prompts")
     s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--objective", default="grpo", choices=("grpo", "awm"),
+                   help="grpo: the clipped surrogate on stochastic steps (default); awm: advantage-weighted "
+                        "flow matching on the ODE's own samples")
     s.add_argument("--iterations", type=int, default=100, help="rollout + update rounds (100)")
     s.add_argument("--prompts", type=int, default=8, help="prompts per round (8)")
     s.add_argument("--group-size", type=int, default=8, help="images per prompt (8)")
@@ -52,7 +55,8 @@ def run_grpo(args) -> int:
     from rectiflow.tune.rewards import reward_and_pool
 
     given = {"eta": args.eta, "clip_range": args.clip_range}  # unset: the library's (Flow-GRPO's) values
-    options = GRPOOptions(iterations=args.iterations, prompts=args.prompts, group_size=args.group_size,
+    options = GRPOOptions(objective=args.objective, iterations=args.iterations, prompts=args.prompts,
+                          group_size=args.group_size,
                           steps=args.steps, shift=getattr(args, "shift", "default"), cfg_scale=args.cfg,
                           sde_steps=args.sde_steps, step=args.step, lr=args.lr, kl_weight=args.kl,
                           anchor=args.anchor, minibatch=args.minibatch,

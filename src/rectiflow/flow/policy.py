@@ -127,3 +127,13 @@ def clipped_surrogate(logp: Tensor, logp_old: Tensor, advantages: Tensor,
     ratio = torch.exp(logp - logp_old)
     return -torch.minimum(ratio * advantages,
                           ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * advantages)
+
+
+def advantage_weighted_matching(v: Tensor, target: Tensor, advantages: Tensor) -> Tensor:
+    """The flow-matching loss weighted by the advantage, per row: A * mean((v - target)^2), with v the model's
+    velocity at a fresh interpolant x_t = (1 - t) x0 + t eps of its own sample x0 and target eps - x0
+    (Advantage Weighted Matching, Xue et al. 2025, arXiv:2509.25050: the pretraining loss, reweighted, in
+    place of a policy gradient through sampler likelihoods). Within a group the advantages sum to zero, so
+    what every sample of the prompt shares cancels from the gradient: a sample better than its group pulls
+    the velocity toward itself, a worse one pushes it away."""
+    return advantages * ((v.float() - target.float()) ** 2).mean(_dims(v))

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from rectiflow.errors import ConfigError
+from rectiflow.flow.schedules import sd3_shift
 
 _MODE_S_MAX = 2.0 / (math.pi - 2.0)  # SD3 section 3.1: f_mode is monotone for -1 <= s <= 2/(pi - 2)
 
@@ -151,10 +152,13 @@ def cosmap_pdf(t: Tensor) -> Tensor:
     return 2.0 / (math.pi - 2.0 * math.pi * t + 2.0 * math.pi * t * t)
 
 
-def grid(n: int, *, generator: torch.Generator, device=None, dtype=torch.float32, steps: int = 4) -> Tensor:
+def grid(n: int, *, generator: torch.Generator, device=None, dtype=torch.float32, steps: int = 4,
+         shift: float = 1.0) -> Tensor:
     """t uniform on the start times of an N-step Euler sampler on the linear grid: 1, 1 - 1/N, ..., 1/N
-    (N = steps). steps = 1 gives t = 1 only: with reflow couplings the model then learns the one-step map
-    z_1 -> z_0 (the RF paper's distillation, Liu et al. 2022 sec. 2.3). A discrete law: no density."""
+    (N = steps), or on SD3's shifted grid (shift = alpha != 1, rectiflow.flow.sd3_shift: the times a model
+    sampled with `--shift alpha` is queried at). steps = 1 gives t = 1 only: with reflow couplings the model
+    then learns the one-step map z_1 -> z_0 (the RF paper's distillation, Liu et al. 2022 sec. 2.3). A
+    discrete law: no density."""
     _check_generator(generator)
     if not float(steps).is_integer() or steps < 1:  # TOML configs give floats: {steps = 1} -> 1.0
         raise ConfigError(f"grid sampling needs an integer steps >= 1, got {steps!r}")
@@ -162,7 +166,7 @@ def grid(n: int, *, generator: torch.Generator, device=None, dtype=torch.float32
     if n < 0:
         raise ConfigError(f"number of timesteps must be >= 0, got {n}")
     k = torch.randint(steps, (n,), generator=generator)
-    return _out(1.0 - k.double() / steps, device, dtype)
+    return _out(sd3_shift(1.0 - k.double() / steps, float(shift)), device, dtype)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {

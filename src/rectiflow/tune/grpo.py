@@ -41,6 +41,7 @@ from rectiflow.flow.policy import (
     CPS_ETA,
     ETA,
     STEP_KINDS,
+    advantage_weighted_matching,
     clipped_surrogate,
     gaussian_kl,
     gaussian_logprob,
@@ -53,6 +54,7 @@ __all__ = ["GRPOOptions", "PromptPool", "Reward", "grpo"]
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
+OBJECTIVES = ("grpo", "awm")
 Reward = Callable[[list[str], list], list[float]]  # (prompts, PIL images) -> one reward per image
 
 
@@ -64,9 +66,13 @@ class GRPOOptions:
     of the first steps are stochastic (None: all but the last, which ends on the image); minibatch: images
     per optimizer step; kl_weight: Flow-GRPO's KL to the starting model on the stochastic steps; anchor
     (ours): the weight of the velocity's mean squared distance to the starting model's at every state of the
-    rollout, the deterministic steps included, which nothing else ties to the starting model."""
+    rollout, the deterministic steps included, which nothing else ties to the starting model. objective:
+    "grpo" (the clipped surrogate on stochastic steps) or "awm" (advantage-weighted flow matching on the
+    ODE's own samples at the sampler's times: x_t = (1 - t) x0 + t eps with fresh eps, target eps - x0; it
+    rolls out the ODE, so sde_steps, step, eta, kl_weight and clip_range are unused)."""
 
     iterations: int = 100
+    objective: str = "grpo"
     prompts: int = 8
     group_size: int = 8
     steps: int | None = None
@@ -96,6 +102,8 @@ class GRPOOptions:
             raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.sde_steps is not None and (not isinstance(self.sde_steps, int) or self.sde_steps < 1):
             raise ConfigError(f"sde_steps must be an integer >= 1, got {self.sde_steps!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.step not in STEP_KINDS:
             raise ConfigError(f"unknown stochastic step {self.step!r}; choose one of {', '.join(STEP_KINDS)}")
         if self.eta is None:  # frozen: resolve the default once
@@ -146,6 +154,8 @@ class _Rollout:
     xs: list[torch.Tensor]  # model-space states before each step
     nexts: list[torch.Tensor]  # the sampled states after each stochastic step
     logp: list[torch.Tensor]  # their log-likelihood under the sampling policy [N]
+    final: torch.Tensor | None = None  # the model-space endpoint
+    eps: list[torch.Tensor] = dataclasses.field(default_factory=list)  # "awm": fresh noise per step
 
 
 class _Policy:
@@ -160,14 +170,16 @@ class _Policy:
         self.guidance = d.guidance
         self.lh, self.lw = d.height // pipe.downsample, d.width // pipe.downsample
         self.sde_steps = opt.sde_steps if opt.sde_steps is not None else max(1, self.steps - 1)
+        if opt.objective == "awm":
+            self.sde_steps = 0  # the ODE itself is rolled out
         if self.sde_steps > self.steps:
             raise ConfigError(f"sde_steps={self.sde_steps} is more than the sampler's {self.steps} steps")
-        if opt.step == "cps" and self.sde_steps == self.steps:
+        if opt.objective == "grpo" and opt.step == "cps" and self.sde_steps == self.steps:
             raise ConfigError(f"sde_steps={self.sde_steps}: a CPS step ending at t = 0 has no noise; use at "
                               f"most {self.steps - 1} (a one-step model needs --step sde)")
         grid = timestep_grid(self.steps, shift=self.shift, seq_len=pipe.image_tokens(self.lh, self.lw))
         self.ts = [float(t) for t in grid]
-        regularised = opt.kl_weight > 0 or opt.anchor > 0
+        regularised = (opt.kl_weight > 0 and opt.objective == "grpo") or opt.anchor > 0
         self.ref = copy.deepcopy(pipe.transformer).requires_grad_(False) if regularised else None
         self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -217,6 +229,10 @@ class _Policy:
                     x = x + (tn - t) * v
         if not torch.isfinite(x).all():
             raise RectiflowError("the rollout's latents contain inf/NaN: lower --lr or --eta")
+        ro.final = x
+        if self.opt.objective == "awm":  # drawn here, from the iteration's generator: a resume redraws them
+            ro.eps = [torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+                      for _ in range(self.steps)]
         return ro, p.family.unpack(x, self.lh, self.lw)
 
     def loss(self, ro: _Rollout, cond, idx: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
@@ -225,17 +241,25 @@ class _Policy:
         statistics (means over the steps each term covers)."""
         stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0, "anchor": 0.0}
         n_sde = len(ro.nexts)
-        steps = len(ro.xs) if self.opt.anchor else n_sde
+        awm = self.opt.objective == "awm"
+        steps = len(ro.xs) if self.opt.anchor or awm else n_sde
         for k in range(steps):
             t, tn = self.ts[k], self.ts[k + 1]
             x = ro.xs[k][idx]
+            if awm:  # a fresh point of the endpoint's straight path at time t
+                x = (1.0 - t) * ro.final[idx] + t * ro.eps[k][idx]
             v = self.velocity(self.pipe.transformer, cond, x, t)
             v_ref = None
             if self.ref is not None:
                 with torch.no_grad():
                     v_ref = self.velocity(self.ref, cond, x, t)
             loss = v.new_zeros(())
-            if k < n_sde:
+            if awm:
+                target = ro.eps[k][idx] - ro.final[idx]
+                sur = advantage_weighted_matching(v, target, adv).mean()
+                loss = loss + sur
+                stats["surrogate"] += float(sur.detach()) / steps
+            elif k < n_sde:
                 mean, std = self.step(x, v, t, tn)
                 logp = gaussian_logprob(ro.nexts[k][idx], mean, std)
                 sur = clipped_surrogate(logp, ro.logp[k][idx], adv, self.opt.clip_range).mean()
@@ -280,6 +304,7 @@ def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLik
     start, history = 0, []
     if (out / STATE).is_file():
         state = torch.load(out / STATE, map_location=pipe.device, weights_only=True)  # tensors and plain data
+        state["meta"].setdefault("objective", "grpo")  # runs from before the option were GRPO runs
         if state["meta"] != meta:
             diff = sorted(k for k in meta if state["meta"].get(k) != meta[k])
             raise ConfigError(f"{out} holds a GRPO run with another {', '.join(diff)}; use another --out or "
