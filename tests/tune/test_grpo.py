@@ -96,6 +96,8 @@ def test_a_directory_of_another_run_is_refused(bundle, tmp_path):
     ({"anchor": -1.0}, "anchor must be >= 0"),
     ({"step": "ddim"}, "unknown stochastic step 'ddim'; choose one of cps, sde"),
     ({"objective": "dpo"}, "unknown objective 'dpo'; choose one of grpo, awm"),
+    ({"objective": "awm", "sde_steps": 2}, "awm objective does not take"),
+    ({"objective": "awm", "eta": 0.5}, "awm objective does not take"),
     ({"step": "cps", "eta": 1.5}, r"CPS noise level eta must be in \(0, 1\]"),
 ])
 def test_bad_options_are_one_line(kw, msg):
@@ -147,6 +149,10 @@ def test_cli_refuses_bad_input_with_one_line(bundle, tmp_path, capsys):
     rc = main(["tune", "grpo", "--model", str(bundle), "--out", str(tmp_path), "--reward", "nope"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown reward" in err and len(err.strip().splitlines()) == 1
+    rc = main(["tune", "grpo", "--model", str(bundle), "--out", str(tmp_path), "--objective", "awm",
+               "--sde-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "awm objective does not take" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_run_past_the_asked_iterations_is_refused(bundle, tmp_path):

@@ -104,6 +104,9 @@ class GRPOOptions:
             raise ConfigError(f"sde_steps must be an integer >= 1, got {self.sde_steps!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "awm" and (self.sde_steps is not None or self.eta is not None):
+            raise ConfigError("sde_steps and eta set stochastic steps, which the awm objective does not take "
+                              "(it rolls out the ODE); drop them or use objective grpo")
         if self.step not in STEP_KINDS:
             raise ConfigError(f"unknown stochastic step {self.step!r}; choose one of {', '.join(STEP_KINDS)}")
         if self.eta is None:  # frozen: resolve the default once
