@@ -6,7 +6,8 @@ settings (steps, shift, CFG), the first `sde_steps` steps stochastic (a coeffici
 Flow-GRPO's SDE, at noise level eta) and the rest the ODE's Euler steps; the images are decoded and scored
 by `reward(prompts, images)`; advantages are group-relative; then for minibatches of the rollouts, one
 optimizer step on the clipped surrogate of every stochastic step's log-likelihood, plus kl_weight times the
-KL to the starting model.
+KL to the starting model. objective="awm" instead rolls out the ODE and trains on the advantage-weighted
+flow-matching loss of its images at the sampler's times (rectiflow.flow.policy.advantage_weighted_matching).
 
 Sampling the tuned model needs nothing new: it is the ODE (eta = 0) of the same sampler, as `rectiflow
 generate` runs it. The run resumes from OUT/state.pt (model, optimizer, iteration, history; rollouts are
@@ -239,9 +240,10 @@ class _Policy:
         return ro, p.family.unpack(x, self.lh, self.lw)
 
     def loss(self, ro: _Rollout, cond, idx: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
-        """Backpropagate the minibatch `idx`'s loss: the surrogate and KL of every stochastic step and, with
-        an anchor, the velocity's squared distance to the starting model's at every step; returns its
-        statistics (means over the steps each term covers)."""
+        """Backpropagate the minibatch `idx`'s loss: the surrogate and KL of every stochastic step (or, for
+        "awm", the advantage-weighted matching loss at every step) and, with an anchor, the velocity's
+        squared distance to the starting model's at the same points; returns its statistics (means over the
+        steps each term covers)."""
         stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0, "anchor": 0.0}
         n_sde = len(ro.nexts)
         awm = self.opt.objective == "awm"
