@@ -59,7 +59,8 @@ in-batch negatives); `differs(sample, negative)` (a negative equal to its sample
 A sampler as a stochastic policy (rectiflow.flow.policy, for reward fine-tuning): `sde_step(x, v, t, t_next,
 eta, t_cap)` (Flow-GRPO's marginal-preserving SDE) and `cps_step(x, v, t, t_next, eta)` (coefficients-
 preserving) -> (mean, std) of one step, `policy_step(kind, ...)`; `gaussian_logprob`, `gaussian_kl` (means
-over elements); `group_advantages(rewards, group_size)`; `clipped_surrogate(logp, logp_old, advantages)`.
+over elements); `group_advantages(rewards, group_size)`; `clipped_surrogate(logp, logp_old, advantages)`;
+`advantage_weighted_matching(v, target, advantages)` (the flow-matching loss weighted per row, AWM).
 """
 
 from rectiflow.flow.contrastive import (
@@ -96,6 +97,7 @@ from rectiflow.flow.paths import (
 )
 from rectiflow.flow.policy import (
     STEP_KINDS,
+    advantage_weighted_matching,
     clipped_surrogate,
     cps_step,
     gaussian_kl,
@@ -133,8 +135,8 @@ from rectiflow.flow.timesteps import (
 )
 
 __all__ = [
-    "STEP_KINDS", "clipped_surrogate", "cps_step", "gaussian_kl", "gaussian_logprob", "group_advantages",
-    "policy_step", "sde_step",
+    "STEP_KINDS", "advantage_weighted_matching", "clipped_surrogate", "cps_step", "gaussian_kl",
+    "gaussian_logprob", "group_advantages", "policy_step", "sde_step",
     "CONTRASTIVE", "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path",
     "RectifiedFlow",
     "Straightness", "TimeShift", "VCosine", "cfg_batch", "cfg_combine", "cfg_guide", "cfg_scale_at",

@@ -155,7 +155,7 @@ class PromptPool:
 
 @dataclass
 class _Rollout:
-    xs: list[torch.Tensor]  # model-space states before each step
+    xs: list[torch.Tensor]  # model-space states before each step (grpo)
     nexts: list[torch.Tensor]  # the sampled states after each stochastic step
     logp: list[torch.Tensor]  # their log-likelihood under the sampling policy [N]
     final: torch.Tensor | None = None  # the model-space endpoint
@@ -222,7 +222,8 @@ class _Policy:
             for k in range(self.steps):
                 t, tn = self.ts[k], self.ts[k + 1]
                 v = self.velocity(p.transformer, cond, x, t)
-                ro.xs.append(x)
+                if self.opt.objective == "grpo":  # awm trains at fresh interpolants, not these states
+                    ro.xs.append(x)
                 if k < self.sde_steps:
                     mean, std = self.step(x, v, t, tn)
                     eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
@@ -247,12 +248,13 @@ class _Policy:
         stats = {"surrogate": 0.0, "kl": 0.0, "clipped": 0.0, "anchor": 0.0}
         n_sde = len(ro.nexts)
         awm = self.opt.objective == "awm"
-        steps = len(ro.xs) if self.opt.anchor or awm else n_sde
+        steps = self.steps if awm else len(ro.xs) if self.opt.anchor else n_sde
         for k in range(steps):
             t, tn = self.ts[k], self.ts[k + 1]
-            x = ro.xs[k][idx]
             if awm:  # a fresh point of the endpoint's straight path at time t
                 x = (1.0 - t) * ro.final[idx] + t * ro.eps[k][idx]
+            else:
+                x = ro.xs[k][idx]
             v = self.velocity(self.pipe.transformer, cond, x, t)
             v_ref = None
             if self.ref is not None:
