@@ -13,7 +13,8 @@ from rectiflow.cli.main import main
 from rectiflow.convert.bundle import SamplingDefaults
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.sample import Pipeline, random_bundle
-from rectiflow.tune.grpo import GRPOOptions, PromptPool, grpo
+from rectiflow.tune.grpo import GRPOOptions, grpo
+from rectiflow.tune.prompts import PromptPool
 from rectiflow.tune.rewards import reward_and_pool, shapes_reward
 
 POOL = PromptPool({"a": ["a photo of a red circle", "a photo of two squares"], "b": ["a photo of a star"]})

@@ -1,5 +1,7 @@
 """`rectiflow tune grpo --model M --reward shapes --out DIR`: reward fine-tuning with Flow-GRPO
-(rectiflow.tune.grpo); rerunning the same command resumes. The tuned bundle is DIR/bundle."""
+(rectiflow.tune.grpo); `rectiflow tune dmd --model M --teacher T --out DIR`: distribution matching
+distillation into a few-step generator (rectiflow.tune.dmd). Rerunning the same command resumes; the tuned
+bundle is DIR/bundle."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from rectiflow.cli.generate import parse_shift
 
 
 def register(sub) -> None:
-    p = sub.add_parser("tune", help="fine-tune a model against a reward on its own samples (Flow-GRPO)")
+    p = sub.add_parser("tune", help="fine-tune a model on its own samples (Flow-GRPO, AWM, DMD)")
     cmd = p.add_subparsers(dest="tune_command", metavar="COMMAND", required=True)
     s = cmd.add_parser("grpo", help="Flow-GRPO: sample groups per prompt, score, reinforce the better ones",
                        description="Sample groups of images per prompt with the model's own sampler "
@@ -47,6 +49,55 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of prompts and noise (0)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_grpo)
+    _register_dmd(cmd)
+
+
+def _register_dmd(cmd) -> None:
+    s = cmd.add_parser("dmd", help="distribution matching distillation: a few-step generator of a teacher",
+                       description="Train the model into a generator whose --steps-step samples match the "
+                                   "teacher's CFG-guided distribution (Yin et al. 2024, DMD / DMD2): a fake "
+                                   "model learns the generator's distribution online and the generator "
+                                   "follows the difference of the two models' denoised estimates. Rerunning "
+                                   "the same command resumes from OUT/state.pt; the result is OUT/bundle.")
+    s.add_argument("--model", default=None, help="bundle to tune (default: the bundled model)")
+    s.add_argument("--teacher", required=True, help="teacher bundle (same autoencoder)")
+    s.add_argument("--prompts", default="shapes",
+                   help="prompt file (one per line) or shapes: the shapes benchmark's seen prompts (default)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--iterations", type=int, default=1000, help="generator updates (1000)")
+    s.add_argument("--batch", type=int, default=32, help="samples per update (32)")
+    s.add_argument("--steps", type=int, default=None, help="the generator's steps (default: the model's)")
+    s.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
+                   help="the generator's grid shift: none, flux or an SD3 alpha (default: the model's)")
+    s.add_argument("--teacher-cfg", type=float, default=3.0, help="the teacher's CFG scale (3)")
+    s.add_argument("--lr", type=float, default=1e-5, help="the generator's AdamW learning rate (1e-5)")
+    s.add_argument("--fake-lr", type=float, default=None, help="the fake model's learning rate (--lr)")
+    s.add_argument("--fake-updates", type=int, default=5,
+                   help="fake-model updates per generator update (DMD2's 5)")
+    s.add_argument("--checkpoint-every", type=int, default=50, help="iterations between saved states (50)")
+    s.add_argument("--seed", type=int, default=0, help="seed of prompts and noise (0)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_dmd)
+
+
+def run_dmd(args) -> int:
+    from rectiflow.cli.reflow import load_teacher
+    from rectiflow.tune.dmd import DMDOptions, dmd
+    from rectiflow.tune.prompts import prompt_pool
+
+    options = DMDOptions(iterations=args.iterations, batch=args.batch, steps=args.steps,
+                         shift=getattr(args, "shift", "default"), teacher_cfg=args.teacher_cfg, lr=args.lr,
+                         fake_lr=args.fake_lr, fake_updates=args.fake_updates,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+    pool = prompt_pool(args.prompts)
+    pipe = load_teacher(args.model, "cpu", with_text_encoder=True)
+    teacher = load_teacher(args.teacher, "cpu", with_text_encoder=True)
+    s = dmd(pipe, teacher, pool, args.out, options, progress=not args.no_progress,
+            card_extra={"prompts": args.prompts})
+    print(f"{s['iterations']} generator updates, {s['samples']} samples: mean gap between the teacher's and "
+          f"the generator's denoised estimates {s['first_gap']:.4f} first, {s['last_gap']:.4f} last; bundle "
+          f"{args.out}/bundle")
+    return 0
 
 
 def run_grpo(args) -> int:

@@ -61,6 +61,11 @@ eta, t_cap)` (Flow-GRPO's marginal-preserving SDE) and `cps_step(x, v, t, t_next
 preserving) -> (mean, std) of one step, `policy_step(kind, ...)`; `gaussian_logprob`, `gaussian_kl` (means
 over elements); `group_advantages(rewards, group_size)`; `clipped_surrogate(logp, logp_old, advantages)`;
 `advantage_weighted_matching(v, target, advantages)` (the flow-matching loss weighted per row, AWM).
+
+Distribution matching distillation (rectiflow.flow.distribution_matching, DMD/DMD2): `denoised(x_t, v, t)`
+(x0^ = x_t - t v), `distribution_matching_gradient(x0, x0_real, x0_fake)` (DMD's normalised score
+difference), `distribution_matching_loss(...)` (the surrogate whose gradient it is); DMD2's `T_RANGE` and
+`FAKE_UPDATES`.
 """
 
 from rectiflow.flow.contrastive import (
@@ -69,6 +74,13 @@ from rectiflow.flow.contrastive import (
     check_contrastive,
     contrastive_loss,
     differs,
+)
+from rectiflow.flow.distribution_matching import (
+    FAKE_UPDATES,
+    T_RANGE,
+    denoised,
+    distribution_matching_gradient,
+    distribution_matching_loss,
 )
 from rectiflow.flow.guidance import (
     cfg_batch,
@@ -135,6 +147,7 @@ from rectiflow.flow.timesteps import (
 )
 
 __all__ = [
+    "FAKE_UPDATES", "T_RANGE", "denoised", "distribution_matching_gradient", "distribution_matching_loss",
     "STEP_KINDS", "advantage_weighted_matching", "clipped_surrogate", "cps_step", "gaussian_kl",
     "gaussian_logprob", "group_advantages", "policy_step", "sde_step",
     "CONTRASTIVE", "EDM", "LOSSES", "LOSS_WEIGHTS", "METHODS", "PATHS", "SAMPLERS", "EpsLinear", "Path",

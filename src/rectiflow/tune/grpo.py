@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ import torch
 from tqdm.auto import tqdm
 
 from rectiflow.convert.bundle import save_bundle
-from rectiflow.data.captions import read_prompt_file
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import timestep_grid
 from rectiflow.flow.policy import (
@@ -50,8 +49,9 @@ from rectiflow.flow.policy import (
     policy_step,
 )
 from rectiflow.sample.pipeline import Pipeline, initial_noise
+from rectiflow.tune.prompts import PromptPool
 
-__all__ = ["GRPOOptions", "PromptPool", "Reward", "grpo"]
+__all__ = ["GRPOOptions", "Reward", "grpo"]
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
@@ -123,34 +123,6 @@ class GRPOOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class PromptPool:
-    """Prompts in named groups (e.g. the benchmark's tasks): a draw picks a group uniformly, then a prompt of
-    it uniformly, so a large group (390 colour-attribution prompts) does not crowd out a small one."""
-
-    def __init__(self, groups: Mapping[str, Sequence[str]]):
-        self.groups = {str(k): [str(p) for p in v] for k, v in groups.items() if len(v)}
-        if not self.groups:
-            raise ConfigError("the prompt pool is empty; give at least one prompt")
-        self.names = sorted(self.groups)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> PromptPool:
-        return cls({"prompts": read_prompt_file(path)})
-
-    def draw(self, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-        """n (group, prompt) pairs."""
-        out = []
-        for _ in range(n):
-            g = self.names[int(rng.integers(len(self.names)))]
-            out.append((g, self.groups[g][int(rng.integers(len(self.groups[g])))]))
-        return out
-
-    def fingerprint(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps(self.groups, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

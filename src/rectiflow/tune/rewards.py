@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from rectiflow.data.shapes import TASKS, prompts_for
 from rectiflow.errors import ConfigError
 from rectiflow.eval.shapes import score_image
-from rectiflow.tune.grpo import PromptPool, Reward
+from rectiflow.tune.grpo import Reward
+from rectiflow.tune.prompts import PromptPool, shapes_pool
 
-__all__ = ["REWARDS", "reward_and_pool", "shapes_pool", "shapes_reward"]
+__all__ = ["REWARDS", "reward_and_pool", "shapes_reward"]
 
 
 def shapes_reward(prompts: list[str], images: list) -> list[float]:
@@ -24,10 +24,6 @@ def shapes_reward(prompts: list[str], images: list) -> list[float]:
         s = score_image(p, np.asarray(im.convert("RGB")))
         out.append(sum(c.holds for c in s.clauses) / len(s.clauses))
     return out
-
-
-def shapes_pool() -> PromptPool:
-    return PromptPool({t: [p.text for p in prompts_for(t, "seen")] for t in TASKS})
 
 
 REWARDS = {"shapes": (shapes_reward, shapes_pool)}

@@ -1,0 +1,282 @@
+"""Distribution matching distillation: train a few-step generator whose samples match a teacher's
+distribution (rectiflow.flow.distribution_matching has the math and its sources).
+
+Three networks: the generator (the model being tuned, sampled with its own N-step Euler grid), the teacher
+(frozen; its CFG-guided velocity is the "real" score) and the fake model (initialised from the teacher and
+trained online, by the ordinary flow-matching loss, on the generator's samples: the generator's own score).
+One iteration is DMD2's two-time-scale rule: `fake_updates` updates of the fake model, each on a fresh batch
+of generator samples, then one generator update on DMD's gradient at a noised copy of a fresh batch.
+
+A multi-step generator (steps > 1) is trained as DMD2 trains theirs (backward simulation): each batch picks
+one of its steps, runs the generator's own sampler up to it without a graph, and trains the denoised estimate
+it makes there, x0^ = x - t v, toward the teacher's distribution; the last step's x0^ is the image itself.
+
+Prompts come from a PromptPool (text only: no images are needed). The generator and the teacher may have
+different text encoders (each encodes the prompts itself), but not different latent spaces. The run resumes
+from OUT/state.pt (generator, fake model, both optimizers, iteration, history; every batch is seeded by
+(seed, iteration), so a resumed run is the uninterrupted one) and exports OUT/bundle, whose default sampler is
+the generator's (its steps and shift, CFG 1: guidance is distilled into it).
+
+Why here (above train and sample): the loop samples with two bundles' pipelines and trains; like
+rectiflow.tune.grpo it fine-tunes a finished model on its own samples."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rectiflow.convert.bundle import save_bundle
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.flow import RectifiedFlow, cfg_combine, timestep_grid
+from rectiflow.flow.distribution_matching import FAKE_UPDATES, T_RANGE, denoised, distribution_matching_loss
+from rectiflow.sample.pipeline import Pipeline, initial_noise
+from rectiflow.tune.prompts import PromptPool
+
+__all__ = ["DMDOptions", "dmd"]
+
+log = logging.getLogger(__name__)
+STATE = "state.pt"
+
+
+@dataclass(frozen=True)
+class DMDOptions:
+    """iterations: generator updates; batch: samples per update (of either network); steps / shift: the
+    generator's sampler (None / "default": the model's); teacher_cfg: the CFG scale of the teacher's
+    velocity, the distribution the generator learns to draw in one forward per step; lr / fake_lr: AdamW
+    learning rates of the generator and the fake model (fake_lr None: lr); fake_updates: fake-model updates
+    per generator update (DMD2's 5); t_range: the flow times at which the distributions are compared."""
+
+    iterations: int = 1000
+    batch: int = 32
+    steps: int | None = None
+    shift: Any = "default"
+    teacher_cfg: float = 3.0  # the students' teacher_cfg elsewhere (docs/studies.md: CFG 3 is the best scale)
+    lr: float = 1e-5
+    fake_lr: float | None = None
+    fake_updates: int = FAKE_UPDATES
+    t_range: tuple[float, float] = T_RANGE
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ints = {"iterations": 1, "batch": 1, "fake_updates": 1, "checkpoint_every": 1}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.fake_lr is None:  # frozen: resolve the default once
+            object.__setattr__(self, "fake_lr", self.lr)
+        for name in ("lr", "fake_lr", "teacher_cfg", "max_grad_norm"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        lo, hi = (float(v) for v in self.t_range)
+        if not 0.0 < lo < hi < 1.0:
+            raise ConfigError(f"t_range must satisfy 0 < LO < HI < 1 (flow time), got {lo:g},{hi:g}")
+        object.__setattr__(self, "t_range", (lo, hi))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Net:
+    """One bundle's velocity in latent space [B, C, h, w], with a swappable transformer (the fake model
+    runs on the teacher's pipeline) and cached prompt embeddings."""
+
+    def __init__(self, pipe: Pipeline, lh: int, lw: int):
+        self.pipe, self.lh, self.lw = pipe, lh, lw
+        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        new = sorted({p for p in prompts if p not in self._embeds})
+        if new:
+            txt, vec = self.pipe.encode_prompts(new)
+            for i, p in enumerate(new):  # clone: inference tensors cannot be saved for backward
+                self._embeds[p] = (txt[i].clone(), vec[i].clone())
+        return (torch.stack([self._embeds[p][0] for p in prompts]),
+                torch.stack([self._embeds[p][1] for p in prompts]))
+
+    def velocity(self, transformer, prompts: list[str], z: torch.Tensor, t: torch.Tensor,
+                 cfg: float = 1.0) -> torch.Tensor:
+        """v(z, t) [B, C, h, w] for latents z and flow times t (0-d or [B]); cfg != 1: CFG against the empty
+        prompt, as two plain batches so that per-sample times stay aligned with their rows."""
+        pipe = self.pipe
+        if transformer is not pipe.transformer:
+            pipe = copy.copy(pipe)
+            pipe.transformer = transformer
+        fam, g = pipe.family, pipe.defaults.guidance
+        x = fam.pack(z.to(pipe.device, pipe.dtype))
+        t = t.to(pipe.device, torch.float32)
+        v = pipe.velocity_fn(self.embed(prompts), None, self.lh, self.lw, g)(x, t)
+        if cfg != 1.0:
+            v_u = pipe.velocity_fn(self.embed([""] * len(prompts)), None, self.lh, self.lw, g)(x, t)
+            v = cfg_combine(v, v_u, cfg)
+        return fam.unpack(v, self.lh, self.lw)
+
+
+def _check_pair(pipe: Pipeline, teacher: Pipeline) -> None:
+    for who, p in (("model", pipe), ("teacher", teacher)):
+        if not isinstance(p.flow_path, RectifiedFlow):
+            raise ConfigError(f"DMD here needs rectified-flow models; the {who} {p.name!r} is trained on "
+                              f"{type(p.flow_path).__name__}")
+    a, b = pipe.autoencoder.state_dict(), teacher.autoencoder.state_dict()
+    same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    if not same or pipe.downsample != teacher.downsample:
+        raise ConfigError(f"the teacher {teacher.name!r} has another autoencoder than the model "
+                          f"{pipe.name!r}: their latents are not one space; distil from a teacher of "
+                          "the same autoencoder")
+
+
+class _Run:
+    """The three networks and the generator's sampler."""
+
+    def __init__(self, pipe: Pipeline, teacher: Pipeline, opt: DMDOptions):
+        _check_pair(pipe, teacher)
+        d = pipe.defaults
+        self.opt = opt
+        self.steps = d.steps if opt.steps is None else opt.steps
+        self.shift = d.shift if opt.shift == "default" else opt.shift
+        lh, lw = d.height // pipe.downsample, d.width // pipe.downsample
+        self.shape = (pipe.autoencoder.params.z_channels, lh, lw)
+        self.ts = [float(t) for t in timestep_grid(self.steps, shift=self.shift,
+                                                   seq_len=pipe.image_tokens(lh, lw))]
+        self.gen, self.real = _Net(pipe, lh, lw), _Net(teacher, lh, lw)
+        self.generator = pipe.transformer
+        self.fake = copy.deepcopy(teacher.transformer)
+        teacher.transformer.requires_grad_(False).train(False)
+
+    def sample(self, prompts: list[str], gen: torch.Generator, grad: bool) -> torch.Tensor:
+        """The generator's denoised estimate x0^ [B, C, h, w] at one of its steps (drawn from gen; the last
+        step's x0^ is its image), the steps before it run without a graph (DMD2's backward simulation)."""
+        k = int(torch.randint(self.steps, (1,), generator=gen))
+        z = initial_noise(None, len(prompts), *self.shape, generator=gen)
+        with torch.no_grad():
+            for j in range(k):
+                t, tn = self.ts[j], self.ts[j + 1]
+                z = z + (tn - t) * self.gen.velocity(self.generator, prompts, z, torch.tensor(t))
+        with torch.set_grad_enabled(grad):
+            t = torch.tensor(self.ts[k])
+            return denoised(z, self.gen.velocity(self.generator, prompts, z, t), t)
+
+    def noised(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.opt.t_range
+        t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
+        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
+        tb = t.reshape(-1, 1, 1, 1).to(x0)
+        return (1 - tb) * x0 + tb * eps, t, eps
+
+    def fake_loss(self, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
+        """The fake model's flow-matching loss on a batch of the generator's samples."""
+        x0 = self.sample(prompts, gen, grad=False)
+        x_t, t, eps = self.noised(x0, gen)
+        v = self.real.velocity(self.fake, prompts, x_t, t)
+        return ((v.float() - (eps - x0).float()) ** 2).mean()
+
+    def generator_loss(self, prompts: list[str], gen: torch.Generator) -> tuple[torch.Tensor, float]:
+        """DMD's surrogate on a fresh batch, and the mean distance of the two denoised estimates."""
+        x0 = self.sample(prompts, gen, grad=True)
+        x_t, t, _ = self.noised(x0.detach(), gen)
+        with torch.no_grad():
+            x0_real = denoised(x_t, self.real.velocity(self.real.pipe.transformer, prompts, x_t, t,
+                                                       self.opt.teacher_cfg), t)
+            x0_fake = denoised(x_t, self.real.velocity(self.fake, prompts, x_t, t), t)
+        if not torch.isfinite(x0).all() or not torch.isfinite(x0_real).all():
+            raise RectiflowError("the generator's samples or the teacher's estimates contain inf/NaN: lower "
+                                 "--lr")
+        return distribution_matching_loss(x0, x0_real, x0_fake), float((x0_fake - x0_real).abs().mean())
+
+
+def _save_state(out: Path, run: _Run, optimizers, iteration: int, history: list, meta: dict) -> None:
+    tmp = out / (STATE + ".tmp")
+    torch.save({"generator": run.generator.state_dict(), "fake": run.fake.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers], "iteration": iteration,
+                "history": history, "meta": meta}, tmp)
+    os.replace(tmp, out / STATE)
+
+
+def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathLike,
+        options: DMDOptions | None = None, *, progress: bool = True,
+        card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Tune `pipe.transformer` in place into a generator of `teacher`'s CFG-guided distribution; writes
+    OUT/state.pt as it goes, OUT/history.jsonl and OUT/bundle at the end. Returns the summary."""
+    opt = options or DMDOptions()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(pipe, teacher, opt)
+    run.generator.requires_grad_(True).train(False)
+    run.fake.requires_grad_(True).train(False)
+    g_opt = torch.optim.AdamW(run.generator.parameters(), lr=opt.lr)
+    f_opt = torch.optim.AdamW(run.fake.parameters(), lr=opt.fake_lr)
+    same = {k: v for k, v in opt.to_dict().items() if k not in ("iterations", "checkpoint_every")}
+    same["t_range"] = list(same["t_range"])  # as torch.load gives it back
+    meta = {"model": pipe.name, "model_hash": pipe.model_hash, "teacher": teacher.name,
+            "teacher_hash": teacher.model_hash, "pool": pool.fingerprint(), **same}
+    start, history = 0, []
+    if (out / STATE).is_file():
+        state = torch.load(out / STATE, map_location=pipe.device, weights_only=True)
+        if state["meta"] != meta:
+            diff = sorted(k for k in meta if state["meta"].get(k) != meta[k])
+            raise ConfigError(f"{out} holds a DMD run with another {', '.join(diff)}; use another --out or "
+                              "the same arguments")
+        run.generator.load_state_dict(state["generator"])
+        run.fake.load_state_dict(state["fake"])
+        for o, s in zip((g_opt, f_opt), state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        start, history = int(state["iteration"]), list(state["history"])
+        if start > opt.iterations:
+            raise ConfigError(f"{out} is at iteration {start}, past --iterations {opt.iterations}; ask for "
+                              f"{start} or more")
+        log.info("resuming %s at iteration %d of %d", out, start, opt.iterations)
+    bar = tqdm(range(start, opt.iterations), initial=start, total=opt.iterations, desc="dmd",
+               disable=not progress)
+    for it in bar:
+        history.append(_iteration(run, pool, opt, g_opt, f_opt, it))
+        h = history[-1]
+        bar.set_postfix(dmd=f"{h['dmd']:.3f}", fake=f"{h['fake']:.3f}")
+        if (it + 1) % opt.checkpoint_every == 0 or it + 1 == opt.iterations:
+            _save_state(out, run, (g_opt, f_opt), it + 1, history, meta)
+            (out / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in history))
+    run.generator.requires_grad_(False)
+    summary = {"iterations": opt.iterations, "samples": opt.iterations * opt.batch * (1 + opt.fake_updates),
+               "first_gap": history[0]["gap"], "last_gap": history[-1]["gap"],
+               "source": {"name": pipe.name, "model_hash": pipe.model_hash},
+               "teacher": {"name": teacher.name, "model_hash": teacher.model_hash}, "options": opt.to_dict()}
+    defaults = dataclasses.replace(pipe.defaults, steps=run.steps, shift=run.shift, cfg_scale=1.0)
+    save_bundle(out / "bundle", run.generator, pipe.autoencoder, pipe.text_encoder, defaults,
+                card_extra={"dmd": summary, **dict(card_extra or {})}, name=f"{pipe.name}-dmd",
+                flow_path=pipe.flow_path)
+    return summary
+
+
+def _iteration(run: _Run, pool: PromptPool, opt: DMDOptions, g_opt, f_opt, it: int) -> dict[str, Any]:
+    rng = np.random.default_rng([opt.seed, it])
+    gen = torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
+    fake = 0.0
+    for _ in range(opt.fake_updates):
+        prompts = [p for _, p in pool.draw(opt.batch, rng)]
+        f_opt.zero_grad(set_to_none=True)
+        loss = run.fake_loss(prompts, gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.fake.parameters(), opt.max_grad_norm)
+        f_opt.step()
+        fake += float(loss.detach()) / opt.fake_updates
+    prompts = [p for _, p in pool.draw(opt.batch, rng)]
+    g_opt.zero_grad(set_to_none=True)
+    loss, gap = run.generator_loss(prompts, gen)  # the teacher and fake model run without a graph
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.generator.parameters(), opt.max_grad_norm)
+    g_opt.step()
+    return {"iteration": it + 1, "dmd": float(loss.detach()), "fake": fake, "gap": gap}

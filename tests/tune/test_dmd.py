@@ -1,0 +1,143 @@
+"""`rectiflow tune dmd`: distribution matching distillation gives a one-step generator the spread of its
+teacher's samples (where one regressed step collapses it), resumes exactly, and refuses bad input with one
+line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rectiflow.cli.main import main
+from rectiflow.convert.bundle import SamplingDefaults, save_bundle
+from rectiflow.errors import ConfigError
+from rectiflow.sample import Pipeline, random_bundle
+from rectiflow.tune.dmd import DMDOptions, dmd
+from rectiflow.tune.prompts import PromptPool
+
+PROMPT = "a photo of a star"
+POOL = PromptPool({"a": [PROMPT]})
+SEEDS = list(range(100, 164))
+DATA_MEAN, DATA_STD = 1.0, 0.5
+
+
+def _latents(bundle, steps):
+    pipe = Pipeline.from_bundle(bundle)
+    r = pipe.generate([PROMPT] * len(SEEDS), seeds=SEEDS, steps=steps, cfg_scale=1.0, progress=False)
+    return r.latents
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A micro transformer trained by flow matching on latents N(1, 0.5^2) (no images needed): its ODE draws
+    that spread, its single step from noise (the posterior mean) a much narrower one."""
+    root = tmp_path_factory.mktemp("dmd")
+    b = random_bundle(root / "random", transformer="micro", seed=3,
+                      defaults=SamplingDefaults(steps=1, width=32, height=32))
+    pipe = Pipeline.from_bundle(b)
+    c, lh, lw = pipe.autoencoder.params.z_channels, 32 // pipe.downsample, 32 // pipe.downsample
+    txt, vec = pipe.encode_prompts([PROMPT] * 32)
+    velocity = pipe.velocity_fn((txt.clone(), vec.clone()), None, lh, lw)
+    torch.manual_seed(0)
+    pipe.transformer.requires_grad_(True)
+    opt = torch.optim.Adam(pipe.transformer.parameters(), lr=2e-3)
+    for _ in range(500):
+        z0 = DATA_MEAN + DATA_STD * torch.randn(32, c, lh, lw)
+        eps, t = torch.randn_like(z0), torch.rand(32)
+        tb = t.reshape(-1, 1, 1, 1)
+        v = pipe.family.unpack(velocity(pipe.family.pack((1 - tb) * z0 + tb * eps), t), lh, lw)
+        loss = ((v - (eps - z0)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pipe.transformer.requires_grad_(False)
+    return save_bundle(root / "teacher", pipe.transformer, pipe.autoencoder, pipe.text_encoder, pipe.defaults,
+                       name="teacher")
+
+
+def test_one_step_gets_the_teachers_spread(teacher, tmp_path):
+    reference = _latents(teacher, 16)  # the teacher's own distribution
+    before = _latents(teacher, 1)
+    s = dmd(Pipeline.from_bundle(teacher), Pipeline.from_bundle(teacher), POOL, tmp_path,
+            DMDOptions(iterations=50, batch=16, steps=1, teacher_cfg=1.0, lr=2e-4, fake_lr=1e-3,
+                       fake_updates=3), progress=False)
+    after = _latents(tmp_path / "bundle", 1)
+    ref_std, b_std, a_std = (float(x.std(0).mean()) for x in (reference, before, after))
+    assert b_std < ref_std - 0.15, (b_std, ref_std)  # one regressed step is narrower than the ODE's samples
+    assert abs(a_std - ref_std) < 0.5 * abs(b_std - ref_std), (b_std, a_std, ref_std)
+    assert abs(float(after.mean()) - float(reference.mean())) < 0.1
+    card = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    assert card["dmd"]["options"]["lr"] == 2e-4 and card["defaults"]["steps"] == 1
+    assert card["defaults"]["cfg_scale"] == 1.0 and s["samples"] == 50 * 16 * 4
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == list(range(1, 51))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return random_bundle(tmp_path_factory.mktemp("dmd-random") / "b", transformer="micro", seed=3,
+                         defaults=SamplingDefaults(steps=2, width=32, height=32))
+
+
+OPTS = dict(iterations=4, batch=4, fake_updates=2, lr=1e-3, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path, steps):
+    whole = Pipeline.from_bundle(bundle)
+    dmd(whole, Pipeline.from_bundle(bundle), POOL, tmp_path / "whole", DMDOptions(**OPTS, steps=steps),
+        progress=False)
+    dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "part",
+        DMDOptions(**dict(OPTS, iterations=2), steps=steps), progress=False)
+    resumed = Pipeline.from_bundle(bundle)
+    dmd(resumed, Pipeline.from_bundle(bundle), POOL, tmp_path / "part", DMDOptions(**OPTS, steps=steps),
+        progress=False)
+    a, b = whole.transformer.state_dict(), resumed.transformer.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    history = [(tmp_path / run / "history.jsonl").read_text() for run in ("part", "whole")]
+    assert history[0] == history[1]
+
+
+def test_a_directory_of_another_run_is_refused(bundle, tmp_path):
+    dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path,
+        DMDOptions(**dict(OPTS, iterations=1)), progress=False)
+    with pytest.raises(ConfigError, match="holds a DMD run with another batch; use another --out"):
+        dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path,
+            DMDOptions(**dict(OPTS, iterations=1, batch=2)), progress=False)
+
+
+def test_a_teacher_of_another_autoencoder_is_refused(bundle, tmp_path):
+    other = random_bundle(tmp_path / "other", transformer="micro", seed=4,
+                          defaults=SamplingDefaults(steps=2, width=32, height=32))
+    with pytest.raises(ConfigError, match="has another autoencoder than the model"):
+        dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(other), POOL, tmp_path / "o",
+            DMDOptions(**OPTS), progress=False)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"iterations": 0}, "iterations must be an integer >= 1"),
+    ({"batch": 0}, "batch must be an integer >= 1"),
+    ({"fake_updates": 0}, "fake_updates must be an integer >= 1"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"fake_lr": -1.0}, "fake_lr must be > 0"),
+    ({"teacher_cfg": 0.0}, "teacher_cfg must be > 0"),
+    ({"t_range": (0.0, 0.5)}, "t_range must satisfy 0 < LO < HI < 1"),
+])
+def test_bad_options_are_one_line(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        DMDOptions(**kw)
+
+
+def test_cli_runs_and_refuses_a_missing_prompt_file(bundle, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["tune", "dmd", "--model", str(bundle), "--teacher", str(bundle), "--prompts", "shapes",
+               "--out", str(out), "--iterations", "1", "--batch", "2", "--fake-updates", "1",
+               "--no-progress"])
+    assert rc == 0 and (out / "bundle" / "model.json").is_file()
+    assert "1 generator updates, 4 samples" in capsys.readouterr().out
+    rc = main(["tune", "dmd", "--model", str(bundle), "--teacher", str(bundle), "--prompts",
+               str(tmp_path / "none.txt"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "is neither a prompt file nor a named pool (shapes)" in err[0]
