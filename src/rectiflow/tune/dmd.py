@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -41,12 +40,12 @@ from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import RectifiedFlow, cfg_combine, timestep_grid
 from rectiflow.flow.distribution_matching import FAKE_UPDATES, T_RANGE, denoised, distribution_matching_loss
 from rectiflow.sample.pipeline import Pipeline, initial_noise
-from rectiflow.tune.prompts import PromptPool
+from rectiflow.tune.prompts import PromptEmbeddings, PromptPool
+from rectiflow.tune.run_state import load_run_state, save_run_state
 
 __all__ = ["DMDOptions", "dmd"]
 
 log = logging.getLogger(__name__)
-STATE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -98,16 +97,7 @@ class _Net:
 
     def __init__(self, pipe: Pipeline, lh: int, lw: int):
         self.pipe, self.lh, self.lw = pipe, lh, lw
-        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        new = sorted({p for p in prompts if p not in self._embeds})
-        if new:
-            txt, vec = self.pipe.encode_prompts(new)
-            for i, p in enumerate(new):  # clone: inference tensors cannot be saved for backward
-                self._embeds[p] = (txt[i].clone(), vec[i].clone())
-        return (torch.stack([self._embeds[p][0] for p in prompts]),
-                torch.stack([self._embeds[p][1] for p in prompts]))
+        self.embed = PromptEmbeddings(pipe)
 
     def velocity(self, transformer, prompts: list[str], z: torch.Tensor, t: torch.Tensor,
                  cfg: float = 1.0) -> torch.Tensor:
@@ -199,14 +189,6 @@ class _Run:
         return distribution_matching_loss(x0, x0_real, x0_fake), float((x0_fake - x0_real).abs().mean())
 
 
-def _save_state(out: Path, run: _Run, optimizers, iteration: int, history: list, meta: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    torch.save({"generator": run.generator.state_dict(), "fake": run.fake.state_dict(),
-                "optimizers": [o.state_dict() for o in optimizers], "iteration": iteration,
-                "history": history, "meta": meta}, tmp)
-    os.replace(tmp, out / STATE)
-
-
 def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathLike,
         options: DMDOptions | None = None, *, progress: bool = True,
         card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -225,20 +207,13 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
     meta = {"model": pipe.name, "model_hash": pipe.model_hash, "teacher": teacher.name,
             "teacher_hash": teacher.model_hash, "pool": pool.fingerprint(), **same}
     start, history = 0, []
-    if (out / STATE).is_file():
-        state = torch.load(out / STATE, map_location=pipe.device, weights_only=True)
-        if state["meta"] != meta:
-            diff = sorted(k for k in meta if state["meta"].get(k) != meta[k])
-            raise ConfigError(f"{out} holds a DMD run with another {', '.join(diff)}; use another --out or "
-                              "the same arguments")
+    state = load_run_state(out, meta, "DMD", opt.iterations, pipe.device)
+    if state is not None:
         run.generator.load_state_dict(state["generator"])
         run.fake.load_state_dict(state["fake"])
-        for o, s in zip((g_opt, f_opt), state["optimizers"], strict=True):
-            o.load_state_dict(s)
+        for o, saved in zip((g_opt, f_opt), state["optimizers"], strict=True):
+            o.load_state_dict(saved)
         start, history = int(state["iteration"]), list(state["history"])
-        if start > opt.iterations:
-            raise ConfigError(f"{out} is at iteration {start}, past --iterations {opt.iterations}; ask for "
-                              f"{start} or more")
         log.info("resuming %s at iteration %d of %d", out, start, opt.iterations)
     bar = tqdm(range(start, opt.iterations), initial=start, total=opt.iterations, desc="dmd",
                disable=not progress)
@@ -247,8 +222,9 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
         h = history[-1]
         bar.set_postfix(dmd=f"{h['dmd']:.3f}", fake=f"{h['fake']:.3f}")
         if (it + 1) % opt.checkpoint_every == 0 or it + 1 == opt.iterations:
-            _save_state(out, run, (g_opt, f_opt), it + 1, history, meta)
-            (out / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in history))
+            save_run_state(out, {"generator": run.generator.state_dict(), "fake": run.fake.state_dict(),
+                                 "optimizers": [g_opt.state_dict(), f_opt.state_dict()], "iteration": it + 1,
+                                 "history": history, "meta": meta})
     run.generator.requires_grad_(False)
     summary = {"iterations": opt.iterations, "samples": opt.iterations * opt.batch * (1 + opt.fake_updates),
                "first_gap": history[0]["gap"], "last_gap": history[-1]["gap"],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -49,12 +48,12 @@ from rectiflow.flow.policy import (
     policy_step,
 )
 from rectiflow.sample.pipeline import Pipeline, initial_noise
-from rectiflow.tune.prompts import PromptPool
+from rectiflow.tune.prompts import PromptEmbeddings, PromptPool
+from rectiflow.tune.run_state import load_run_state, save_run_state
 
 __all__ = ["GRPOOptions", "Reward", "grpo"]
 
 log = logging.getLogger(__name__)
-STATE = "state.pt"
 OBJECTIVES = ("grpo", "awm")
 Reward = Callable[[list[str], list], list[float]]  # (prompts, PIL images) -> one reward per image
 
@@ -157,19 +156,10 @@ class _Policy:
         self.ts = [float(t) for t in grid]
         regularised = (opt.kl_weight > 0 and opt.objective == "grpo") or opt.anchor > 0
         self.ref = copy.deepcopy(pipe.transformer).requires_grad_(False) if regularised else None
-        self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.embed = PromptEmbeddings(pipe)
 
     def step(self, x: torch.Tensor, v: torch.Tensor, t: float, tn: float) -> tuple[torch.Tensor, float]:
         return policy_step(self.opt.step, x, v, t, tn, self.opt.eta, t_cap=self.ts[1])
-
-    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        new = sorted({p for p in prompts if p not in self._embeds})
-        if new:
-            txt, vec = self.pipe.encode_prompts(new)
-            for i, p in enumerate(new):  # clone: inference tensors cannot be saved for backward
-                self._embeds[p] = (txt[i].clone(), vec[i].clone())
-        return (torch.stack([self._embeds[p][0] for p in prompts]),
-                torch.stack([self._embeds[p][1] for p in prompts]))
 
     def velocity(self, transformer, cond, x: torch.Tensor, t: float) -> torch.Tensor:
         uncond = None
@@ -258,13 +248,6 @@ class _Policy:
         return stats
 
 
-def _save_state(out: Path, model, optimizer, iteration: int, history: list, meta: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                "history": history, "meta": meta}, tmp)
-    os.replace(tmp, out / STATE)
-
-
 def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLike,
          options: GRPOOptions | None = None, *, progress: bool = True,
          card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -281,19 +264,12 @@ def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLik
     same = {k: v for k, v in opt.to_dict().items() if k not in ("iterations", "checkpoint_every")}
     meta = {"model": pipe.name, "model_hash": pipe.model_hash, "pool": pool.fingerprint(), **same}
     start, history = 0, []
-    if (out / STATE).is_file():
-        state = torch.load(out / STATE, map_location=pipe.device, weights_only=True)  # tensors and plain data
-        state["meta"].setdefault("objective", "grpo")  # runs from before the option were GRPO runs
-        if state["meta"] != meta:
-            diff = sorted(k for k in meta if state["meta"].get(k) != meta[k])
-            raise ConfigError(f"{out} holds a GRPO run with another {', '.join(diff)}; use another --out or "
-                              "the same arguments")
+    state = load_run_state(out, meta, "GRPO", opt.iterations, pipe.device,
+                           meta_defaults={"objective": "grpo"})  # runs from before the option were GRPO runs
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["iteration"]), list(state["history"])
-        if start > opt.iterations:
-            raise ConfigError(f"{out} is at iteration {start}, past --iterations {opt.iterations}; ask for "
-                              f"{start} or more")
         log.info("resuming %s at iteration %d of %d", out, start, opt.iterations)
     bar = tqdm(range(start, opt.iterations), initial=start, total=opt.iterations, desc="grpo",
                disable=not progress)
@@ -302,8 +278,8 @@ def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLik
         h = history[-1]
         bar.set_postfix(reward=f"{h['reward']:.3f}", kl=f"{h['kl']:.2e}")
         if (it + 1) % opt.checkpoint_every == 0 or it + 1 == opt.iterations:
-            _save_state(out, model, optimizer, it + 1, history, meta)
-            (out / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in history))
+            save_run_state(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "iteration": it + 1, "history": history, "meta": meta})
             recent = history[-opt.checkpoint_every:]
             log.info("iteration %d/%d: mean reward %.3f over the last %d rounds, KL %.2e", it + 1,
                      opt.iterations, sum(x["reward"] for x in recent) / len(recent), len(recent), h["kl"])

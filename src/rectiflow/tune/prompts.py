@@ -10,12 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rectiflow.data.captions import read_prompt_file
 from rectiflow.data.shapes import TASKS, prompts_for
 from rectiflow.errors import ConfigError
 
-__all__ = ["POOLS", "PromptPool", "prompt_pool", "shapes_pool"]
+__all__ = ["POOLS", "PromptEmbeddings", "PromptPool", "prompt_pool", "shapes_pool"]
 
 
 class PromptPool:
@@ -61,3 +62,21 @@ def prompt_pool(spec: str) -> PromptPool:
         raise ConfigError(f"--prompts {spec!r} is neither a prompt file nor a named pool "
                           f"({', '.join(POOLS)})")
     return PromptPool.from_file(spec)
+
+
+class PromptEmbeddings:
+    """A pipeline's text embeddings of prompts, each encoded once per run."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(txt [B, L, D], vec [B, Dv]) for the prompts in order."""
+        new = sorted({p for p in prompts if p not in self._cache})
+        if new:
+            txt, vec = self.pipe.encode_prompts(new)
+            for i, p in enumerate(new):  # clone: inference tensors cannot be saved for backward
+                self._cache[p] = (txt[i].clone(), vec[i].clone())
+        return (torch.stack([self._cache[p][0] for p in prompts]),
+                torch.stack([self._cache[p][1] for p in prompts]))
