@@ -141,3 +141,48 @@ def test_cli_runs_and_refuses_a_missing_prompt_file(bundle, tmp_path, capsys):
                str(tmp_path / "none.txt"), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "is neither a prompt file nor a named pool (shapes)" in err[0]
+
+
+def _couplings(bundle, tmp_path, n=16, size=None):
+    from rectiflow.data.couplings import CouplingsDataset
+    from rectiflow.sample.couplings import PromptSource, make_couplings
+
+    pipe = Pipeline.from_bundle(bundle)
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
+    source = PromptSource.from_file(tmp_path / "prompts.txt", pipe.text_encoder)
+    make_couplings(pipe, source, tmp_path / "pairs", n, steps=8, batch_size=8, width=size, height=size,
+                   progress=False)
+    return CouplingsDataset(tmp_path / "pairs")
+
+
+def test_the_regression_loss_pulls_the_first_step_onto_the_couplings(teacher, tmp_path):
+    """With a large regression weight (DMD1's term dominating), the one-step estimate from the couplings'
+    noise moves toward the teacher's 8-step endpoints of that noise."""
+    pairs = _couplings(teacher, tmp_path)
+    pipe = Pipeline.from_bundle(teacher)
+
+    def distance(p):
+        """Mean squared distance of the one-step samples from the couplings' noise to their endpoints."""
+        lh, lw = pairs.z0.shape[-2:]
+        velocity = p.velocity_fn(p.encode_prompts([PROMPT] * len(pairs)), None, lh, lw)
+        x0 = pairs.noise - p.family.unpack(velocity(p.family.pack(pairs.noise), torch.tensor(1.0)), lh, lw)
+        return float(((x0 - pairs.z0) ** 2).mean())
+
+    before = distance(pipe)
+    dmd(pipe, Pipeline.from_bundle(teacher), POOL, tmp_path / "run", DMDOptions(
+        iterations=20, batch=8, steps=1, teacher_cfg=1.0, lr=1e-3, fake_updates=1, regression=100.0),
+        couplings=pairs, progress=False)
+    after = distance(Pipeline.from_bundle(tmp_path / "run" / "bundle"))
+    assert after < 0.5 * before, (before, after)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert lines[-1]["regression"] < lines[0]["regression"]
+
+
+def test_regression_without_couplings_and_couplings_of_another_size_are_refused(bundle, tmp_path):
+    with pytest.raises(ConfigError, match="the regression loss needs couplings"):
+        dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "a",
+            DMDOptions(**OPTS, regression=1.0), progress=False)
+    pairs = _couplings(bundle, tmp_path, n=2, size=64)
+    with pytest.raises(ConfigError, match=r"the couplings' latents are \(\d+, 8, 8\), the model samples"):
+        dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "b",
+            DMDOptions(**OPTS, regression=1.0), couplings=pairs, progress=False)

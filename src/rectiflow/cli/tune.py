@@ -74,6 +74,10 @@ def _register_dmd(cmd) -> None:
     s.add_argument("--fake-lr", type=float, default=None, help="the fake model's learning rate (--lr)")
     s.add_argument("--fake-updates", type=int, default=5,
                    help="fake-model updates per generator update (DMD2's 5)")
+    s.add_argument("--couplings", default=None,
+                   help="couplings of the teacher (`rectiflow reflow pairs`) for the regression loss")
+    s.add_argument("--regression", type=float, default=0.0,
+                   help="weight of DMD's regression of the first step onto the couplings' endpoints (0: off)")
     s.add_argument("--checkpoint-every", type=int, default=50, help="iterations between saved states (50)")
     s.add_argument("--seed", type=int, default=0, help="seed of prompts and noise (0)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,12 +91,17 @@ def run_dmd(args) -> int:
 
     options = DMDOptions(iterations=args.iterations, batch=args.batch, steps=args.steps,
                          shift=getattr(args, "shift", "default"), teacher_cfg=args.teacher_cfg, lr=args.lr,
-                         fake_lr=args.fake_lr, fake_updates=args.fake_updates,
+                         fake_lr=args.fake_lr, fake_updates=args.fake_updates, regression=args.regression,
                          checkpoint_every=args.checkpoint_every, seed=args.seed)
+    couplings = None
+    if args.couplings is not None:
+        from rectiflow.data.couplings import CouplingsDataset
+
+        couplings = CouplingsDataset(args.couplings)
     pool = prompt_pool(args.prompts)
     pipe = load_teacher(args.model, "cpu", with_text_encoder=True)
     teacher = load_teacher(args.teacher, "cpu", with_text_encoder=True)
-    s = dmd(pipe, teacher, pool, args.out, options, progress=not args.no_progress,
+    s = dmd(pipe, teacher, pool, args.out, options, couplings=couplings, progress=not args.no_progress,
             card_extra={"prompts": args.prompts})
     print(f"{s['iterations']} generator updates, {s['samples']} samples: mean gap between the teacher's and "
           f"the generator's denoised estimates {s['first_gap']:.4f} first, {s['last_gap']:.4f} last; bundle "

@@ -54,7 +54,10 @@ class DMDOptions:
     generator's sampler (None / "default": the model's); teacher_cfg: the CFG scale of the teacher's
     velocity, the distribution the generator learns to draw in one forward per step; lr / fake_lr: AdamW
     learning rates of the generator and the fake model (fake_lr None: lr); fake_updates: fake-model updates
-    per generator update (DMD2's 5); t_range: the flow times at which the distributions are compared."""
+    per generator update (DMD2's 5); t_range: the flow times at which the distributions are compared;
+    regression: the weight of DMD's regression loss (DMD1; 0: off, DMD2's choice), the mean squared latent
+    distance of the generator's first-step estimate from a coupling's noise to the teacher's ODE endpoint of
+    that noise (couplings from `rectiflow reflow pairs`)."""
 
     iterations: int = 1000
     batch: int = 32
@@ -65,6 +68,7 @@ class DMDOptions:
     fake_lr: float | None = None
     fake_updates: int = FAKE_UPDATES
     t_range: tuple[float, float] = T_RANGE
+    regression: float = 0.0
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
@@ -82,6 +86,8 @@ class DMDOptions:
         for name in ("lr", "fake_lr", "teacher_cfg", "max_grad_norm"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not float(self.regression) >= 0:
+            raise ConfigError(f"regression must be >= 0, got {self.regression!r}")
         lo, hi = (float(v) for v in self.t_range)
         if not 0.0 < lo < hi < 1.0:
             raise ConfigError(f"t_range must satisfy 0 < LO < HI < 1 (flow time), got {lo:g},{hi:g}")
@@ -133,7 +139,7 @@ def _check_pair(pipe: Pipeline, teacher: Pipeline) -> None:
 class _Run:
     """The three networks and the generator's sampler."""
 
-    def __init__(self, pipe: Pipeline, teacher: Pipeline, opt: DMDOptions):
+    def __init__(self, pipe: Pipeline, teacher: Pipeline, opt: DMDOptions, couplings=None):
         _check_pair(pipe, teacher)
         d = pipe.defaults
         self.opt = opt
@@ -147,6 +153,15 @@ class _Run:
         self.generator = pipe.transformer
         self.fake = copy.deepcopy(teacher.transformer)
         teacher.transformer.requires_grad_(False).train(False)
+        self.couplings = couplings
+        if opt.regression > 0 and couplings is None:
+            raise ConfigError("the regression loss needs couplings (--couplings DIR from `rectiflow reflow "
+                              "pairs` with the teacher); give them or set --regression 0")
+        if couplings is not None:
+            couplings.require_compatible(pipe.autoencoder)
+            if tuple(couplings.z0.shape[1:]) != self.shape:
+                raise ConfigError(f"the couplings' latents are {tuple(couplings.z0.shape[1:])}, the model "
+                                  f"samples {self.shape} at its {d.width}x{d.height} default size")
 
     def sample(self, prompts: list[str], gen: torch.Generator, grad: bool) -> torch.Tensor:
         """The generator's denoised estimate x0^ [B, C, h, w] at one of its steps (drawn from gen; the last
@@ -175,6 +190,15 @@ class _Run:
         v = self.real.velocity(self.fake, prompts, x_t, t)
         return ((v.float() - (eps - x0).float()) ** 2).mean()
 
+    def regression_loss(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        """DMD1's regression: the first step's estimate from n couplings' noise against their endpoints."""
+        c = self.couplings
+        idx = torch.randint(len(c), (n,), generator=gen).tolist()
+        noise, z0 = c.noise[idx], c.z0[idx]
+        t = torch.tensor(self.ts[0])
+        x0 = denoised(noise, self.gen.velocity(self.generator, [c.prompts[i] for i in idx], noise, t), t)
+        return ((x0.float() - z0.float()) ** 2).mean()
+
     def generator_loss(self, prompts: list[str], gen: torch.Generator) -> tuple[torch.Tensor, float]:
         """DMD's surrogate on a fresh batch, and the mean distance of the two denoised estimates."""
         x0 = self.sample(prompts, gen, grad=True)
@@ -190,14 +214,15 @@ class _Run:
 
 
 def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathLike,
-        options: DMDOptions | None = None, *, progress: bool = True,
+        options: DMDOptions | None = None, *, couplings=None, progress: bool = True,
         card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Tune `pipe.transformer` in place into a generator of `teacher`'s CFG-guided distribution; writes
-    OUT/state.pt as it goes, OUT/history.jsonl and OUT/bundle at the end. Returns the summary."""
+    OUT/state.pt as it goes, OUT/history.jsonl and OUT/bundle at the end. Returns the summary.
+    couplings (rectiflow.data.couplings.CouplingsDataset): the regression loss's pairs."""
     opt = options or DMDOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(pipe, teacher, opt)
+    run = _Run(pipe, teacher, opt, couplings)
     run.generator.requires_grad_(True).train(False)
     run.fake.requires_grad_(True).train(False)
     g_opt = torch.optim.AdamW(run.generator.parameters(), lr=opt.lr)
@@ -205,7 +230,8 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
     same = {k: v for k, v in opt.to_dict().items() if k not in ("iterations", "checkpoint_every")}
     same["t_range"] = list(same["t_range"])  # as torch.load gives it back
     meta = {"model": pipe.name, "model_hash": pipe.model_hash, "teacher": teacher.name,
-            "teacher_hash": teacher.model_hash, "pool": pool.fingerprint(), **same}
+            "teacher_hash": teacher.model_hash, "pool": pool.fingerprint(),
+            "couplings": None if couplings is None else str(couplings.path), **same}
     start, history = 0, []
     state = load_run_state(out, meta, "DMD", opt.iterations, pipe.device)
     if state is not None:
@@ -252,7 +278,12 @@ def _iteration(run: _Run, pool: PromptPool, opt: DMDOptions, g_opt, f_opt, it: i
     prompts = [p for _, p in pool.draw(opt.batch, rng)]
     g_opt.zero_grad(set_to_none=True)
     loss, gap = run.generator_loss(prompts, gen)  # the teacher and fake model run without a graph
+    stats = {"dmd": float(loss.detach())}
+    if opt.regression > 0:
+        reg = run.regression_loss(gen, opt.batch)
+        loss = loss + opt.regression * reg
+        stats["regression"] = float(reg.detach())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.generator.parameters(), opt.max_grad_norm)
     g_opt.step()
-    return {"iteration": it + 1, "dmd": float(loss.detach()), "fake": fake, "gap": gap}
+    return {"iteration": it + 1, **stats, "fake": fake, "gap": gap}
