@@ -107,6 +107,12 @@ def test_a_directory_of_another_run_is_refused(bundle, tmp_path):
             DMDOptions(**dict(OPTS, iterations=1, batch=2)), progress=False)
 
 
+def test_one_network_as_model_and_teacher_is_refused(bundle, tmp_path):
+    pipe = Pipeline.from_bundle(bundle)
+    with pytest.raises(ConfigError, match="the model and the teacher are one network"):
+        dmd(pipe, pipe, POOL, tmp_path, DMDOptions(**OPTS), progress=False)
+
+
 def test_a_teacher_of_another_autoencoder_is_refused(bundle, tmp_path):
     other = random_bundle(tmp_path / "other", transformer="micro", seed=4,
                           defaults=SamplingDefaults(steps=2, width=32, height=32))

@@ -124,6 +124,9 @@ class _Net:
 
 
 def _check_pair(pipe: Pipeline, teacher: Pipeline) -> None:
+    if pipe.transformer is teacher.transformer:
+        raise ConfigError("the model and the teacher are one network; load the teacher separately (it stays "
+                          "frozen while the model trains)")
     for who, p in (("model", pipe), ("teacher", teacher)):
         if not isinstance(p.flow_path, RectifiedFlow):
             raise ConfigError(f"DMD here needs rectified-flow models; the {who} {p.name!r} is trained on "
@@ -176,7 +179,8 @@ class _Run:
             t = torch.tensor(self.ts[k])
             return denoised(z, self.gen.velocity(self.generator, prompts, z, t), t)
 
-    def noised(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def noised(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(x_t, t [B], eps): each sample on its straight path at a time uniform in t_range."""
         lo, hi = self.opt.t_range
         t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
