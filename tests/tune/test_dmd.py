@@ -188,6 +188,7 @@ def test_regression_without_couplings_and_couplings_of_another_size_are_refused(
     with pytest.raises(ConfigError, match="the regression loss needs couplings"):
         dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "a",
             DMDOptions(**OPTS, regression=1.0), progress=False)
+    assert not (tmp_path / "a").exists()  # a refused run leaves nothing behind
     pairs = _couplings(bundle, tmp_path, n=2, size=64)
     with pytest.raises(ConfigError, match=r"the couplings' latents are \(\d+, 8, 8\), the model samples"):
         dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "b",

@@ -225,8 +225,8 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
     couplings (rectiflow.data.couplings.CouplingsDataset): the regression loss's pairs."""
     opt = options or DMDOptions()
     out = Path(out)
+    run = _Run(pipe, teacher, opt, couplings)  # checks first: a refused run leaves no directory
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(pipe, teacher, opt, couplings)
     run.generator.requires_grad_(True).train(False)
     run.fake.requires_grad_(True).train(False)
     g_opt = torch.optim.AdamW(run.generator.parameters(), lr=opt.lr)

@@ -255,8 +255,8 @@ def grpo(pipe: Pipeline, pool: PromptPool, reward: Reward, out: str | os.PathLik
     OUT/history.jsonl (one line per iteration) and OUT/bundle at the end. Returns the summary."""
     opt = options or GRPOOptions()
     out = Path(out)
+    policy = _Policy(pipe, opt)  # checks first: a refused run leaves no directory
     out.mkdir(parents=True, exist_ok=True)
-    policy = _Policy(pipe, opt)
     model = pipe.transformer
     model.requires_grad_(True).train(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=1e-4)  # Flow-GRPO's decay
