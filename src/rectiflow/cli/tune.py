@@ -70,8 +70,8 @@ def _register_dmd(cmd) -> None:
     s.add_argument("--shift", type=parse_shift, default=argparse.SUPPRESS,
                    help="the generator's grid shift: none, flux or an SD3 alpha (default: the model's)")
     s.add_argument("--teacher-cfg", type=float, default=3.0, help="the teacher's CFG scale (3)")
-    s.add_argument("--lr", type=float, default=1e-5, help="the generator's AdamW learning rate (1e-5)")
-    s.add_argument("--fake-lr", type=float, default=None, help="the fake model's learning rate (--lr)")
+    s.add_argument("--lr", type=float, default=5e-5, help="the generator's AdamW learning rate (5e-5)")
+    s.add_argument("--fake-lr", type=float, default=1e-4, help="the fake model's learning rate (1e-4)")
     s.add_argument("--fake-updates", type=int, default=5,
                    help="fake-model updates per generator update (DMD2's 5)")
     s.add_argument("--couplings", default=None,

@@ -64,8 +64,8 @@ class DMDOptions:
     steps: int | None = None
     shift: Any = "default"
     teacher_cfg: float = 3.0  # the students' teacher_cfg elsewhere (docs/studies.md: CFG 3 is the best scale)
-    lr: float = 1e-5
-    fake_lr: float | None = None
+    lr: float = 5e-5  # docs/reflow.md, runs A-F: 2e-5 to 1.5e-4 land alike; 5e-5 / 1e-4 are runs B and C
+    fake_lr: float | None = 1e-4
     fake_updates: int = FAKE_UPDATES
     t_range: tuple[float, float] = T_RANGE
     regression: float = 0.0
