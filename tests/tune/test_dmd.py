@@ -60,15 +60,15 @@ def test_one_step_gets_the_teachers_spread(teacher, tmp_path):
     reference = _latents(teacher, 16)  # the teacher's own distribution
     before = _latents(teacher, 1)
     s = dmd(Pipeline.from_bundle(teacher), Pipeline.from_bundle(teacher), POOL, tmp_path,
-            DMDOptions(iterations=50, batch=16, steps=1, teacher_cfg=1.0, lr=2e-4, fake_lr=1e-3,
+            DMDOptions(iterations=50, batch=16, steps=1, teacher_cfg=1.0, lr=1.5e-4, fake_lr=1e-3,
                        fake_updates=3), progress=False)
     after = _latents(tmp_path / "bundle", 1)
     ref_std, b_std, a_std = (float(x.std(0).mean()) for x in (reference, before, after))
     assert b_std < ref_std - 0.15, (b_std, ref_std)  # one regressed step is narrower than the ODE's samples
-    assert abs(a_std - ref_std) < 0.5 * abs(b_std - ref_std), (b_std, a_std, ref_std)
+    assert abs(a_std - ref_std) < 0.3 * abs(b_std - ref_std), (b_std, a_std, ref_std)
     assert abs(float(after.mean()) - float(reference.mean())) < 0.1
     card = json.loads((tmp_path / "bundle" / "model.json").read_text())
-    assert card["dmd"]["options"]["lr"] == 2e-4 and card["defaults"]["steps"] == 1
+    assert card["dmd"]["options"]["lr"] == 1.5e-4 and card["defaults"]["steps"] == 1
     assert card["defaults"]["cfg_scale"] == 1.0 and s["samples"] == 50 * 16 * 4
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == list(range(1, 51))
