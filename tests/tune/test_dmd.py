@@ -1,18 +1,25 @@
 """`rectiflow tune dmd`: distribution matching distillation gives a one-step generator the spread of its
-teacher's samples (where one regressed step collapses it), resumes exactly, and refuses bad input with one
-line."""
+teacher's samples (where one regressed step collapses it), DMD2's GAN term pulls it toward real latents,
+runs resume exactly, and bad input is refused with one line."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from rectiflow.cli.main import main
 from rectiflow.convert.bundle import SamplingDefaults, save_bundle
-from rectiflow.errors import ConfigError
+from rectiflow.data.cache_reader import LatentCache
+from rectiflow.data.cache_writer import build_cache
+from rectiflow.data.sources import ArraySource
+from rectiflow.errors import ConfigError, RectiflowError
+from rectiflow.models.sd3 import MMDiT
+from rectiflow.models.text import load_text_encoder
 from rectiflow.sample import Pipeline, random_bundle
+from rectiflow.tune.adversarial import classifier_loss, generator_gan_loss, last_hidden_states
 from rectiflow.tune.dmd import DMDOptions, dmd
 from rectiflow.tune.prompts import PromptPool
 
@@ -130,6 +137,9 @@ def test_a_teacher_of_another_autoencoder_is_refused(bundle, tmp_path):
     ({"fake_lr": -1.0}, "fake_lr must be > 0"),
     ({"teacher_cfg": 0.0}, "teacher_cfg must be > 0"),
     ({"t_range": (0.0, 0.5)}, "t_range must satisfy 0 < LO < HI < 1"),
+    ({"gan": -1.0}, "gan must be >= 0"),
+    ({"gan_classifier": -1.0}, "gan_classifier must be >= 0"),
+    ({"classifier_lr": 0.0}, "classifier_lr must be > 0"),
 ])
 def test_bad_options_are_one_line(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -147,6 +157,10 @@ def test_cli_runs_and_refuses_a_missing_prompt_file(bundle, tmp_path, capsys):
                str(tmp_path / "none.txt"), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "is neither a prompt file nor a named pool (shapes)" in err[0]
+    rc = main(["tune", "dmd", "--model", str(bundle), "--teacher", str(bundle), "--out", str(tmp_path / "g"),
+               "--gan", "0.1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "the GAN term needs real latents (--real CACHE" in err[0]
 
 
 def _couplings(bundle, tmp_path, n=16, size=None):
@@ -193,3 +207,100 @@ def test_regression_without_couplings_and_couplings_of_another_size_are_refused(
     with pytest.raises(ConfigError, match=r"the couplings' latents are \(\d+, 8, 8\), the model samples"):
         dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "b",
             DMDOptions(**OPTS, regression=1.0), couplings=pairs, progress=False)
+
+
+def _flat_images(pipe, out, n=64, size=32, encoder=None):
+    """A cache of n flat images of random colours, captioned PROMPT: real latents unlike the teacher's."""
+    def item(i):
+        rng = np.random.default_rng([5, i])
+        return np.full((size, size, 3), rng.integers(0, 256, 3), np.uint8), {"caption": [PROMPT]}, f"r{i}"
+
+    return build_cache(ArraySource(n, item, name="flat"), pipe.autoencoder, encoder or pipe.text_encoder, out,
+                       size=size, batch_size=32, shard_size=n, progress=False)
+
+
+def test_the_gan_term_pulls_the_generator_toward_real_latents(teacher, tmp_path):
+    """DMD2's claim in kind: with real data the generator is no longer bound to its teacher's distribution.
+    The teacher draws latents N(1, 0.5^2); the real latents are flat colours (mean image near 0). DMD alone
+    keeps the one-step samples at the teacher's mean image; the GAN term moves them toward the real one."""
+    real = _flat_images(Pipeline.from_bundle(teacher), tmp_path / "real")
+    cache = LatentCache(real)
+    real_mean = torch.stack([cache.latents(i) for i in range(len(cache))]).float().mean(0)
+
+    def distance(bundle):
+        x = _latents(bundle, 1)
+        return float((x.mean(0) - real_mean).pow(2).mean().sqrt())
+
+    distances = {}
+    for gan in (0.0, 10.0):
+        dmd(Pipeline.from_bundle(teacher), Pipeline.from_bundle(teacher), POOL, tmp_path / f"gan{gan}",
+            DMDOptions(iterations=30, batch=16, steps=1, teacher_cfg=1.0, lr=1.5e-4, fake_lr=1e-3,
+                       fake_updates=2, gan=gan, gan_classifier=1.0), real=real, progress=False)
+        distances[gan] = distance(tmp_path / f"gan{gan}" / "bundle")
+    start = distance(teacher)
+    assert distances[0.0] > 0.9 * start, (start, distances)  # DMD alone stays with the teacher
+    assert distances[10.0] < 0.5 * distances[0.0], (start, distances)
+    history = [json.loads(x) for x in (tmp_path / "gan10.0" / "history.jsonl").read_text().splitlines()]
+    assert {"gan", "classifier"} <= history[0].keys()
+    card = json.loads((tmp_path / "gan10.0" / "bundle" / "model.json").read_text())
+    assert card["dmd"]["options"]["gan"] == 10.0
+
+
+def test_a_run_with_the_gan_term_resumes_to_the_same_weights(bundle, tmp_path):
+    real = _flat_images(Pipeline.from_bundle(bundle), tmp_path / "real", n=8)
+    kw = dict(OPTS, steps=1, gan=0.5)
+    whole = Pipeline.from_bundle(bundle)
+    dmd(whole, Pipeline.from_bundle(bundle), POOL, tmp_path / "whole", DMDOptions(**kw), real=real,
+        progress=False)
+    dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "part",
+        DMDOptions(**dict(kw, iterations=2)), real=real, progress=False)
+    resumed = Pipeline.from_bundle(bundle)
+    dmd(resumed, Pipeline.from_bundle(bundle), POOL, tmp_path / "part", DMDOptions(**kw), real=real,
+        progress=False)
+    a, b = whole.transformer.state_dict(), resumed.transformer.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    history = [(tmp_path / run / "history.jsonl").read_text() for run in ("part", "whole")]
+    assert history[0] == history[1]
+
+
+def test_the_gan_term_without_real_latents_or_with_foreign_ones_is_refused(bundle, tmp_path):
+    with pytest.raises(ConfigError, match="the GAN term needs real latents"):
+        dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "a",
+            DMDOptions(**OPTS, gan=0.1), progress=False)
+    assert not (tmp_path / "a").exists()
+    pipe = Pipeline.from_bundle(bundle)
+    big = _flat_images(pipe, tmp_path / "big", n=4, size=64)
+    with pytest.raises(ConfigError, match=r"the real latents in .* are \(\d+, 8, 8\); the model samples"):
+        dmd(pipe, Pipeline.from_bundle(bundle), POOL, tmp_path / "b", DMDOptions(**OPTS, gan=0.1), real=big,
+            progress=False)
+    foreign = _flat_images(pipe, tmp_path / "foreign", n=4, encoder=load_text_encoder("minilm:8"))
+    with pytest.raises(RectiflowError, match="cache made by other encoders: text encoder"):
+        dmd(pipe, Pipeline.from_bundle(bundle), POOL, tmp_path / "c", DMDOptions(**OPTS, gan=0.1),
+            real=foreign, progress=False)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def _forward_twice(model, forward, tokens):
+    with last_hidden_states(model) as seen:
+        forward()
+    assert len(seen) == 1 and tuple(seen[0].shape) == (2, tokens, model.params.hidden_size)
+    forward()
+    assert len(seen) == 1 and not model.final_layer._forward_pre_hooks  # the hook is gone after the block
+
+
+def test_last_hidden_states_are_the_final_layers_input_in_flux_and_sd3(bundle):
+    """The classifier reads [B, L_img, hidden] in both families."""
+    pipe = Pipeline.from_bundle(bundle)  # 32 px, 8x downsampling, 2x2 patches: 4 image tokens
+    velocity = pipe.velocity_fn(pipe.encode_prompts([PROMPT] * 2), None, 4, 4)
+    x = torch.randn(2, 4, pipe.transformer.params.in_channels)
+    _forward_twice(pipe.transformer, lambda: velocity(x, torch.tensor(0.5)), 4)
+    sd3 = MMDiT("sd3-micro")  # 8x8 latents, 2x2 patches: 16 image tokens
+    args = (torch.randn(2, 16, 8, 8), torch.rand(2), torch.randn(2, 384), torch.randn(2, 5, 384))
+    _forward_twice(sd3, lambda: sd3(*args), 16)
+
+
+def test_the_gan_losses_are_the_non_saturating_ones():
+    zero = torch.zeros(3, 4)
+    assert abs(float(classifier_loss(zero, zero)) - 2 * np.log(2.0)) < 1e-6  # chance: log 2 each
+    sure = torch.full((3, 4), 20.0)
+    assert classifier_loss(sure, -sure) < 1e-6 and generator_gan_loss(-sure) > 19.0

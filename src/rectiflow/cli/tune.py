@@ -78,6 +78,14 @@ def _register_dmd(cmd) -> None:
                    help="couplings of the teacher (`rectiflow reflow pairs`) for the regression loss")
     s.add_argument("--regression", type=float, default=0.0,
                    help="weight of DMD's regression of the first step onto the couplings' endpoints (0: off)")
+    s.add_argument("--real", default=None,
+                   help="a `rectiflow cache` of real images (the teacher's encoders) for DMD2's GAN term")
+    s.add_argument("--gan", type=float, default=0.0,
+                   help="weight of the generator's GAN loss (0: off; DMD2's SDXL run: 5e-3)")
+    s.add_argument("--gan-classifier", type=float, default=1e-2,
+                   help="weight of the classifier's GAN loss in the fake model's update (DMD2: 1e-2)")
+    s.add_argument("--classifier-lr", type=float, default=None,
+                   help="the GAN classifier's learning rate (default: --fake-lr)")
     s.add_argument("--checkpoint-every", type=int, default=50, help="iterations between saved states (50)")
     s.add_argument("--seed", type=int, default=0, help="seed of prompts and noise (0)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,6 +100,8 @@ def run_dmd(args) -> int:
     options = DMDOptions(iterations=args.iterations, batch=args.batch, steps=args.steps,
                          shift=getattr(args, "shift", "default"), teacher_cfg=args.teacher_cfg, lr=args.lr,
                          fake_lr=args.fake_lr, fake_updates=args.fake_updates, regression=args.regression,
+                         gan=args.gan, gan_classifier=args.gan_classifier,
+                         classifier_lr=args.classifier_lr,
                          checkpoint_every=args.checkpoint_every, seed=args.seed)
     couplings = None
     if args.couplings is not None:
@@ -101,8 +111,8 @@ def run_dmd(args) -> int:
     pool = prompt_pool(args.prompts)
     pipe = load_teacher(args.model, "cpu", with_text_encoder=True)
     teacher = load_teacher(args.teacher, "cpu", with_text_encoder=True)
-    s = dmd(pipe, teacher, pool, args.out, options, couplings=couplings, progress=not args.no_progress,
-            card_extra={"prompts": args.prompts})
+    s = dmd(pipe, teacher, pool, args.out, options, couplings=couplings, real=args.real,
+            progress=not args.no_progress, card_extra={"prompts": args.prompts})
     print(f"{s['iterations']} generator updates, {s['samples']} samples: mean gap between the teacher's and "
           f"the generator's denoised estimates {s['first_gap']:.4f} first, {s['last_gap']:.4f} last; bundle "
           f"{args.out}/bundle")

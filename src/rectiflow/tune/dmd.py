@@ -7,6 +7,10 @@ trained online, by the ordinary flow-matching loss, on the generator's samples: 
 One iteration is DMD2's two-time-scale rule: `fake_updates` updates of the fake model, each on a fresh batch
 of generator samples, then one generator update on DMD's gradient at a noised copy of a fresh batch.
 
+With real latents (`real`, a `rectiflow cache`) and a GAN weight, DMD2's GAN term is added
+(rectiflow.tune.adversarial): a classifier on the fake model's last image-token states, trained with it, tells
+noised real latents from noised generator samples, and the generator learns to pass as real.
+
 A multi-step generator (steps > 1) is trained as DMD2 trains theirs (backward simulation): each batch picks
 one of its steps, runs the generator's own sampler up to it without a graph, and trains the denoised estimate
 it makes there, x0^ = x - t v, toward the teacher's distribution; the last step's x0^ is the image itself.
@@ -40,6 +44,14 @@ from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.flow import RectifiedFlow, cfg_combine, timestep_grid
 from rectiflow.flow.distribution_matching import FAKE_UPDATES, T_RANGE, denoised, distribution_matching_loss
 from rectiflow.sample.pipeline import Pipeline, initial_noise
+from rectiflow.tune.adversarial import (
+    CLASSIFIER_WEIGHT,
+    RealLatents,
+    TokenClassifier,
+    classifier_loss,
+    generator_gan_loss,
+    last_hidden_states,
+)
 from rectiflow.tune.prompts import PromptEmbeddings, PromptPool
 from rectiflow.tune.run_state import load_run_state, save_run_state
 
@@ -57,7 +69,9 @@ class DMDOptions:
     per generator update (DMD2's 5); t_range: the flow times at which the distributions are compared;
     regression: the weight of DMD's regression loss (DMD1; 0: off, DMD2's choice), the mean squared latent
     distance of the generator's first-step estimate from a coupling's noise to the teacher's ODE endpoint of
-    that noise (couplings from `rectiflow reflow pairs`)."""
+    that noise (couplings from `rectiflow reflow pairs`); gan / gan_classifier: the weights of DMD2's GAN
+    losses of the generator and of the classifier (0: off; needs real latents); classifier_lr: the
+    classifier's learning rate (None: fake_lr), on the fake model's optimiser."""
 
     iterations: int = 1000
     batch: int = 32
@@ -69,6 +83,9 @@ class DMDOptions:
     fake_updates: int = FAKE_UPDATES
     t_range: tuple[float, float] = T_RANGE
     regression: float = 0.0
+    gan: float = 0.0
+    gan_classifier: float = CLASSIFIER_WEIGHT
+    classifier_lr: float | None = None
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
@@ -81,13 +98,16 @@ class DMDOptions:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.fake_lr is None:  # frozen: resolve the default once
+        if self.fake_lr is None:  # frozen: resolve the defaults once
             object.__setattr__(self, "fake_lr", self.lr)
-        for name in ("lr", "fake_lr", "teacher_cfg", "max_grad_norm"):
+        if self.classifier_lr is None:
+            object.__setattr__(self, "classifier_lr", self.fake_lr)
+        for name in ("lr", "fake_lr", "classifier_lr", "teacher_cfg", "max_grad_norm"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not float(self.regression) >= 0:
-            raise ConfigError(f"regression must be >= 0, got {self.regression!r}")
+        for name in ("regression", "gan", "gan_classifier"):
+            if not float(getattr(self, name)) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         lo, hi = (float(v) for v in self.t_range)
         if not 0.0 < lo < hi < 1.0:
             raise ConfigError(f"t_range must satisfy 0 < LO < HI < 1 (flow time), got {lo:g},{hi:g}")
@@ -105,10 +125,11 @@ class _Net:
         self.pipe, self.lh, self.lw = pipe, lh, lw
         self.embed = PromptEmbeddings(pipe)
 
-    def velocity(self, transformer, prompts: list[str], z: torch.Tensor, t: torch.Tensor,
+    def velocity(self, transformer, prompts, z: torch.Tensor, t: torch.Tensor,
                  cfg: float = 1.0) -> torch.Tensor:
-        """v(z, t) [B, C, h, w] for latents z and flow times t (0-d or [B]); cfg != 1: CFG against the empty
-        prompt, as two plain batches so that per-sample times stay aligned with their rows."""
+        """v(z, t) [B, C, h, w] for latents z and flow times t (0-d or [B]); prompts: a list of strings, or
+        their embeddings (txt, vec) from a cache of this pipeline's text encoder; cfg != 1 (prompts as
+        strings): CFG against the empty prompt, as two plain batches so that per-sample times stay aligned."""
         pipe = self.pipe
         if transformer is not pipe.transformer:
             pipe = copy.copy(pipe)
@@ -116,7 +137,8 @@ class _Net:
         fam, g = pipe.family, pipe.defaults.guidance
         x = fam.pack(z.to(pipe.device, pipe.dtype))
         t = t.to(pipe.device, torch.float32)
-        v = pipe.velocity_fn(self.embed(prompts), None, self.lh, self.lw, g)(x, t)
+        cond = prompts if isinstance(prompts, tuple) else self.embed(prompts)
+        v = pipe.velocity_fn(cond, None, self.lh, self.lw, g)(x, t)
         if cfg != 1.0:
             v_u = pipe.velocity_fn(self.embed([""] * len(prompts)), None, self.lh, self.lw, g)(x, t)
             v = cfg_combine(v, v_u, cfg)
@@ -142,7 +164,7 @@ def _check_pair(pipe: Pipeline, teacher: Pipeline) -> None:
 class _Run:
     """The three networks and the generator's sampler."""
 
-    def __init__(self, pipe: Pipeline, teacher: Pipeline, opt: DMDOptions, couplings=None):
+    def __init__(self, pipe: Pipeline, teacher: Pipeline, opt: DMDOptions, couplings=None, real=None):
         _check_pair(pipe, teacher)
         d = pipe.defaults
         self.opt = opt
@@ -165,6 +187,25 @@ class _Run:
             if tuple(couplings.z0.shape[1:]) != self.shape:
                 raise ConfigError(f"the couplings' latents are {tuple(couplings.z0.shape[1:])}, the model "
                                   f"samples {self.shape} at its {d.width}x{d.height} default size")
+        self.real_latents, self.classifier = None, None
+        if opt.gan > 0 and real is None:
+            raise ConfigError("the GAN term needs real latents (--real CACHE, a `rectiflow cache` of the "
+                              "teacher's encoders); give them or set --gan 0")
+        if real is not None:
+            self.real_latents = RealLatents(real, teacher.autoencoder, teacher.text_encoder, self.shape)
+            with torch.random.fork_rng(devices=[]):  # its initial weights a function of the options alone
+                torch.manual_seed(opt.seed)
+                self.classifier = TokenClassifier(self.fake.params.hidden_size).to(pipe.device)
+
+    def fake_parameters(self) -> list[torch.nn.Parameter]:
+        """What the fake model's optimiser trains: the fake model, and the GAN's classifier with it."""
+        return [p for g in self.fake_parameter_groups() for p in g["params"]]
+
+    def fake_parameter_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": list(self.fake.parameters())}]
+        if self.classifier is not None:
+            groups.append({"params": list(self.classifier.parameters()), "lr": self.opt.classifier_lr})
+        return groups
 
     def sample(self, prompts: list[str], gen: torch.Generator, grad: bool) -> torch.Tensor:
         """The generator's denoised estimate x0^ [B, C, h, w] at one of its steps (drawn from gen; the last
@@ -187,12 +228,39 @@ class _Run:
         tb = t.reshape(-1, 1, 1, 1).to(x0)
         return (1 - tb) * x0 + tb * eps, t, eps
 
-    def fake_loss(self, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
-        """The fake model's flow-matching loss on a batch of the generator's samples."""
+    def fake_loss(self, prompts: list[str], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The fake model's flow-matching loss on a batch of the generator's samples, plus (GAN on) the
+        classifier's weighted loss on them against a batch of noised real latents; and the parts' values."""
         x0 = self.sample(prompts, gen, grad=False)
         x_t, t, eps = self.noised(x0, gen)
-        v = self.real.velocity(self.fake, prompts, x_t, t)
-        return ((v.float() - (eps - x0).float()) ** 2).mean()
+        if self.classifier is None:
+            v = self.real.velocity(self.fake, prompts, x_t, t)
+            loss = ((v.float() - (eps - x0).float()) ** 2).mean()
+            return loss, {"fake": float(loss.detach())}
+        z, txt, vec = self.real_latents.draw(len(prompts), gen)
+        zr_t, tr, _ = self.noised(z.to(x0), gen)
+        with last_hidden_states(self.fake) as h:
+            v = self.real.velocity(self.fake, prompts, x_t, t)
+            self.real.velocity(self.fake, (txt, vec), zr_t, tr)
+        flow = ((v.float() - (eps - x0).float()) ** 2).mean()
+        cls = classifier_loss(self.classifier(h[1]), self.classifier(h[0]))
+        return flow + self.opt.gan_classifier * cls, {"fake": float(flow.detach()),
+                                                      "classifier": float(cls.detach())}
+
+    def gan_loss(self, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
+        """The generator's GAN loss at a noised copy of its samples x0 (with their graph); the fake model
+        and the classifier are read, not trained, here."""
+        x_t, t, _ = self.noised(x0, gen)
+        nets = [self.fake, self.classifier]
+        for n in nets:
+            n.requires_grad_(False)
+        try:
+            with last_hidden_states(self.fake) as h:
+                self.real.velocity(self.fake, prompts, x_t, t)
+            return generator_gan_loss(self.classifier(h[0]))
+        finally:
+            for n in nets:
+                n.requires_grad_(True)
 
     def regression_loss(self, gen: torch.Generator, n: int) -> torch.Tensor:
         """DMD1's regression: the first step's estimate from n couplings' noise against their endpoints."""
@@ -203,8 +271,10 @@ class _Run:
         x0 = denoised(noise, self.gen.velocity(self.generator, [c.prompts[i] for i in idx], noise, t), t)
         return ((x0.float() - z0.float()) ** 2).mean()
 
-    def generator_loss(self, prompts: list[str], gen: torch.Generator) -> tuple[torch.Tensor, float]:
-        """DMD's surrogate on a fresh batch, and the mean distance of the two denoised estimates."""
+    def generator_loss(self, prompts: list[str],
+                       gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """DMD's surrogate on a fresh batch (plus the weighted GAN loss when it is on), and the values: the
+        surrogate, the mean distance of the two denoised estimates (gap) and the GAN loss."""
         x0 = self.sample(prompts, gen, grad=True)
         x_t, t, _ = self.noised(x0.detach(), gen)
         with torch.no_grad():
@@ -214,33 +284,45 @@ class _Run:
         if not torch.isfinite(x0).all() or not torch.isfinite(x0_real).all():
             raise RectiflowError("the generator's samples or the teacher's estimates contain inf/NaN: lower "
                                  "--lr")
-        return distribution_matching_loss(x0, x0_real, x0_fake), float((x0_fake - x0_real).abs().mean())
+        loss = distribution_matching_loss(x0, x0_real, x0_fake)
+        stats = {"dmd": float(loss.detach()), "gap": float((x0_fake - x0_real).abs().mean())}
+        if self.classifier is not None and self.opt.gan > 0:
+            gan = self.gan_loss(x0, prompts, gen)
+            loss = loss + self.opt.gan * gan
+            stats["gan"] = float(gan.detach())
+        return loss, stats
 
 
 def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathLike,
-        options: DMDOptions | None = None, *, couplings=None, progress: bool = True,
-        card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        options: DMDOptions | None = None, *, couplings=None, real: str | os.PathLike | None = None,
+        progress: bool = True, card_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Tune `pipe.transformer` in place into a generator of `teacher`'s CFG-guided distribution; writes
     OUT/state.pt as it goes, OUT/history.jsonl and OUT/bundle at the end. Returns the summary.
-    couplings (rectiflow.data.couplings.CouplingsDataset): the regression loss's pairs."""
+    couplings (rectiflow.data.couplings.CouplingsDataset): the regression loss's pairs; real: a `rectiflow
+    cache` of real latents (the teacher's encoders) for the GAN term."""
     opt = options or DMDOptions()
     out = Path(out)
-    run = _Run(pipe, teacher, opt, couplings)  # checks first: a refused run leaves no directory
+    run = _Run(pipe, teacher, opt, couplings, real)  # checks first: a refused run leaves no directory
     out.mkdir(parents=True, exist_ok=True)
     run.generator.requires_grad_(True).train(False)
     run.fake.requires_grad_(True).train(False)
     g_opt = torch.optim.AdamW(run.generator.parameters(), lr=opt.lr)
-    f_opt = torch.optim.AdamW(run.fake.parameters(), lr=opt.fake_lr)
+    f_opt = torch.optim.AdamW(run.fake_parameter_groups(), lr=opt.fake_lr)
     same = {k: v for k, v in opt.to_dict().items() if k not in ("iterations", "checkpoint_every")}
     same["t_range"] = list(same["t_range"])  # as torch.load gives it back
     meta = {"model": pipe.name, "model_hash": pipe.model_hash, "teacher": teacher.name,
             "teacher_hash": teacher.model_hash, "pool": pool.fingerprint(),
-            "couplings": None if couplings is None else str(couplings.path), **same}
+            "couplings": None if couplings is None else str(couplings.path),
+            "real": None if real is None else str(run.real_latents.path), **same}
     start, history = 0, []
-    state = load_run_state(out, meta, "DMD", opt.iterations, pipe.device)
+    before_gan = {"real": None, "gan": 0.0, "gan_classifier": CLASSIFIER_WEIGHT,  # runs saved without it
+                  "classifier_lr": opt.fake_lr}
+    state = load_run_state(out, meta, "DMD", opt.iterations, pipe.device, meta_defaults=before_gan)
     if state is not None:
         run.generator.load_state_dict(state["generator"])
         run.fake.load_state_dict(state["fake"])
+        if run.classifier is not None:
+            run.classifier.load_state_dict(state["classifier"])
         for o, saved in zip((g_opt, f_opt), state["optimizers"], strict=True):
             o.load_state_dict(saved)
         start, history = int(state["iteration"]), list(state["history"])
@@ -252,9 +334,11 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
         h = history[-1]
         bar.set_postfix(dmd=f"{h['dmd']:.3f}", fake=f"{h['fake']:.3f}")
         if (it + 1) % opt.checkpoint_every == 0 or it + 1 == opt.iterations:
-            save_run_state(out, {"generator": run.generator.state_dict(), "fake": run.fake.state_dict(),
-                                 "optimizers": [g_opt.state_dict(), f_opt.state_dict()], "iteration": it + 1,
-                                 "history": history, "meta": meta})
+            nets = {"generator": run.generator.state_dict(), "fake": run.fake.state_dict()}
+            if run.classifier is not None:
+                nets["classifier"] = run.classifier.state_dict()
+            save_run_state(out, {**nets, "optimizers": [g_opt.state_dict(), f_opt.state_dict()],
+                                 "iteration": it + 1, "history": history, "meta": meta})
     run.generator.requires_grad_(False)
     summary = {"iterations": opt.iterations, "samples": opt.iterations * opt.batch * (1 + opt.fake_updates),
                "first_gap": history[0]["gap"], "last_gap": history[-1]["gap"],
@@ -270,19 +354,20 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
 def _iteration(run: _Run, pool: PromptPool, opt: DMDOptions, g_opt, f_opt, it: int) -> dict[str, Any]:
     rng = np.random.default_rng([opt.seed, it])
     gen = torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
-    fake = 0.0
+    fake: dict[str, float] = {}
     for _ in range(opt.fake_updates):
         prompts = [p for _, p in pool.draw(opt.batch, rng)]
         f_opt.zero_grad(set_to_none=True)
-        loss = run.fake_loss(prompts, gen)
+        loss, parts = run.fake_loss(prompts, gen)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(run.fake.parameters(), opt.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(run.fake_parameters(), opt.max_grad_norm)
         f_opt.step()
-        fake += float(loss.detach()) / opt.fake_updates
+        for k, v in parts.items():
+            fake[k] = fake.get(k, 0.0) + v / opt.fake_updates
     prompts = [p for _, p in pool.draw(opt.batch, rng)]
     g_opt.zero_grad(set_to_none=True)
-    loss, gap = run.generator_loss(prompts, gen)  # the teacher and fake model run without a graph
-    stats = {"dmd": float(loss.detach())}
+    loss, stats = run.generator_loss(prompts, gen)  # the teacher runs without a graph
+    gap = stats.pop("gap")
     if opt.regression > 0:
         reg = run.regression_loss(gen, opt.batch)
         loss = loss + opt.regression * reg
@@ -290,4 +375,4 @@ def _iteration(run: _Run, pool: PromptPool, opt: DMDOptions, g_opt, f_opt, it: i
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.generator.parameters(), opt.max_grad_norm)
     g_opt.step()
-    return {"iteration": it + 1, **stats, "fake": fake, "gap": gap}
+    return {"iteration": it + 1, **stats, **fake, "gap": gap}
