@@ -270,6 +270,9 @@ def test_the_gan_term_without_real_latents_or_with_foreign_ones_is_refused(bundl
     assert not (tmp_path / "a").exists()
     pipe = Pipeline.from_bundle(bundle)
     big = _flat_images(pipe, tmp_path / "big", n=4, size=64)
+    with pytest.raises(ConfigError, match=r"real latents \(--real\) are read only by the GAN term"):
+        dmd(pipe, Pipeline.from_bundle(bundle), POOL, tmp_path / "b", DMDOptions(**OPTS), real=big,
+            progress=False)
     with pytest.raises(ConfigError, match=r"the real latents in .* are \(\d+, 8, 8\); the model samples"):
         dmd(pipe, Pipeline.from_bundle(bundle), POOL, tmp_path / "b", DMDOptions(**OPTS, gan=0.1), real=big,
             progress=False)

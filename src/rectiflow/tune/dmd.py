@@ -191,6 +191,9 @@ class _Run:
         if opt.gan > 0 and real is None:
             raise ConfigError("the GAN term needs real latents (--real CACHE, a `rectiflow cache` of the "
                               "teacher's encoders); give them or set --gan 0")
+        if opt.gan == 0 and real is not None:
+            raise ConfigError("real latents (--real) are read only by the GAN term; give --gan W > 0 (DMD2: "
+                              "5e-3) or leave --real out")
         if real is not None:
             self.real_latents = RealLatents(real, teacher.autoencoder, teacher.text_encoder, self.shape)
             with torch.random.fork_rng(devices=[]):  # its initial weights a function of the options alone
@@ -286,7 +289,7 @@ class _Run:
                                  "--lr")
         loss = distribution_matching_loss(x0, x0_real, x0_fake)
         stats = {"dmd": float(loss.detach()), "gap": float((x0_fake - x0_real).abs().mean())}
-        if self.classifier is not None and self.opt.gan > 0:
+        if self.classifier is not None:  # the GAN term is on
             gan = self.gan_loss(x0, prompts, gen)
             loss = loss + self.opt.gan * gan
             stats["gan"] = float(gan.detach())
