@@ -232,18 +232,19 @@ def test_the_gan_term_pulls_the_generator_toward_real_latents(teacher, tmp_path)
         return float((x.mean(0) - real_mean).pow(2).mean().sqrt())
 
     distances = {}
-    for gan in (0.0, 10.0):
+    for gan in (0.0, 1.0):
         dmd(Pipeline.from_bundle(teacher), Pipeline.from_bundle(teacher), POOL, tmp_path / f"gan{gan}",
             DMDOptions(iterations=30, batch=16, steps=1, teacher_cfg=1.0, lr=1.5e-4, fake_lr=1e-3,
-                       fake_updates=2, gan=gan, gan_classifier=1.0), real=real, progress=False)
+                       fake_updates=2, gan=gan, gan_classifier=1.0), real=real if gan else None,
+            progress=False)
         distances[gan] = distance(tmp_path / f"gan{gan}" / "bundle")
     start = distance(teacher)
     assert distances[0.0] > 0.9 * start, (start, distances)  # DMD alone stays with the teacher
-    assert distances[10.0] < 0.5 * distances[0.0], (start, distances)
-    history = [json.loads(x) for x in (tmp_path / "gan10.0" / "history.jsonl").read_text().splitlines()]
+    assert distances[1.0] < 0.5 * distances[0.0], (start, distances)
+    history = [json.loads(x) for x in (tmp_path / "gan1.0" / "history.jsonl").read_text().splitlines()]
     assert {"gan", "classifier"} <= history[0].keys()
-    card = json.loads((tmp_path / "gan10.0" / "bundle" / "model.json").read_text())
-    assert card["dmd"]["options"]["gan"] == 10.0
+    card = json.loads((tmp_path / "gan1.0" / "bundle" / "model.json").read_text())
+    assert card["dmd"]["options"]["gan"] == 1.0
 
 
 def test_a_run_with_the_gan_term_resumes_to_the_same_weights(bundle, tmp_path):
@@ -303,7 +304,7 @@ def test_last_hidden_states_are_the_final_layers_input_in_flux_and_sd3(bundle):
 
 
 def test_the_gan_losses_are_the_non_saturating_ones():
-    zero = torch.zeros(3, 4)
+    zero = torch.zeros(3)
     assert abs(float(classifier_loss(zero, zero)) - 2 * np.log(2.0)) < 1e-6  # chance: log 2 each
-    sure = torch.full((3, 4), 20.0)
+    sure = torch.full((3,), 20.0)
     assert classifier_loss(sure, -sure) < 1e-6 and generator_gan_loss(-sure) > 19.0

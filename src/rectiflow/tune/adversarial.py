@@ -9,8 +9,10 @@ draws a shape in two palette colours at once, which no real image does (docs/ref
 The classifier reads the fake model's last image-token states (the input of its final layer, for FLUX and
 SD3 alike), computed at a noised copy x_t of each sample as the fake model's own loss computes them, so the
 fake model and the classifier train together on one optimiser, as in DMD2 (where the classifier sits on the
-fake UNet's bottleneck). Its logits are per image token (a patch discriminator) and the losses are the
-non-saturating GAN losses (softplus) averaged over tokens. DMD2's weights for SDXL: 5e-3 on the generator's
+fake UNet's bottleneck). It gives one logit per image, as DMD2's does (their convolutions reduce the
+bottleneck to 1x1): the tokens are transformed one by one, then pooled (mean and max, so that one wrong
+token can decide), so that it judges the picture as a whole, a shape drawn in two colours included. The
+losses are the non-saturating GAN losses (softplus). DMD2's weights for SDXL: 5e-3 on the generator's
 GAN loss, 1e-2 on the classifier's (their gen_cls_loss_weight and guidance_cls_loss_weight)."""
 
 from __future__ import annotations
@@ -33,18 +35,21 @@ __all__ = ["CLASSIFIER_WEIGHT", "GAN_WEIGHT", "RealLatents", "TokenClassifier", 
 
 
 class TokenClassifier(nn.Module):
-    """Per image token, a logit that the token comes from a real latent: [B, L, hidden] -> [B, L]."""
+    """The logit that an image's tokens come from a real latent: [B, L, hidden] -> [B]."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.fc2.weight)  # starts undecided (every logit 0), so the first updates are gentle
-        nn.init.zeros_(self.fc2.bias)
+        self.per_token = nn.Linear(hidden, hidden)
+        self.pooled_norm = nn.LayerNorm(2 * hidden)
+        self.out = nn.Linear(2 * hidden, 1)
+        nn.init.zeros_(self.out.weight)  # starts undecided (every logit 0), so the first updates are gentle
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(self.norm(h.float())))).squeeze(-1)
+        x = F.silu(self.per_token(self.norm(h.float())))  # [B, L, hidden]
+        pooled = torch.cat((x.mean(dim=1), x.amax(dim=1)), dim=-1)  # [B, 2 hidden]
+        return self.out(self.pooled_norm(pooled)).squeeze(-1)
 
 
 @contextmanager
@@ -64,12 +69,12 @@ def last_hidden_states(transformer: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def classifier_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """The classifier's non-saturating loss: softplus(-real) + softplus(fake), each a mean over tokens."""
+    """The classifier's non-saturating loss: softplus(-real) + softplus(fake), each a mean over images."""
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
 
 
 def generator_gan_loss(fake_logits: Tensor) -> Tensor:
-    """The generator's non-saturating loss: softplus(-logit) of its samples, a mean over tokens."""
+    """The generator's non-saturating loss: softplus(-logit) of its samples, a mean over images."""
     return F.softplus(-fake_logits.float()).mean()
 
 
