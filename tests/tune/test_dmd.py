@@ -90,15 +90,18 @@ def bundle(tmp_path_factory):
 OPTS = dict(iterations=4, batch=4, fake_updates=2, lr=1e-3, checkpoint_every=2)
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path, steps):
+@pytest.mark.parametrize("steps, gan", [(1, 0.0), (2, 0.0), (1, 0.5)])
+def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path, steps, gan):
+    """For one and two steps, and with the GAN term (its classifier and real batches resume too)."""
+    real = _flat_images(Pipeline.from_bundle(bundle), tmp_path / "real", n=8) if gan else None
+    kw = dict(OPTS, steps=steps, gan=gan)
     whole = Pipeline.from_bundle(bundle)
-    dmd(whole, Pipeline.from_bundle(bundle), POOL, tmp_path / "whole", DMDOptions(**OPTS, steps=steps),
+    dmd(whole, Pipeline.from_bundle(bundle), POOL, tmp_path / "whole", DMDOptions(**kw), real=real,
         progress=False)
     dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "part",
-        DMDOptions(**dict(OPTS, iterations=2), steps=steps), progress=False)
+        DMDOptions(**dict(kw, iterations=2)), real=real, progress=False)
     resumed = Pipeline.from_bundle(bundle)
-    dmd(resumed, Pipeline.from_bundle(bundle), POOL, tmp_path / "part", DMDOptions(**OPTS, steps=steps),
+    dmd(resumed, Pipeline.from_bundle(bundle), POOL, tmp_path / "part", DMDOptions(**kw), real=real,
         progress=False)
     a, b = whole.transformer.state_dict(), resumed.transformer.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -245,23 +248,6 @@ def test_the_gan_term_pulls_the_generator_toward_real_latents(teacher, tmp_path)
     assert {"gan", "classifier"} <= history[0].keys()
     card = json.loads((tmp_path / "gan1.0" / "bundle" / "model.json").read_text())
     assert card["dmd"]["options"]["gan"] == 1.0
-
-
-def test_a_run_with_the_gan_term_resumes_to_the_same_weights(bundle, tmp_path):
-    real = _flat_images(Pipeline.from_bundle(bundle), tmp_path / "real", n=8)
-    kw = dict(OPTS, steps=1, gan=0.5)
-    whole = Pipeline.from_bundle(bundle)
-    dmd(whole, Pipeline.from_bundle(bundle), POOL, tmp_path / "whole", DMDOptions(**kw), real=real,
-        progress=False)
-    dmd(Pipeline.from_bundle(bundle), Pipeline.from_bundle(bundle), POOL, tmp_path / "part",
-        DMDOptions(**dict(kw, iterations=2)), real=real, progress=False)
-    resumed = Pipeline.from_bundle(bundle)
-    dmd(resumed, Pipeline.from_bundle(bundle), POOL, tmp_path / "part", DMDOptions(**kw), real=real,
-        progress=False)
-    a, b = whole.transformer.state_dict(), resumed.transformer.state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    history = [(tmp_path / run / "history.jsonl").read_text() for run in ("part", "whole")]
-    assert history[0] == history[1]
 
 
 def test_the_gan_term_without_real_latents_or_with_foreign_ones_is_refused(bundle, tmp_path):
