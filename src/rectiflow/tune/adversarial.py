@@ -30,11 +30,11 @@ from rectiflow.errors import ConfigError
 GAN_WEIGHT = 5e-3  # DMD2 SDXL: gen_cls_loss_weight
 CLASSIFIER_WEIGHT = 1e-2  # DMD2 SDXL: guidance_cls_loss_weight
 
-__all__ = ["CLASSIFIER_WEIGHT", "GAN_WEIGHT", "RealLatents", "TokenClassifier", "classifier_loss",
+__all__ = ["CLASSIFIER_WEIGHT", "GAN_WEIGHT", "RealLatents", "RealnessClassifier", "classifier_loss",
            "generator_gan_loss", "last_hidden_states"]
 
 
-class TokenClassifier(nn.Module):
+class RealnessClassifier(nn.Module):
     """The logit that an image's tokens come from a real latent: [B, L, hidden] -> [B]."""
 
     def __init__(self, hidden: int):

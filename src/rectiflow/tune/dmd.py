@@ -46,8 +46,9 @@ from rectiflow.flow.distribution_matching import FAKE_UPDATES, T_RANGE, denoised
 from rectiflow.sample.pipeline import Pipeline, initial_noise
 from rectiflow.tune.adversarial import (
     CLASSIFIER_WEIGHT,
+    GAN_WEIGHT,
     RealLatents,
-    TokenClassifier,
+    RealnessClassifier,
     classifier_loss,
     generator_gan_loss,
     last_hidden_states,
@@ -192,13 +193,13 @@ class _Run:
             raise ConfigError("the GAN term needs real latents (--real CACHE, a `rectiflow cache` of the "
                               "teacher's encoders); give them or set --gan 0")
         if opt.gan == 0 and real is not None:
-            raise ConfigError("real latents (--real) are read only by the GAN term; give --gan W > 0 (DMD2: "
-                              "5e-3) or leave --real out")
+            raise ConfigError(f"real latents (--real) are read only by the GAN term; give --gan W > 0 (DMD2: "
+                              f"{GAN_WEIGHT:g}) or leave --real out")
         if real is not None:
             self.real_latents = RealLatents(real, teacher.autoencoder, teacher.text_encoder, self.shape)
             with torch.random.fork_rng(devices=[]):  # its initial weights a function of the options alone
                 torch.manual_seed(opt.seed)
-                self.classifier = TokenClassifier(self.fake.params.hidden_size).to(pipe.device)
+                self.classifier = RealnessClassifier(self.fake.params.hidden_size).to(pipe.device)
 
     def fake_parameters(self) -> list[torch.nn.Parameter]:
         """What the fake model's optimiser trains: the fake model, and the GAN's classifier with it."""
