@@ -164,6 +164,11 @@ def test_cli_runs_and_refuses_a_missing_prompt_file(bundle, tmp_path, capsys):
                "--gan", "0.1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "the GAN term needs real latents (--real CACHE" in err[0]
+    rc = main(["tune", "dmd", "--model", str(bundle), "--teacher", str(bundle), "--out", str(tmp_path / "g"),
+               "--gan", "0.1", "--real", str(tmp_path / "no-cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "no-cache: no manifest.json; build a cache there" in err[0]
+    assert not (tmp_path / "g").exists()
 
 
 def _couplings(bundle, tmp_path, n=16, size=None):
