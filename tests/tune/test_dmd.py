@@ -169,6 +169,11 @@ def test_cli_runs_and_refuses_a_missing_prompt_file(bundle, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "no-cache: no manifest.json; build a cache there" in err[0]
     assert not (tmp_path / "g").exists()
+    if not torch.cuda.is_available():
+        rc = main(["tune", "dmd", "--model", str(bundle), "--teacher", str(bundle), "--out",
+                   str(tmp_path / "g"), "--device", "cuda"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and "no CUDA device is available; use --device cpu" in err[0]
 
 
 def _couplings(bundle, tmp_path, n=16, size=None):
@@ -299,3 +304,23 @@ def test_the_gan_losses_are_the_non_saturating_ones():
     assert abs(float(classifier_loss(zero, zero)) - 2 * np.log(2.0)) < 1e-6  # chance: log 2 each
     sure = torch.full((3,), 20.0)
     assert classifier_loss(sure, -sure) < 1e-6 and generator_gan_loss(-sure) > 19.0
+
+
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+def test_every_term_at_once_on_each_device(bundle, tmp_path, device):
+    """Two steps, the regression and the GAN term together; on a GPU every tensor has to follow the networks
+    there (the noise, couplings and real latents are drawn on the CPU)."""
+    pairs = _couplings(bundle, tmp_path, n=4)
+    real = _flat_images(Pipeline.from_bundle(bundle), tmp_path / "real", n=8)
+    pipe = Pipeline.from_bundle(bundle, device, torch.float32)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    s = dmd(pipe, Pipeline.from_bundle(bundle, device, torch.float32), POOL, tmp_path / "run",
+            DMDOptions(**OPTS, steps=2, gan=0.5, regression=1.0), couplings=pairs, real=real, progress=False)
+    after = pipe.transformer.state_dict()
+    assert all(v.device.type == device for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after) and s["iterations"] == 4
+    h = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
+    assert {"dmd", "gan", "regression", "fake", "classifier", "gap"} <= h.keys()

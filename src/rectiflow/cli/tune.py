@@ -88,11 +88,13 @@ def _register_dmd(cmd) -> None:
                    help="the GAN classifier's learning rate (default: --fake-lr)")
     s.add_argument("--checkpoint-every", type=int, default=50, help="iterations between saved states (50)")
     s.add_argument("--seed", type=int, default=0, help="seed of prompts and noise (0)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for all three networks (cpu)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_dmd)
 
 
 def run_dmd(args) -> int:
+    from rectiflow.cli.generate import device_and_dtype
     from rectiflow.cli.reflow import load_teacher
     from rectiflow.tune.dmd import DMDOptions, dmd
     from rectiflow.tune.prompts import prompt_pool
@@ -109,8 +111,9 @@ def run_dmd(args) -> int:
 
         couplings = CouplingsDataset(args.couplings)
     pool = prompt_pool(args.prompts)
-    pipe = load_teacher(args.model, "cpu", with_text_encoder=True)
-    teacher = load_teacher(args.teacher, "cpu", with_text_encoder=True)
+    device, _ = device_and_dtype(args.device, "fp32")  # trained in float32 on either device
+    pipe = load_teacher(args.model, device, with_text_encoder=True)
+    teacher = load_teacher(args.teacher, device, with_text_encoder=True)
     s = dmd(pipe, teacher, pool, args.out, options, couplings=couplings, real=args.real,
             progress=not args.no_progress, card_extra={"prompts": args.prompts})
     print(f"{s['iterations']} generator updates, {s['samples']} samples: mean gap between the teacher's and "

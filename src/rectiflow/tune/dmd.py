@@ -168,7 +168,7 @@ class _Run:
     def __init__(self, pipe: Pipeline, teacher: Pipeline, opt: DMDOptions, couplings=None, real=None):
         _check_pair(pipe, teacher)
         d = pipe.defaults
-        self.opt = opt
+        self.opt, self.device = opt, pipe.device
         self.steps = d.steps if opt.steps is None else opt.steps
         self.shift = d.shift if opt.shift == "default" else opt.shift
         lh, lw = d.height // pipe.downsample, d.width // pipe.downsample
@@ -215,7 +215,7 @@ class _Run:
         """The generator's denoised estimate x0^ [B, C, h, w] at one of its steps (drawn from gen; the last
         step's x0^ is its image), the steps before it run without a graph (DMD2's backward simulation)."""
         k = int(torch.randint(self.steps, (1,), generator=gen))
-        z = initial_noise(None, len(prompts), *self.shape, generator=gen)
+        z = initial_noise(None, len(prompts), *self.shape, generator=gen).to(self.device)
         with torch.no_grad():
             for j in range(k):
                 t, tn = self.ts[j], self.ts[j + 1]
@@ -241,7 +241,7 @@ class _Run:
             v = self.real.velocity(self.fake, prompts, x_t, t)
             loss = ((v.float() - (eps - x0).float()) ** 2).mean()
             return loss, {"fake": float(loss.detach())}
-        z, txt, vec = self.real_latents.draw(len(prompts), gen)
+        z, txt, vec = (x.to(self.device) for x in self.real_latents.draw(len(prompts), gen))
         zr_t, tr, _ = self.noised(z.to(x0), gen)
         with last_hidden_states(self.fake) as h:
             v = self.real.velocity(self.fake, prompts, x_t, t)
@@ -270,7 +270,7 @@ class _Run:
         """DMD1's regression: the first step's estimate from n couplings' noise against their endpoints."""
         c = self.couplings
         idx = torch.randint(len(c), (n,), generator=gen).tolist()
-        noise, z0 = c.noise[idx], c.z0[idx]
+        noise, z0 = c.noise[idx].to(self.device), c.z0[idx].to(self.device)
         t = torch.tensor(self.ts[0])
         x0 = denoised(noise, self.gen.velocity(self.generator, [c.prompts[i] for i in idx], noise, t), t)
         return ((x0.float() - z0.float()) ** 2).mean()
