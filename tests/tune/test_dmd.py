@@ -90,11 +90,13 @@ def bundle(tmp_path_factory):
 OPTS = dict(iterations=4, batch=4, fake_updates=2, lr=1e-3, checkpoint_every=2)
 
 
-@pytest.mark.parametrize("steps, gan", [(1, 0.0), (2, 0.0), (1, 0.5)])
-def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path, steps, gan):
-    """For one and two steps, and with the GAN term (its classifier and real batches resume too)."""
+@pytest.mark.parametrize("steps, gan, gan_t_max", [(1, 0.0, None), (2, 0.0, None), (1, 0.5, None),
+                                                   (1, 0.5, 0.3)])
+def test_an_interrupted_run_resumes_to_the_same_weights(bundle, tmp_path, steps, gan, gan_t_max):
+    """For one and two steps, and with the GAN term (its classifier and real batches resume too), at DMD's
+    noise levels and at its own."""
     real = _flat_images(Pipeline.from_bundle(bundle), tmp_path / "real", n=8) if gan else None
-    kw = dict(OPTS, steps=steps, gan=gan)
+    kw = dict(OPTS, steps=steps, gan=gan, gan_t_max=gan_t_max)
     whole = Pipeline.from_bundle(bundle)
     dmd(whole, Pipeline.from_bundle(bundle), POOL, tmp_path / "whole", DMDOptions(**kw), real=real,
         progress=False)
@@ -143,6 +145,7 @@ def test_a_teacher_of_another_autoencoder_is_refused(bundle, tmp_path):
     ({"gan": -1.0}, "gan must be >= 0"),
     ({"gan_classifier": -1.0}, "gan_classifier must be >= 0"),
     ({"classifier_lr": 0.0}, "classifier_lr must be > 0"),
+    ({"gan_t_max": 0.01}, r"gan_t_max must lie in \(0.02, 1\)"),
 ])
 def test_bad_options_are_one_line(kw, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -86,6 +86,8 @@ def _register_dmd(cmd) -> None:
                    help="weight of the classifier's GAN loss in the fake model's update (DMD2: 1e-2)")
     s.add_argument("--classifier-lr", type=float, default=None,
                    help="the GAN classifier's learning rate (default: --fake-lr)")
+    s.add_argument("--gan-t-max", type=float, default=None,
+                   help="the GAN term's highest noise level, a flow time (default 0.98, DMD's own range)")
     s.add_argument("--checkpoint-every", type=int, default=50, help="iterations between saved states (50)")
     s.add_argument("--seed", type=int, default=0, help="seed of prompts and noise (0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for all three networks (cpu)")
@@ -103,7 +105,7 @@ def run_dmd(args) -> int:
                          shift=getattr(args, "shift", "default"), teacher_cfg=args.teacher_cfg, lr=args.lr,
                          fake_lr=args.fake_lr, fake_updates=args.fake_updates, regression=args.regression,
                          gan=args.gan, gan_classifier=args.gan_classifier,
-                         classifier_lr=args.classifier_lr,
+                         classifier_lr=args.classifier_lr, gan_t_max=args.gan_t_max,
                          checkpoint_every=args.checkpoint_every, seed=args.seed)
     couplings = None
     if args.couplings is not None:

@@ -72,7 +72,8 @@ class DMDOptions:
     distance of the generator's first-step estimate from a coupling's noise to the teacher's ODE endpoint of
     that noise (couplings from `rectiflow reflow pairs`); gan / gan_classifier: the weights of DMD2's GAN
     losses of the generator and of the classifier (0: off; needs real latents); classifier_lr: the
-    classifier's learning rate (None: fake_lr), on the fake model's optimiser."""
+    classifier's learning rate (None: fake_lr), on the fake model's optimiser; gan_t_max: the classifier sees
+    samples noised to times in [t_range's low end, gan_t_max] (None: t_range's, as DMD2)."""
 
     iterations: int = 1000
     batch: int = 32
@@ -87,6 +88,7 @@ class DMDOptions:
     gan: float = 0.0
     gan_classifier: float = CLASSIFIER_WEIGHT
     classifier_lr: float | None = None
+    gan_t_max: float | None = None
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
@@ -113,6 +115,11 @@ class DMDOptions:
         if not 0.0 < lo < hi < 1.0:
             raise ConfigError(f"t_range must satisfy 0 < LO < HI < 1 (flow time), got {lo:g},{hi:g}")
         object.__setattr__(self, "t_range", (lo, hi))
+        gan_hi = hi if self.gan_t_max is None else float(self.gan_t_max)
+        if not lo < gan_hi < 1.0:
+            raise ConfigError(f"gan_t_max must lie in ({lo:g}, 1), from the low end of t_range to 1; got "
+                              f"{gan_hi:g}")
+        object.__setattr__(self, "gan_t_max", gan_hi)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,9 +231,10 @@ class _Run:
             t = torch.tensor(self.ts[k])
             return denoised(z, self.gen.velocity(self.generator, prompts, z, t), t)
 
-    def noised(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(x_t, t [B], eps): each sample on its straight path at a time uniform in t_range."""
-        lo, hi = self.opt.t_range
+    def noised(self, x0: torch.Tensor, gen: torch.Generator,
+               t_max: float | None = None) -> tuple[torch.Tensor, ...]:
+        """(x_t, t [B], eps): each sample on its straight path at a time uniform in t_range (up to t_max)."""
+        lo, hi = self.opt.t_range[0], self.opt.t_range[1] if t_max is None else t_max
         t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
         tb = t.reshape(-1, 1, 1, 1).to(x0)
@@ -242,19 +250,23 @@ class _Run:
             loss = ((v.float() - (eps - x0).float()) ** 2).mean()
             return loss, {"fake": float(loss.detach())}
         z, txt, vec = (x.to(self.device) for x in self.real_latents.draw(len(prompts), gen))
-        zr_t, tr, _ = self.noised(z.to(x0), gen)
+        t_max = self.opt.gan_t_max
+        zr_t, tr, _ = self.noised(z.to(x0), gen, t_max)
         with last_hidden_states(self.fake) as h:
             v = self.real.velocity(self.fake, prompts, x_t, t)
+            if t_max != self.opt.t_range[1]:  # the classifier's own noise levels: one more forward
+                xg_t, tg, _ = self.noised(x0, gen, t_max)
+                self.real.velocity(self.fake, prompts, xg_t, tg)
             self.real.velocity(self.fake, (txt, vec), zr_t, tr)
         flow = ((v.float() - (eps - x0).float()) ** 2).mean()
-        cls = classifier_loss(self.classifier(h[1]), self.classifier(h[0]))
+        cls = classifier_loss(self.classifier(h[-1]), self.classifier(h[-2]))
         return flow + self.opt.gan_classifier * cls, {"fake": float(flow.detach()),
                                                       "classifier": float(cls.detach())}
 
     def gan_loss(self, x0: torch.Tensor, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
         """The generator's GAN loss at a noised copy of its samples x0 (with their graph); the fake model
         and the classifier are read, not trained, here."""
-        x_t, t, _ = self.noised(x0, gen)
+        x_t, t, _ = self.noised(x0, gen, self.opt.gan_t_max)
         nets = [self.fake, self.classifier]
         for n in nets:
             n.requires_grad_(False)
@@ -320,7 +332,7 @@ def dmd(pipe: Pipeline, teacher: Pipeline, pool: PromptPool, out: str | os.PathL
             "real": None if real is None else str(run.real_latents.path), **same}
     start, history = 0, []
     before_gan = {"real": None, "gan": 0.0, "gan_classifier": CLASSIFIER_WEIGHT,  # runs saved without it
-                  "classifier_lr": opt.fake_lr}
+                  "classifier_lr": opt.fake_lr, "gan_t_max": opt.t_range[1]}
     state = load_run_state(out, meta, "DMD", opt.iterations, pipe.device, meta_defaults=before_gan)
     if state is not None:
         run.generator.load_state_dict(state["generator"])
