@@ -92,3 +92,17 @@ def matmul_peak_flops(n: int = 4096, runs: int = 7, dtype: torch.dtype = torch.f
     fn, flops = square_matmul(n, dtype)
     fn()
     return flops / min(time_call(fn) for _ in range(runs))
+
+
+def parse_model_bench_args(ap) -> tuple[object, str]:
+    """Parse a model benchmark's arguments (--model, --runs among them): refuse --runs under 7, print the
+    machine and the model (default: the bundled one). Returns (args, model path)."""
+    from rectiflow.convert.bundle import default_bundle_path
+
+    args = ap.parse_args()
+    if args.runs < 7:
+        ap.error("--runs must be >= 7 (median of at least 7)")
+    print_machine_info()
+    model = args.model or str(default_bundle_path())
+    print(f"{'model':>26}: {model}")
+    return args, model

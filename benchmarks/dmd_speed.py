@@ -26,8 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _common import interleaved_medians, print_machine_info  # noqa: E402
-from rectiflow.convert.bundle import default_bundle_path  # noqa: E402
+from _common import interleaved_medians, parse_model_bench_args  # noqa: E402
 from rectiflow.data.cache_writer import build_cache  # noqa: E402
 from rectiflow.data.sources import ArraySource  # noqa: E402
 from rectiflow.sample import Pipeline  # noqa: E402
@@ -42,12 +41,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--fake-updates", type=int, default=5)
     ap.add_argument("--runs", type=int, default=7)
-    args = ap.parse_args()
-    if args.runs < 7:
-        ap.error("--runs must be >= 7 (median of at least 7)")
-    print_machine_info()
-    model = args.model or str(default_bundle_path())
-    print(f"{'model':>26}: {model}")
+    args, model = parse_model_bench_args(ap)
     generator, teacher = (Pipeline.from_bundle(model, "cpu", torch.float32) for _ in range(2))
     tmp = Path(tempfile.mkdtemp())
     size = generator.defaults.width

@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _common import interleaved_medians, print_machine_info  # noqa: E402
-from rectiflow.convert.bundle import default_bundle_path  # noqa: E402
+from _common import interleaved_medians, parse_model_bench_args  # noqa: E402
 from rectiflow.sample import Pipeline  # noqa: E402
 from rectiflow.sample.couplings import PromptSource, make_couplings  # noqa: E402
 
@@ -40,12 +39,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=7)
-    args = ap.parse_args()
-    if args.runs < 7:
-        ap.error("--runs must be >= 7 (median of at least 7)")
-    print_machine_info()
-    model = args.model or str(default_bundle_path())
-    print(f"{'model':>26}: {model}")
+    args, model = parse_model_bench_args(ap)
     pipe = Pipeline.from_bundle(model, "cpu", torch.float32)
     tmp = Path(tempfile.mkdtemp())
     (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
