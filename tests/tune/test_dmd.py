@@ -309,10 +309,7 @@ def test_the_gan_losses_are_the_non_saturating_ones():
     assert classifier_loss(sure, -sure) < 1e-6 and generator_gan_loss(-sure) > 19.0
 
 
-NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_every_term_at_once_on_each_device(bundle, tmp_path, device):
     """Two steps, the regression and the GAN term together; on a GPU every tensor has to follow the networks
     there (the noise, couplings and real latents are drawn on the CPU)."""
