@@ -15,6 +15,7 @@ from rectiflow.convert.bundle import SamplingDefaults, save_bundle
 from rectiflow.data.cache_reader import LatentCache
 from rectiflow.data.cache_writer import build_cache
 from rectiflow.data.sources import ArraySource
+from rectiflow.data.transforms import Buckets
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.models.sd3 import MMDiT
 from rectiflow.models.text import load_text_encoder
@@ -275,6 +276,15 @@ def test_the_gan_term_without_real_latents_or_with_foreign_ones_is_refused(bundl
             progress=False)
     with pytest.raises(ConfigError, match=r"the real latents in .* are \(\d+, 8, 8\); the model samples"):
         dmd(pipe, Pipeline.from_bundle(bundle), POOL, tmp_path / "b", DMDOptions(**OPTS, gan=0.1), real=big,
+            progress=False)
+    def wide_or_square(i):
+        return np.zeros((32, 96 if i % 2 else 32, 3), np.uint8), {"caption": [PROMPT]}, f"m{i}"
+
+    mixed = build_cache(ArraySource(4, wide_or_square, name="mixed"), pipe.autoencoder, pipe.text_encoder,
+                        tmp_path / "mixed", buckets=Buckets(((32, 32), (48, 16))), batch_size=4, shard_size=4,
+                        progress=False)
+    with pytest.raises(ConfigError, match="come in 2 image sizes; cache one size, the model's default"):
+        dmd(pipe, Pipeline.from_bundle(bundle), POOL, tmp_path / "b", DMDOptions(**OPTS, gan=0.1), real=mixed,
             progress=False)
     foreign = _flat_images(pipe, tmp_path / "foreign", n=4, encoder=load_text_encoder("minilm:8"))
     with pytest.raises(RectiflowError, match="cache made by other encoders: text encoder"):
