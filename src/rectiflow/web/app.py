@@ -230,8 +230,11 @@ def create_app(manager: JobManager, limits: Limits | None = None) -> FastAPI:
                 version = job.version
                 if version != sent:
                     sent = version
-                    yield f"event: job\ndata: {json.dumps(job_json(job))}\n\n"
-                    if job.status in FINISHED:
+                    state = job_json(job)
+                    yield f"event: job\ndata: {json.dumps(state)}\n\n"
+                    # end on the state sent, not on job.status now: a job that finishes between the two
+                    # reads would otherwise end the stream on a "running" event
+                    if state["status"] in FINISHED:
                         return
                 else:
                     yield ": keep-alive\n\n"
