@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from rectiflow.convert.bundle import SamplingDefaults
-from rectiflow.data.shapes import TASKS, parse_prompt, render, scene_for_prompt
+from rectiflow.data.shapes import SHAPES, TASKS, parse_prompt, render, scene_for_prompt
 from rectiflow.errors import ConfigError, RectiflowError
 from rectiflow.eval.shapes import prompt_set
 from rectiflow.eval.shapes_eval import evaluate_prompt, evaluate_shapes, geneval_metadata, report_markdown
@@ -52,6 +52,7 @@ def test_ground_truth_generator_scores_one_and_files_follow_geneval(tmp_path):
     assert seen["n_images"] == 48 * 6 * 4 and held["n_images"] == 24 * 3 * 4
     assert list(seen["per_task"]) == list(TASKS)
     assert list(held["per_task"]) == ["colors", "position", "color_attr"]
+    assert list(seen["shapes_found"]) == list(SHAPES) and min(seen["shapes_found"].values()) >= 0.99
     # each distinct prompt is generated once, with the protocol's seeds
     texts = [t for c in pipe.calls for t in c["prompts"]]
     assert len(texts) == len(set(texts)) == len({p.text for p in prompt_set("seen")}) + len(
@@ -87,11 +88,15 @@ def test_blank_and_wrong_images_score_low_and_settings_are_passed():
     assert s["overall"] == 0.0 and s["n_images"] == 6 * 3 * 4
     assert s["failures"] == {t: {"nothing detected": 12} for t in TASKS}
     assert "| color_attr | nothing detected | 12 |" in report_markdown(blank)
+    assert set(s["shapes_found"].values()) == {0.0} and len(s["shapes_found"]) >= 4
     pipe = FakePipeline("cross")
     wrong = evaluate_shapes(pipe, steps=[1, 3], splits=["heldout"], limit=2, sampler="heun", cfg_scale=2.5,
                             progress=False)
     assert list(wrong["results"]) == ["held_out"] and list(wrong["results"]["held_out"]) == ["1", "3"]
     assert wrong["results"]["held_out"]["3"]["overall"] == 0.0  # a cross alone satisfies none of these
+    found = wrong["results"]["held_out"]["3"]["shapes_found"]  # the crosses are found, nothing else
+    assert all(v == (s == "cross") for s, v in found.items()) and len(found) > 2
+    assert "| 1 steps | " in report_markdown(wrong).split("Named shapes found")[1]
     for summary in wrong["results"]["held_out"].values():  # every failed image has exactly one kind
         assert {t: sum(f.values()) for t, f in summary["failures"].items()} == {
             t: v["n"] - v["correct"] for t, v in summary["per_task"].items()}

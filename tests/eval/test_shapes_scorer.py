@@ -29,10 +29,12 @@ from rectiflow.eval.shapes import (
     commonest_failure,
     failure,
     format_failures,
+    format_shapes_found,
     format_table,
     prompt_set,
     score_detections,
     score_image,
+    shapes_found,
     summarize,
     summarize_failures,
 )
@@ -310,21 +312,21 @@ def test_failure_kinds():
         "a photo of an orange triangle": None,
         "a photo of a square": "wrong shape",
         "a photo of a triangle and a diamond": None,
-        "a photo of a triangle and a star": "one shape missing",
+        "a photo of a triangle and a star": "one drawn as another shape",  # the diamond
         "a photo of a circle and a star": "both shapes missing",
-        "a photo of two triangles": "too few",
-        "a photo of two squares": "too few",
+        "a photo of two triangles": "some drawn as another shape",
+        "a photo of two squares": "some drawn as another shape",
         "a photo of a red triangle": "wrong colour",
         "a photo of a purple triangle": "wrong colour",
         "a photo of an orange square": "shape missing",
         "a photo of a triangle left of a diamond": None,
         "a photo of a triangle right of a diamond": "wrong relation",
-        "a photo of a triangle above a square": "one shape missing",
+        "a photo of a triangle above a square": "one drawn as another shape",
         "a photo of a purple triangle and an orange diamond": "colours swapped",
         "a photo of an orange triangle and a pink diamond": "wrong colour",
         "a photo of a red triangle and a pink diamond": "wrong colour",
         "a photo of an orange triangle and a black diamond": "wrong colour",
-        "a photo of an orange star and a purple diamond": "one shape missing",
+        "a photo of an orange star and a purple diamond": "one drawn as another shape",
     }
     for text, want in cases.items():
         assert _why(text, img) == want, text
@@ -332,7 +334,14 @@ def test_failure_kinds():
     three = _scene(("circle", "red", 12, 12, 15), ("circle", "green", 50, 12, 15),
                    ("circle", "blue", 12, 50, 15))
     assert _why("a photo of two circles", three) == "too many"
-    assert _why("a photo of four circles", three) == "too few"
+    assert _why("a photo of four circles", three) == "too few"  # three objects in all
+    assert _why("a photo of three squares", three) == "some drawn as another shape"
+    one = _scene(("triangle", "orange", 18, 32, 18))
+    twice = _scene(("triangle", "orange", 18, 32, 18), ("triangle", "blue", 48, 32, 18))
+    for text in ("a photo of a triangle and a star", "a photo of a star below a triangle",
+                 "a photo of an orange triangle and a blue star"):
+        assert _why(text, one) == "one shape missing", text
+        assert _why(text, twice) == "one shape on both", text
     same = _scene(("triangle", "green", 18, 32, 18), ("diamond", "green", 48, 32, 18))
     assert _why("a photo of a green triangle and a red diamond", same) == "one colour on both"
     assert _why("a photo of a blue triangle and a green diamond", same) == "one colour on both"
@@ -377,3 +386,18 @@ def test_summarize_is_an_unweighted_mean_of_tasks():
     assert "| 4 steps | 0.750 | - | 0.100 |" in table
     with pytest.raises(ConfigError):
         summarize([("juggling", True)])
+
+
+def test_shapes_found_counts_each_named_shape_over_the_prompts_naming_it():
+    star_and_circle = parse_prompt("a photo of a star and a circle")
+    results = [(star_and_circle, ["circle", "circle"]),  # the star drawn as a second circle
+               (star_and_circle, ["star", "circle"]),
+               (parse_prompt("a photo of three stars"), ["star", "diamond", "star"]),
+               (parse_prompt("a photo of a red square"), [])]
+    found = shapes_found(results)
+    assert found == {"square": 0.0, "circle": 1.0, "star": 2 / 3}
+    assert list(found) == [s for s in SHAPES if s in found]  # SHAPES order, unnamed shapes left out
+    table = format_shapes_found({"4 steps": found, "8 steps": {"star": 1.0}}).splitlines()
+    assert table[0] == "| | " + " | ".join(s for s in SHAPES if s in found) + " |"
+    assert "| 8 steps |" in table[3] and table[3].count("-") == 2
+    assert shapes_found([]) == {}

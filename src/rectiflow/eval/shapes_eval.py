@@ -36,10 +36,12 @@ from rectiflow.eval.shapes import (
     SPLITS,
     failure,
     format_failures,
+    format_shapes_found,
     format_table,
     normalize_split,
     prompt_set,
     score_image,
+    shapes_found,
     summarize,
     summarize_failures,
 )
@@ -131,6 +133,8 @@ def _run_one(pipe, prompts: list[Prompt], steps: int, seeds: Sequence[int], out:
                for k, p in enumerate(prompts) for rec in scores[p.text]]
     summary = summarize([(r["task"], r["correct"]) for r in records])
     summary["failures"] = summarize_failures([(r["task"], r["failure"]) for r in records])
+    summary["shapes_found"] = shapes_found([(prompts[r["index"]], [d["shape"] for d in r["detections"]])
+                                            for r in records])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for k, p in enumerate(prompts):  # GenEval layout: <index>/metadata.jsonl, <index>/samples/<n>.png
@@ -285,5 +289,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         fails = {f"{k} steps": v["failures"] for k, v in by_steps.items() if "failures" in v}
         if any(kinds for f in fails.values() for kinds in f.values()):
             lines += ["Failed images by kind (rectiflow.eval.shapes.failure):", "", format_failures(fails),
+                      ""]
+        found = {f"{k} steps": v["shapes_found"] for k, v in by_steps.items() if "shapes_found" in v}
+        if found:
+            lines += ["Named shapes found (rectiflow.eval.shapes.shapes_found: of the images whose prompt "
+                      "names a shape, the fraction with an object of it):", "", format_shapes_found(found),
                       ""]
     return "\n".join(lines)
