@@ -20,6 +20,7 @@ from rectiflow.data.shapes import (
     parse_prompt,
     prompts_for,
     render,
+    sample_prompt,
     scene_for_prompt,
     true_captions,
     write_imagefolder,
@@ -228,6 +229,44 @@ def test_cli_task_weights(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("all zero" if bad.endswith("color_attr=0") else "bad task weight") in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_shape_weights(tmp_path, capsys):
+    """--shape-weights draws prompts in proportion to the product of their shapes' weights; bad weights are
+    one-line errors."""
+    # without weights the draw is the one datasets were written with before the option (a golden: these
+    # captions are what `rectiflow data shapes --seed 5` wrote then)
+    assert [ShapesWorld(64, seed=5)[i].caption for i in range(4)] == [
+        "a photo of a circle below a square", "a photo of a star above a diamond",
+        "a photo of a star and a square", "a photo of a square below a star"]
+    plain, same = ShapesWorld(64, seed=5), ShapesWorld(64, seed=5, shape_weights=dict.fromkeys(SHAPES, 1.0))
+    assert [same[i].task for i in range(40)] == [plain[i].task for i in range(40)]  # the task is drawn first
+    # weight 0 removes a shape from every caption; a heavy weight makes it the commonest noun
+    no_star = ShapesWorld(64, seed=5, shape_weights={"star": 0})
+    assert not any("star" in no_star[i].caption for i in range(200))
+    single = {t: float(t == "single_object") for t in TASKS}
+    heavy = ShapesWorld(64, seed=5, shape_weights={"cross": 4}, task_weights=single)
+    share = np.mean([heavy[i].caption.endswith("cross") for i in range(400)])
+    assert 0.35 < share < 0.65  # 4 / (5 + 4) = 0.44 against 1/6 uniform
+    assert main(["data", "shapes", "--out", str(tmp_path / "w"), "--n", "20", "--seed", "5", "--no-progress",
+                 "--shape-weights", "star=0"]) == 0
+    assert "shape weights circle 1 square 1 triangle 1 diamond 1 star 0 cross 1" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [no_star[i].caption for i in range(20)]
+    for bad, msg in (("star", "bad shape weight"), ("hexagon=2", "bad shape weight"),
+                     ("star=x", "not a number"), ("star=-1", "finite and >= 0"),
+                     (",".join(f"{s}=0" for s in SHAPES), "all zero")):
+        with pytest.raises(SystemExit):
+            main(["data", "shapes", "--out", str(tmp_path / "bad"), "--n", "2", "--shape-weights", bad])
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    for bad in ({"hexagon": 1.0}, {"star": float("nan")}, dict.fromkeys(SHAPES, 0.0)):
+        with pytest.raises(ConfigError, match="shape"):
+            ShapesWorld(64, shape_weights=bad)
+    # a task none of whose prompts keeps a weight: said when drawn
+    only_circle = {s: float(s == "circle") for s in SHAPES}
+    with pytest.raises(ConfigError, match="leave no two_object prompt"):
+        sample_prompt("two_object", np.random.default_rng(0), shape_weights=only_circle)
 
 
 def test_shapes_vocabulary_is_the_spec():

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     s.add_argument("--task-weights", type=parse_task_weights, metavar="TASK=W,...",
                    help="relative frequency of each caption task, e.g. position=2.5,color_attr=2.5 "
                         "(tasks not named keep weight 1; default: all six tasks equally often)")
+    s.add_argument("--shape-weights", type=parse_shape_weights, metavar="SHAPE=W,...",
+                   help="draw each caption in proportion to the product of its shapes' weights, e.g. "
+                        "star=2,cross=2 to show the hardest shapes more often (default: uniform)")
     s.add_argument("--caption-order", choices=["any", "reading"], default="any",
                    help="'reading': a two-object image's two_object / color_attr captions name its objects "
                         "left-to-right (top-to-bottom when stacked) only; default 'any': both orders")
@@ -132,27 +135,41 @@ def run(args) -> int:
     return 1 if args.strict and not report.ok else 0
 
 
+def _parse_weights(text: str, names, what: str) -> dict[str, float]:
+    """"a=2.5,b=2" -> every name with a weight (names not given keep 1.0); one clear error otherwise."""
+    weights = dict.fromkeys(names, 1.0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in names:
+            raise argparse.ArgumentTypeError(
+                f"bad {what} weight {part!r}: use {what.upper()}=WEIGHT with {what.upper()} one of "
+                f"{', '.join(names)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad {what} weight {part!r}: {value!r} is not a number") from None
+        if not (w >= 0 and w != float("inf")):
+            raise argparse.ArgumentTypeError(f"bad {what} weight {part!r}: weights must be finite and >= 0")
+        weights[name] = w
+    if not any(weights.values()):
+        raise argparse.ArgumentTypeError(f"{what} weights are all zero: no {what} left to draw")
+    return weights
+
+
 def parse_task_weights(text: str) -> dict[str, float]:
     """"position=2.5,color_attr=2.5" -> all six tasks with weights (unnamed tasks keep 1.0)."""
     from rectiflow.data.shapes import TASKS
 
-    weights = dict.fromkeys(TASKS, 1.0)
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in TASKS:
-            raise argparse.ArgumentTypeError(
-                f"bad task weight {part!r}: use TASK=WEIGHT with TASK one of {', '.join(TASKS)}")
-        try:
-            w = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad task weight {part!r}: {value!r} is not a number") from None
-        if not (w >= 0 and w != float("inf")):
-            raise argparse.ArgumentTypeError(f"bad task weight {part!r}: weights must be finite and >= 0")
-        weights[name] = w
-    if not any(weights.values()):
-        raise argparse.ArgumentTypeError("task weights are all zero: no task left to draw")
-    return weights
+    return _parse_weights(text, TASKS, "task")
+
+
+def parse_shape_weights(text: str) -> dict[str, float]:
+    """"star=2,cross=2" -> all six shapes with weights (unnamed shapes keep 1.0)."""
+    from rectiflow.data.shapes import SHAPES
+
+    return _parse_weights(text, tuple(SHAPES), "shape")
 
 
 def run_shapes(args) -> int:
@@ -160,12 +177,15 @@ def run_shapes(args) -> int:
 
     out = write_imagefolder(args.out, args.n, args.size, args.seed, task_weights=args.task_weights,
                             caption_order=args.caption_order, counterfactual=args.counterfactual,
-                            overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers)
+                            overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers,
+                            shape_weights=args.shape_weights)
     mix = "" if args.caption_order == "any" else f", captions in {args.caption_order} order"
     mix += f", counterfactual images ({args.counterfactual})" if args.counterfactual else ""
     if args.task_weights:
         total = sum(args.task_weights.values())
         mix += ", tasks " + " ".join(f"{t} {w / total:.2f}" for t, w in args.task_weights.items())
+    if args.shape_weights:
+        mix += ", shape weights " + " ".join(f"{s} {w:g}" for s, w in args.shape_weights.items())
     print(f"wrote {args.n} shapes-world images ({args.size}px, seed {args.seed}{mix}) to {out}")
     return 0
 

@@ -56,6 +56,7 @@ from rectiflow.data.shapes_grammar import (  # noqa: F401  (re-exported: the wor
     TASKS,
     Prompt,
     article,
+    check_shape_weights,
     parse_prompt,
     prompts_for,
     relation_holds,
@@ -193,9 +194,12 @@ def scene_for_prompt(prompt: Prompt | str, rng: np.random.Generator, size: int =
     return Scene(_layout(rng, shapes, colors, size, accept), size, p)
 
 
-def sample_scene(task: str, rng: np.random.Generator, size: int = 64, *, train: bool = True) -> Scene:
-    """A random scene of the task with its caption (train=True: no held-out combination anywhere)."""
-    return scene_for_prompt(sample_prompt(task, rng, train=train), rng, size, train=train)
+def sample_scene(task: str, rng: np.random.Generator, size: int = 64, *, train: bool = True,
+                 shape_weights: Mapping[str, float] | None = None) -> Scene:
+    """A random scene of the task with its caption (train=True: no held-out combination anywhere);
+    shape_weights: see sample_prompt."""
+    prompt = sample_prompt(task, rng, train=train, shape_weights=shape_weights)
+    return scene_for_prompt(prompt, rng, size, train=train)
 
 
 def counterfactual_scene(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -341,7 +345,7 @@ class ShapesWorld:
     """Deterministic, index-addressable source of training images: item i depends only on (seed, i)."""
 
     def __init__(self, size: int = 64, seed: int = 0, task_weights: Mapping[str, float] | None = None,
-                 caption_order: str = "any"):
+                 caption_order: str = "any", shape_weights: Mapping[str, float] | None = None):
         _check_size(size)
         _check_caption_order(caption_order)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -356,13 +360,14 @@ class ShapesWorld:
             raise ConfigError(f"task_weights must be finite, >= 0 and not all zero (got {weights})")
         self.size, self.seed, self.probs = int(size), int(seed), w / w.sum()
         self.caption_order = caption_order
+        self.shape_weights = check_shape_weights(shape_weights)
 
     def scene(self, i: int) -> Scene:
         if not isinstance(i, (int, np.integer)) or i < 0:
             raise IndexError(f"shapes-world index must be a non-negative integer (got {i!r})")
         rng = np.random.default_rng([self.seed, int(i)])
         task = TASKS[int(rng.choice(len(TASKS), p=self.probs))]
-        return sample_scene(task, rng, self.size, train=True)
+        return sample_scene(task, rng, self.size, train=True, shape_weights=self.shape_weights)
 
     def __getitem__(self, i: int) -> ShapesItem:
         scene = self.scene(i)
@@ -388,12 +393,13 @@ class ShapesWorld:
         return self.iter_from(0)
 
 
-def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, str | None, int]) -> dict:
+def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, str | None,
+                           Mapping[str, float] | None, int]) -> dict:
     """Render and save item i of a world; returns its metadata row (a process-pool worker)."""
     from PIL import Image
 
-    out, size, seed, weights, order, counterfactual, i = job
-    world = ShapesWorld(size, seed, weights, order)
+    out, size, seed, weights, order, counterfactual, shapes, i = job
+    world = ShapesWorld(size, seed, weights, order, shapes)
     item = world.counterfactual(i, counterfactual) if counterfactual else world[i]
     name = f"{i:06d}.png"
     Image.fromarray(item.image).save(Path(out) / name)
@@ -407,8 +413,9 @@ def _write_item(job: tuple[str, int, int, Mapping[str, float] | None, str, str |
 def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: int = 0, *,
                       task_weights: Mapping[str, float] | None = None, caption_order: str = "any",
                       counterfactual: str | None = None, overwrite: bool = False, progress: bool = True,
-                      workers: int = 1) -> Path:
-    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order) as PNGs plus metadata.jsonl
+                      workers: int = 1, shape_weights: Mapping[str, float] | None = None) -> Path:
+    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order, shape_weights) as PNGs plus
+    metadata.jsonl
     (file_name, text = primary caption, captions = all true captions, task). Returns the directory.
 
     Read it back with `open_source(dir)` (caption column "text") or `caption_columns=["captions"]` (all
@@ -424,7 +431,8 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
         raise ConfigError(f"number of images must be a positive integer (got {n!r})")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ConfigError(f"workers must be a positive integer (got {workers!r})")
-    ShapesWorld(size, seed, task_weights, caption_order)  # validate the arguments before touching the disk
+    # validate the arguments before touching the disk
+    shapes = ShapesWorld(size, seed, task_weights, caption_order, shape_weights).shape_weights
     if counterfactual is not None:
         _check_counterfactual(counterfactual)
     out = Path(out_dir)
@@ -433,7 +441,8 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
         raise RectiflowError(f"{out} already holds a metadata.jsonl; choose a new directory or overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     weights = None if task_weights is None else dict(task_weights)
-    jobs = ((str(out), int(size), int(seed), weights, caption_order, counterfactual, i) for i in range(n))
+    jobs = ((str(out), int(size), int(seed), weights, caption_order, counterfactual, shapes, i)
+            for i in range(n))
     # metadata.jsonl is the commit point: written atomically after every image exists
     with atomic_write(meta) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             tqdm(total=n, desc="shapes world", unit="img", disable=not progress) as bar:

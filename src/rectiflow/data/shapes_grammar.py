@@ -202,10 +202,31 @@ def prompts_for(task: str, split: str = "all") -> tuple[Prompt, ...]:
     return tuple(p for p in prompts if p.held_out == (split == "held_out"))
 
 
-def sample_prompt(task: str, rng: np.random.Generator, *, train: bool = True) -> Prompt:
-    """A uniformly drawn prompt of the task (free of held-out combinations when train=True)."""
+def sample_prompt(task: str, rng: np.random.Generator, *, train: bool = True,
+                  shape_weights: Mapping[str, float] | None = None) -> Prompt:
+    """A drawn prompt of the task (free of held-out combinations when train=True): uniform, or with
+    shape_weights each prompt in proportion to the product of its shapes' weights (shapes not named: 1)."""
     prompts = prompts_for(task, "seen" if train else "all")
-    return prompts[int(rng.integers(len(prompts)))]
+    if shape_weights is None:  # the uniform draw keeps its own rng call, so existing datasets are unchanged
+        return prompts[int(rng.integers(len(prompts)))]
+    w = np.array([float(np.prod([shape_weights.get(s, 1.0) for s in (p.shape1, p.shape2) if s]))
+                  for p in prompts])
+    if not w.sum() > 0:
+        raise ConfigError(f"shape_weights {dict(shape_weights)} leave no {task} prompt to draw")
+    return prompts[int(rng.choice(len(prompts), p=w / w.sum()))]
+
+
+def check_shape_weights(weights: Mapping[str, float] | None) -> dict[str, float] | None:
+    """shape_weights as a plain dict, or one clear error: unknown shape, weight not finite or < 0, all 0."""
+    if weights is None:
+        return None
+    unknown = set(weights) - set(SHAPES)
+    if unknown:
+        raise ConfigError(f"unknown shape(s) {sorted(unknown)} in shape_weights; use {', '.join(SHAPES)}")
+    out = {s: float(weights.get(s, 1.0)) for s in SHAPES}
+    if not all(np.isfinite(v) and v >= 0 for v in out.values()) or not any(out.values()):
+        raise ConfigError(f"shape_weights must be finite, >= 0 and not all zero (got {dict(weights)})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- the position rule
