@@ -127,3 +127,22 @@ def test_written_files_get_the_default_mode(tmp_path, write_image):
     assert all(m == 0o644 for m in modes.values()), modes
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o755
+
+
+def test_no_progress_silences_every_bar(tmp_path, write_image, capsys):
+    """progress=False (the CLI's --no-progress) silences the planning bar too (shown from 1,000 samples)."""
+    from rectiflow.data.cache_writer import plan_cache
+    from rectiflow.data.transforms import CenterCrop
+
+    root = tmp_path / "many"
+    root.mkdir()
+    write_image(root / "0.png", 16, 16, seed=0)
+    for i in range(1000):  # one picture, 1,000 samples: planning reads headers only
+        (root / f"{i:04d}.png").write_bytes((root / "0.png").read_bytes())
+        (root / f"{i:04d}.txt").write_text("x")
+    (root / "0.png").unlink()
+    source = open_source(root)
+    plan_cache(source, CenterCrop(16), 512, progress=False)
+    assert "planning" not in capsys.readouterr().err
+    plan_cache(source, CenterCrop(16), 512)
+    assert "planning" in capsys.readouterr().err

@@ -152,12 +152,14 @@ class _ManifestWriter:
         write_bytes(self.path, (self.prefix + tail).encode())
 
 
-def plan_cache(source: Source, resize: CenterCrop | Buckets, shard_size: int, on_error: str = "skip") -> dict:
+def plan_cache(source: Source, resize: CenterCrop | Buckets, shard_size: int, on_error: str = "skip",
+               progress: bool = True) -> dict:
     """Sample order, shards (one bucket each) and the unique caption table; reads image headers only."""
     if shard_size < 1:
         raise ConfigError(f"shard size {shard_size}; use a positive number of samples per shard")
     by_bucket: dict[int, list[int]] = {}
-    for i in tqdm(range(len(source)), desc="planning", unit="img", disable=len(source) < 1000):
+    for i in tqdm(range(len(source)), desc="planning", unit="img",
+                  disable=not progress or len(source) < 1000):
         try:
             w, h = source.image_size(i)
         except IMAGE_ERRORS as e:
@@ -218,7 +220,7 @@ def build_cache(source: Source, autoencoder, text_encoder, out, *, size: int | N
         raise ConfigError(f"batch size {batch_size}; use a positive integer")
     resize = CenterCrop(size) if size is not None else buckets
     out = Path(out)
-    plan = plan_cache(source, resize, shard_size, on_error)
+    plan = plan_cache(source, resize, shard_size, on_error, progress)
     if not plan["order"]:
         raise FormatError(f"no readable samples in {source.describe()}; see `rectiflow data check`")
     fields = sorted({f for s in source.samples for f in s.captions})
