@@ -209,11 +209,19 @@ def sample_prompt(task: str, rng: np.random.Generator, *, train: bool = True,
     prompts = prompts_for(task, "seen" if train else "all")
     if shape_weights is None:  # the uniform draw keeps its own rng call, so existing datasets are unchanged
         return prompts[int(rng.integers(len(prompts)))]
-    w = np.array([float(np.prod([shape_weights.get(s, 1.0) for s in (p.shape1, p.shape2) if s]))
-                  for p in prompts])
+    p = _prompt_probs(task, train, tuple(sorted(shape_weights.items())))
+    return prompts[int(rng.choice(len(prompts), p=p))]
+
+
+@functools.lru_cache(maxsize=64)
+def _prompt_probs(task: str, train: bool, shape_weights: tuple[tuple[str, float], ...]) -> np.ndarray:
+    """sample_prompt's probabilities (cached: a dataset draws from the same few tables 100,000 times)."""
+    weights = dict(shape_weights)
+    w = np.array([float(np.prod([weights.get(s, 1.0) for s in (p.shape1, p.shape2) if s]))
+                  for p in prompts_for(task, "seen" if train else "all")])
     if not w.sum() > 0:
-        raise ConfigError(f"shape_weights {dict(shape_weights)} leave no {task} prompt to draw")
-    return prompts[int(rng.choice(len(prompts), p=w / w.sum()))]
+        raise ConfigError(f"shape_weights {weights} leave no {task} prompt to draw")
+    return w / w.sum()
 
 
 def check_shape_weights(weights: Mapping[str, float] | None) -> dict[str, float] | None:
