@@ -8,7 +8,8 @@ Choices where the spec leaves room (all deterministic):
 - Randomness: every function takes a numpy Generator; dataset item i uses default_rng([seed, i]), so any
   position of a dataset can be regenerated alone (exact resume).
 - Captions for training are drawn uniformly among the template prompts of the task that contain no held-out
-  combination (`prompts_for(task, "seen")`); the task itself from `task_weights` (uniform by default).
+  combination (`prompts_for(task, "seen")`), or in proportion to the product of their shapes' weights with
+  `shape_weights`; the task itself from `task_weights` (uniform by default).
 - Sizes are drawn first (i.i.d. uniform in [0.22 S, 0.34 S]), then colours (uniform among those allowed),
   then centres: uniform over the canvas range that keeps the 0.03 S margin, by rejection in batches of
   candidate layouts (the first valid one is taken), i.e. uniform conditional on all constraints.
@@ -414,9 +415,9 @@ def write_imagefolder(out_dir: str | os.PathLike, n: int, size: int = 64, seed: 
                       task_weights: Mapping[str, float] | None = None, caption_order: str = "any",
                       counterfactual: str | None = None, overwrite: bool = False, progress: bool = True,
                       workers: int = 1, shape_weights: Mapping[str, float] | None = None) -> Path:
-    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order, shape_weights) as PNGs plus
-    metadata.jsonl
-    (file_name, text = primary caption, captions = all true captions, task). Returns the directory.
+    """Write items 0..n-1 of ShapesWorld(size, seed, task_weights, caption_order, shape_weights) as PNGs
+    plus metadata.jsonl (file_name, text = primary caption, captions = all true captions, task). Returns the
+    directory.
 
     Read it back with `open_source(dir)` (caption column "text") or `caption_columns=["captions"]` (all
     true captions of each image, primary first). workers > 1 renders in that many processes; the files
