@@ -229,6 +229,10 @@ def test_cli_task_weights(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("all zero" if bad.endswith("color_attr=0") else "bad task weight") in err
     assert not (tmp_path / "bad").exists()
+    for bad, msg in (({"place": 1}, "unknown task"), ({"position": -1}, "finite, >= 0"),
+                     ({"position": 0}, "not all zero")):
+        with pytest.raises(ConfigError, match=msg):
+            ShapesWorld(64, task_weights=bad)
 
 
 def test_shape_weights(tmp_path, capsys):

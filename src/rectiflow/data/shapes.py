@@ -58,6 +58,7 @@ from rectiflow.data.shapes_grammar import (  # noqa: F401  (re-exported: the wor
     Prompt,
     article,
     check_shape_weights,
+    check_weights,
     parse_prompt,
     prompts_for,
     relation_holds,
@@ -351,14 +352,10 @@ class ShapesWorld:
         _check_caption_order(caption_order)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"shapes-world seed must be a non-negative integer (got {seed!r})")
-        weights = dict.fromkeys(TASKS, 1.0) if task_weights is None else dict(task_weights)
-        unknown = set(weights) - set(TASKS)
-        if unknown:
-            raise ConfigError(
-                f"unknown shapes task(s) {sorted(unknown)} in task_weights; use {', '.join(TASKS)}")
-        w = np.array([float(weights.get(t, 0.0)) for t in TASKS])
-        if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(f"task_weights must be finite, >= 0 and not all zero (got {weights})")
+        # a task not named in task_weights is not drawn (the CLI names all six)
+        weights = dict.fromkeys(TASKS, 1.0) if task_weights is None else \
+            check_weights(task_weights, TASKS, "task", missing=0.0)
+        w = np.array([weights[t] for t in TASKS])
         self.size, self.seed, self.probs = int(size), int(seed), w / w.sum()
         self.caption_order = caption_order
         self.shape_weights = check_shape_weights(shape_weights)

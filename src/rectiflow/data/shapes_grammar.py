@@ -224,17 +224,21 @@ def _prompt_probs(task: str, train: bool, shape_weights: tuple[tuple[str, float]
     return w / w.sum()
 
 
-def check_shape_weights(weights: Mapping[str, float] | None) -> dict[str, float] | None:
-    """shape_weights as a plain dict, or one clear error: unknown shape, weight not finite or < 0, all 0."""
-    if weights is None:
-        return None
-    unknown = set(weights) - set(SHAPES)
+def check_weights(weights: Mapping[str, float], names, what: str, missing: float) -> dict[str, float]:
+    """Every name with its weight (names not given: `missing`), or one clear error: an unknown name, a weight
+    not finite or < 0, all zero. `what` names the mapping in the message ("task" -> task_weights)."""
+    unknown = set(weights) - set(names)
     if unknown:
-        raise ConfigError(f"unknown shape(s) {sorted(unknown)} in shape_weights; use {', '.join(SHAPES)}")
-    out = {s: float(weights.get(s, 1.0)) for s in SHAPES}
+        raise ConfigError(f"unknown {what}(s) {sorted(unknown)} in {what}_weights; use {', '.join(names)}")
+    out = {n: float(weights.get(n, missing)) for n in names}
     if not all(np.isfinite(v) and v >= 0 for v in out.values()) or not any(out.values()):
-        raise ConfigError(f"shape_weights must be finite, >= 0 and not all zero (got {dict(weights)})")
+        raise ConfigError(f"{what}_weights must be finite, >= 0 and not all zero (got {dict(weights)})")
     return out
+
+
+def check_shape_weights(weights: Mapping[str, float] | None) -> dict[str, float] | None:
+    """shape_weights with every shape (unnamed shapes: 1), or None; bad weights: see check_weights."""
+    return None if weights is None else check_weights(weights, tuple(SHAPES), "shape", missing=1.0)
 
 
 # ---------------------------------------------------------------------------------------- the position rule
