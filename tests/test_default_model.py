@@ -58,11 +58,12 @@ def test_accuracy_does_not_regress(pipe):
     assert sum(scored) >= MIN_CORRECT, f"{sum(scored)}/24 correct ({per_prompt})"
 
 
-# The shipped weights with the bundle's defaults (Euler, 8 steps, time shift 3, CFG 1) get 16/24 of these
-# right (circle 4/4, red square 4/4, three squares 1/4, star and cross 3/4, diamond above a cross 3/4, the
-# README prompt 1/4; the model before it got 12/24); one image of margin for float differences across CPUs.
-# The full benchmark is in the model card.
-MIN_CORRECT = 15
+# The shipped weights with the bundle's defaults (Euler, 8 steps, time shift 3, CFG 1) get 14/24 of these
+# right (circle 4/4, red square 3/4, three squares 0/4, star and cross 3/4, diamond above a cross 3/4, the
+# README prompt 1/4). The model before it got 16/24 here but less on the full benchmark at 8 steps
+# (0.688 / 0.642 against 0.722 / 0.719): 24 images are a guard against breakage, not a ranking. One image of
+# margin for float differences across CPUs. The full benchmark is in the model card.
+MIN_CORRECT = 13
 
 
 def test_eval_prompt_scores_what_generate_draws(tmp_path, capsys):
