@@ -48,6 +48,7 @@ OVERRIDES=(model.init="$INIT" model.autoencoder="$AE" data.cache="$RUNS/cache"
            optim.lr=4e-4 optim.warmup_steps=100 ema.start=0 ema.decay=0.998 train.steps=3000
            train.out_dir="$RUNS/train")
 if [ ! -f "$RUNS/train/export/bundle/model.json" ]; then
+  if [ ! -f "$INIT" ]; then echo "error: no starting weights at INIT=$INIT" >&2; exit 1; fi
   resume=(); if ls -d "$RUNS/train/checkpoints"/step-* >/dev/null 2>&1; then resume=(--resume); fi
   stage transformer rectiflow train configs/shapes.toml "${OVERRIDES[@]}" "${resume[@]}"
 fi

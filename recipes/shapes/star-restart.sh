@@ -12,15 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/star-restart}
 export DEST=${DEST:-src/rectiflow/assets/default}
-teacher() { echo "$RUNS/$1/train/export/bundle/transformer.safetensors"; }
+# each round's teacher, named here: inside a round's `RUNS=... INIT=...` prefix RUNS is already the round's
+TEACHER=train/export/bundle/transformer.safetensors
+ROUND1="$RUNS/round1/$TEACHER"
+ROUND2="$RUNS/round2/$TEACHER"
 # round 1: the reading-order restart of the model at commit 61882a5, its teacher only
 RUNS="$RUNS/round1" TEACHER_ONLY=1 bash recipes/shapes/reading-restart.sh
 # round 2: from that teacher (the autoencoder again from commit 61882a5), on seed 2's images, stars and
 # crosses weighted 2; its teacher only
-RUNS="$RUNS/round2" INIT="$(teacher round1)" SEED=2 SHAPE_WEIGHTS=star=2,cross=2 TEACHER_ONLY=1 \
+RUNS="$RUNS/round2" INIT="$ROUND1" SEED=2 SHAPE_WEIGHTS=star=2,cross=2 TEACHER_ONLY=1 \
   bash recipes/shapes/reading-restart.sh
 # round 3: the same again from round 2's teacher, on seed 3's images, then distilled and shipped
-RUNS="$RUNS/round3" INIT="$(teacher round2)" SEED=3 SHAPE_WEIGHTS=star=2,cross=2 \
+RUNS="$RUNS/round3" INIT="$ROUND2" SEED=3 SHAPE_WEIGHTS=star=2,cross=2 \
   RECIPE="bash recipes/shapes/star-restart.sh" \
   START="The teacher of \`bash recipes/shapes/reading-restart.sh\` (the default model of commit 61882a5
    trained again on reading-order captions; that recipe's steps 1-2, its scores in docs/studies.md),
